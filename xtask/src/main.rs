@@ -1,0 +1,69 @@
+//! `cargo xtask`: every project chore behind one entry point.
+//!
+//! Each subcommand first runs [`setup`], so a fresh machine needs nothing but
+//! `cargo xtask <cmd>`.
+
+mod cmd;
+mod run;
+mod setup;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Build, test and run the eBPF service proxy")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install what is missing: rust-src, bpf-linker, Debian packages.
+    Setup,
+    /// Build the eBPF object and the agent that embeds it.
+    Build {
+        /// Build with the release profile.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Run every test: host unit tests, BPF_PROG_TEST_RUN tests and the
+    /// root-only network-namespace tests.
+    Test {
+        /// Extra arguments for `cargo test` (after `--`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Start a sandbox (pod namespaces with the datapath attached) and run the
+    /// agent in it until Ctrl-C.
+    Run,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    setup::ensure()?;
+    match cli.command {
+        Command::Setup => Ok(()),
+        Command::Build { release } => build(release),
+        Command::Test { args } => test(&args),
+        Command::Run => run::sandbox(),
+    }
+}
+
+fn build(release: bool) -> Result<()> {
+    let mut build = cmd::cargo(["build", "--package", "svc-agent"]);
+    if release {
+        build.arg("--release");
+    }
+    cmd::run(&mut build)
+}
+
+fn test(args: &[String]) -> Result<()> {
+    // The root-only tests create network namespaces and load programs; they
+    // fail with a clear message when not root, never skip.
+    let mut test = cmd::cargo(["test", "--workspace"]);
+    if !args.is_empty() {
+        test.arg("--").args(args);
+    }
+    cmd::run(&mut test)
+}

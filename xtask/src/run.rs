@@ -1,0 +1,237 @@
+//! `cargo xtask run`: a sandbox node on this machine.
+//!
+//! A "node" network namespace with two "pod" namespaces behind veths, a
+//! small HTTP server in each pod that answers with its name and the client
+//! address it saw, and `svc-agent run` attached to the pods' host-side
+//! veths inside the node namespace. Everything lives in namespaces of its
+//! own, so the machine's own network is untouched; Ctrl-C stops the agent
+//! and removes the namespaces.
+
+use std::{
+    fs::File,
+    io::{BufRead as _, BufReader, Write as _},
+    net::{Ipv4Addr, SocketAddrV4, TcpListener},
+    os::fd::AsRawFd as _,
+    process::Command,
+    sync::atomic::{AtomicBool, Ordering},
+    thread,
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::cmd;
+
+const NODE_NS: &str = "svc-sbx-node";
+const PODS: &[&str] = &["pod1", "pod2"];
+const SERVER_PORT: u16 = 8080;
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_sigint(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+struct Pod {
+    ns: String,
+    host_iface: String,
+    addr: Ipv4Addr,
+    gateway: Ipv4Addr,
+}
+
+fn pods() -> Vec<Pod> {
+    PODS.iter()
+        .zip(1u8..)
+        .map(|(name, i)| Pod {
+            ns: format!("svc-sbx-{name}"),
+            host_iface: format!("sbx-{name}"),
+            addr: Ipv4Addr::new(10, 244, i, 2),
+            gateway: Ipv4Addr::new(10, 244, i, 1),
+        })
+        .collect()
+}
+
+/// The namespaces; dropping it deletes them.
+struct Sandbox {
+    namespaces: Vec<String>,
+}
+
+impl Sandbox {
+    fn create(pods: &[Pod]) -> Result<Self> {
+        // A sandbox left behind by a killed run is removed first.
+        for ns in std::iter::once(NODE_NS.to_owned()).chain(pods.iter().map(|p| p.ns.clone())) {
+            if std::path::Path::new("/run/netns").join(&ns).exists() {
+                cmd::run(Command::new("ip").args(["netns", "del", &ns]))?;
+            }
+        }
+        let mut sandbox = Self {
+            namespaces: Vec::new(),
+        };
+        sandbox.add_ns(NODE_NS)?;
+        ip(&["-n", NODE_NS, "link", "set", "lo", "up"])?;
+        sysctl(NODE_NS, "net.ipv4.ip_forward", "1")?;
+        for pod in pods {
+            sandbox.add_ns(&pod.ns)?;
+            ip(&["-n", &pod.ns, "link", "set", "lo", "up"])?;
+            ip(&[
+                "link",
+                "add",
+                &pod.host_iface,
+                "netns",
+                NODE_NS,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                &pod.ns,
+            ])?;
+            ip(&[
+                "-n",
+                NODE_NS,
+                "addr",
+                "add",
+                &format!("{}/24", pod.gateway),
+                "dev",
+                &pod.host_iface,
+            ])?;
+            ip(&["-n", NODE_NS, "link", "set", &pod.host_iface, "up"])?;
+            ip(&[
+                "-n",
+                &pod.ns,
+                "addr",
+                "add",
+                &format!("{}/24", pod.addr),
+                "dev",
+                "eth0",
+            ])?;
+            ip(&["-n", &pod.ns, "link", "set", "eth0", "up"])?;
+            ip(&[
+                "-n",
+                &pod.ns,
+                "route",
+                "add",
+                "default",
+                "via",
+                &pod.gateway.to_string(),
+            ])?;
+        }
+        Ok(sandbox)
+    }
+
+    fn add_ns(&mut self, name: &str) -> Result<()> {
+        ip(&["netns", "add", name])?;
+        self.namespaces.push(name.to_owned());
+        Ok(())
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        for ns in self.namespaces.iter().rev() {
+            if let Err(err) = ip(&["netns", "del", ns]) {
+                eprintln!("sandbox: {err:#}");
+            }
+        }
+        eprintln!("sandbox: removed");
+    }
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    cmd::output(Command::new("ip").args(args)).map(drop)
+}
+
+fn sysctl(ns: &str, key: &str, value: &str) -> Result<()> {
+    in_netns(ns, || {
+        let path = format!("/proc/sys/{}", key.replace('.', "/"));
+        std::fs::write(&path, value).with_context(|| format!("setting {key}={value} in {ns}"))
+    })?
+}
+
+/// Runs `f` on a thread that entered network namespace `ns`; sockets it
+/// opens stay in that namespace.
+fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> Result<T> {
+    let path = format!("/run/netns/{ns}");
+    let file = File::open(&path).with_context(|| format!("opening {path}"))?;
+    thread::scope(|scope| {
+        let entered = scope.spawn(|| {
+            // SAFETY: a valid namespace fd; setns changes only this thread.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(f())
+        });
+        match entered.join() {
+            Ok(result) => result.with_context(|| format!("entering {path}")),
+            Err(_) => bail!("thread in {ns} panicked"),
+        }
+    })
+}
+
+/// A minimal HTTP server on the pod's address: it answers every request
+/// with its name and the client address it saw.
+fn spawn_server(pod: &Pod, name: &'static str) -> Result<()> {
+    let addr = SocketAddrV4::new(pod.addr, SERVER_PORT);
+    let listener = in_netns(&pod.ns, move || TcpListener::bind(addr))?
+        .with_context(|| format!("binding {addr} in {}", pod.ns))?;
+    thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let peer = stream
+                .peer_addr()
+                .map_or_else(|_| "?".into(), |p| p.to_string());
+            let mut reader = BufReader::new(&stream);
+            let mut line = String::new();
+            // Read the request head; the body, if any, is ignored.
+            while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+                line.clear();
+            }
+            let body = format!("{name} saw {peer}\n");
+            let _ = write!(
+                &stream,
+                "HTTP/1.0 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    Ok(())
+}
+
+pub fn sandbox() -> Result<()> {
+    cmd::run(&mut cmd::cargo(["build", "--package", "svc-agent"]))?;
+    let agent = cmd::workspace_root().join("target/debug/svc-agent");
+
+    let pods = pods();
+    let sandbox = Sandbox::create(&pods)?;
+    for (pod, name) in pods.iter().zip(PODS) {
+        spawn_server(pod, name)?;
+    }
+
+    // Ctrl-C reaches the agent too; we only wait for it to exit, then clean up.
+    // SAFETY: the handler only stores to an atomic.
+    unsafe { libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t) };
+
+    let mut run = Command::new("ip");
+    run.args(["netns", "exec", NODE_NS])
+        .arg(&agent)
+        .args(["run", "--stats-interval-secs", "5"]);
+    for pod in &pods {
+        run.args(["--iface", &pod.host_iface]);
+    }
+    let mut child = run.spawn().context("starting svc-agent")?;
+
+    let (first, second) = (&pods[0], &pods[1]);
+    println!(
+        "\nsandbox: node namespace {NODE_NS}; pods {} ({}) and {} ({}) each serve HTTP on :{SERVER_PORT}.\n\
+         Try, in another shell:\n  \
+         ip netns exec {} curl -s http://{}:{SERVER_PORT}/\n  \
+         ip netns exec {} curl -s http://{}:{SERVER_PORT}/\n\
+         The agent logs its packet counters every 5 s. Ctrl-C stops it and removes the sandbox.\n",
+        first.ns, first.addr, second.ns, second.addr, first.ns, second.addr, second.ns, first.addr,
+    );
+    let status = child.wait().context("waiting for svc-agent")?;
+    drop(sandbox);
+    if !status.success() && !INTERRUPTED.load(Ordering::SeqCst) {
+        bail!("svc-agent exited with {status}");
+    }
+    Ok(())
+}
