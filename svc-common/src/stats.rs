@@ -1,0 +1,143 @@
+//! Packet counters by class and by drop/pass reason.
+//!
+//! One per-CPU array, `SVC_STATS_V1`, indexed by [`Counter`]; user space sums
+//! the CPUs. Every packet the datapath sees bumps exactly one counter.
+
+use crate::{assert_layout, impl_user_pod};
+
+/// Name of the per-CPU array of [`CounterValue`]s, indexed by [`Counter`].
+pub const STATS_MAP: &str = "SVC_STATS_V1";
+
+/// Packets and bytes, in host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct CounterValue {
+    /// Packets counted (host order).
+    pub packets: u64,
+    /// Bytes counted, whole frames as the hook saw them (host order).
+    pub bytes: u64,
+}
+assert_layout!(CounterValue, size = 16, align = 8);
+impl_user_pod!(CounterValue);
+
+impl CounterValue {
+    /// Adds another CPU's (or another period's) counts.
+    #[must_use]
+    pub const fn add(self, other: Self) -> Self {
+        Self {
+            packets: self.packets.wrapping_add(other.packets),
+            bytes: self.bytes.wrapping_add(other.bytes),
+        }
+    }
+}
+
+macro_rules! counters {
+    ($($(#[doc = $doc:literal])* $variant:ident = $name:literal,)+) => {
+        /// Index into [`STATS_MAP`]. The map holds the value; this enum is
+        /// never stored in a map.
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum Counter {
+            $($(#[doc = $doc])* $variant,)+
+        }
+
+        impl Counter {
+            /// Every counter, in index order.
+            pub const ALL: &[Self] = &[$(Self::$variant,)+];
+
+            /// Stable `snake_case` name, used for metrics and tables.
+            #[must_use]
+            pub const fn name(self) -> &'static str {
+                match self {
+                    $(Self::$variant => $name,)+
+                }
+            }
+        }
+    };
+}
+
+counters! {
+    /// Not IPv4 (IPv6, ARP, ...): passed untouched.
+    PassNonIpv4 = "pass_non_ipv4",
+    /// IPv4 TCP.
+    Ipv4Tcp = "ipv4_tcp",
+    /// IPv4 UDP.
+    Ipv4Udp = "ipv4_udp",
+    /// IPv4 ICMP.
+    Ipv4Icmp = "ipv4_icmp",
+    /// IPv4 with another protocol.
+    Ipv4Other = "ipv4_other",
+    /// A non-first IPv4 fragment: it carries no L4 header.
+    Ipv4Fragment = "ipv4_fragment",
+    /// Shorter than an Ethernet header.
+    MalformedEthernet = "malformed_ethernet",
+    /// `EtherType` IPv4 but shorter than a minimal IPv4 header.
+    MalformedIpv4Truncated = "malformed_ipv4_truncated",
+    /// IPv4 header with a wrong version, a header length under 20 bytes, or a
+    /// header length that runs past the packet.
+    MalformedIpv4Header = "malformed_ipv4_header",
+    /// TCP or UDP header cut short.
+    MalformedL4Truncated = "malformed_l4_truncated",
+}
+
+/// Number of entries in [`STATS_MAP`].
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "a handful of counters always fits in u32"
+)]
+pub const COUNTERS: u32 = Counter::ALL.len() as u32;
+
+impl Counter {
+    /// Index of this counter in [`STATS_MAP`].
+    #[must_use]
+    pub const fn index(self) -> u32 {
+        self as u32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use core::mem::offset_of;
+
+    use super::*;
+
+    #[test]
+    fn counter_value_has_no_implicit_padding() {
+        assert_eq!(offset_of!(CounterValue, packets), 0);
+        assert_eq!(offset_of!(CounterValue, bytes), 8);
+        assert_eq!(size_of::<CounterValue>(), 16);
+    }
+
+    #[test]
+    fn counter_indexes_are_dense_and_names_unique() {
+        for (i, counter) in Counter::ALL.iter().enumerate() {
+            assert_eq!(counter.index() as usize, i, "{counter:?} is out of order");
+        }
+        for (i, a) in Counter::ALL.iter().enumerate() {
+            for b in &Counter::ALL[i + 1..] {
+                assert_ne!(a.name(), b.name(), "two counters share a name");
+            }
+        }
+        assert_eq!(COUNTERS as usize, Counter::ALL.len());
+    }
+
+    #[test]
+    fn add_sums_both_fields() {
+        let a = CounterValue {
+            packets: 1,
+            bytes: 60,
+        };
+        let b = CounterValue {
+            packets: 2,
+            bytes: 100,
+        };
+        assert_eq!(
+            a.add(b),
+            CounterValue {
+                packets: 3,
+                bytes: 160
+            }
+        );
+    }
+}
