@@ -1,0 +1,140 @@
+//! Header parsing. Every header access goes through [`ptr_at`], which checks
+//! the whole header lies inside the packet; L4 offsets come from the IPv4
+//! header length, so IP options are honoured.
+
+use core::mem::size_of;
+
+use aya_ebpf::programs::TcContext;
+use svc_common::stats::Counter;
+
+pub const ETH_P_IP: u16 = 0x0800;
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// Fragment offset bits of `Ipv4Hdr::frag_off` (host order after `from_be`).
+const IP_OFFSET_MASK: u16 = 0x1fff;
+
+#[repr(C)]
+pub struct EthHdr {
+    pub dst: [u8; 6],
+    pub src: [u8; 6],
+    /// Network byte order.
+    pub ether_type: u16,
+}
+
+#[repr(C)]
+pub struct Ipv4Hdr {
+    pub version_ihl: u8,
+    pub tos: u8,
+    /// Network byte order.
+    pub tot_len: u16,
+    /// Network byte order.
+    pub id: u16,
+    /// Flags and fragment offset, network byte order.
+    pub frag_off: u16,
+    pub ttl: u8,
+    pub protocol: u8,
+    /// Network byte order.
+    pub check: u16,
+    /// Network byte order.
+    pub saddr: u32,
+    /// Network byte order.
+    pub daddr: u32,
+}
+
+#[repr(C)]
+pub struct TcpHdr {
+    /// Network byte order.
+    pub source: u16,
+    /// Network byte order.
+    pub dest: u16,
+    pub seq: u32,
+    pub ack_seq: u32,
+    /// Data offset, reserved bits and flags.
+    pub doff_flags: u16,
+    pub window: u16,
+    /// Network byte order.
+    pub check: u16,
+    pub urg_ptr: u16,
+}
+
+#[repr(C)]
+pub struct UdpHdr {
+    /// Network byte order.
+    pub source: u16,
+    /// Network byte order.
+    pub dest: u16,
+    /// Network byte order.
+    pub len: u16,
+    /// Network byte order; zero means "no checksum".
+    pub check: u16,
+}
+
+pub const ETH_HLEN: usize = size_of::<EthHdr>();
+const IPV4_MIN_HLEN: usize = size_of::<Ipv4Hdr>();
+
+/// A pointer to a `T` at `offset` bytes into the packet, if all of it lies
+/// inside the packet's linear data.
+#[inline(always)]
+pub fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Option<*mut T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + size_of::<T>() > end {
+        return None;
+    }
+    Some((start + offset) as *mut T)
+}
+
+pub enum L3 {
+    /// Not IPv4: passed untouched.
+    Other,
+    Ipv4(Ipv4Packet),
+}
+
+pub struct Ipv4Packet {
+    /// Offset of the L4 header: Ethernet header plus the IPv4 header length.
+    pub l4_offset: usize,
+    pub protocol: u8,
+    /// A fragment other than the first: no L4 header to read.
+    pub is_later_fragment: bool,
+}
+
+/// Parses the Ethernet and IPv4 headers.
+#[inline(always)]
+pub fn l3(ctx: &TcContext) -> Result<L3, Counter> {
+    let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(Counter::MalformedEthernet)?;
+    // SAFETY: `ptr_at` checked the header lies inside the packet.
+    if unsafe { (*eth).ether_type } != ETH_P_IP.to_be() {
+        return Ok(L3::Other);
+    }
+    let ip: *const Ipv4Hdr = ptr_at(ctx, ETH_HLEN).ok_or(Counter::MalformedIpv4Truncated)?;
+    // SAFETY: as above.
+    let (version_ihl, frag_off, protocol) =
+        unsafe { ((*ip).version_ihl, (*ip).frag_off, (*ip).protocol) };
+    let header_len = usize::from(version_ihl & 0x0f) * 4;
+    if version_ihl >> 4 != 4 || header_len < IPV4_MIN_HLEN {
+        return Err(Counter::MalformedIpv4Header);
+    }
+    let l4_offset = ETH_HLEN + header_len;
+    if ctx.data() + l4_offset > ctx.data_end() {
+        return Err(Counter::MalformedIpv4Header);
+    }
+    Ok(L3::Ipv4(Ipv4Packet {
+        l4_offset,
+        protocol,
+        is_later_fragment: u16::from_be(frag_off) & IP_OFFSET_MASK != 0,
+    }))
+}
+
+/// The TCP header after an IPv4 header.
+#[inline(always)]
+pub fn tcp(ctx: &TcContext, packet: &Ipv4Packet) -> Result<*mut TcpHdr, Counter> {
+    ptr_at(ctx, packet.l4_offset).ok_or(Counter::MalformedL4Truncated)
+}
+
+/// The UDP header after an IPv4 header.
+#[inline(always)]
+pub fn udp(ctx: &TcContext, packet: &Ipv4Packet) -> Result<*mut UdpHdr, Counter> {
+    ptr_at(ctx, packet.l4_offset).ok_or(Counter::MalformedL4Truncated)
+}
