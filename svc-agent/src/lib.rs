@@ -1,0 +1,5 @@
+//! The node agent: loads the eBPF datapath, attaches it and programs its
+//! maps. `main.rs` is the CLI; the integration tests and xtask's benchmarks
+//! drive the same library.
+
+pub mod datapath;
