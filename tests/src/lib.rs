@@ -1,0 +1,25 @@
+//! Helpers for the root-only tests: a root check that fails loudly, network
+//! namespaces, and packet fixtures.
+//!
+//! Tests panic with a message instead of returning errors, so helpers here
+//! panic too, naming what failed.
+
+#![expect(
+    clippy::missing_panics_doc,
+    reason = "test helpers panic by design, with a message naming what failed"
+)]
+
+pub mod netns;
+pub mod packet;
+
+/// Fails the test unless it runs as root. These tests load eBPF programs and
+/// create network namespaces; they never skip silently.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert!(
+        euid == 0,
+        "this test needs root (it loads eBPF programs and creates network namespaces); \
+         run `cargo xtask test` as root"
+    );
+}

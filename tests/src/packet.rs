@@ -1,0 +1,146 @@
+//! Packet fixtures: whole Ethernet frames built with etherparse, and helpers
+//! to damage them in precise ways.
+
+use std::net::Ipv4Addr;
+
+use etherparse::{IpHeaders, IpNumber, Ipv4Extensions, Ipv4Header, PacketBuilder};
+
+pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+pub const NODE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+pub const ETH_HLEN: usize = 14;
+
+/// A UDP datagram in an Ethernet frame.
+#[must_use]
+pub fn udp4(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), payload: &[u8]) -> Vec<u8> {
+    let builder = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
+        .ipv4(src.0.octets(), dst.0.octets(), 64)
+        .udp(src.1, dst.1);
+    let mut out = Vec::with_capacity(builder.size(payload.len()));
+    builder
+        .write(&mut out, payload)
+        .expect("fixture UDP packet must serialize");
+    out
+}
+
+/// A TCP SYN in an Ethernet frame.
+#[must_use]
+pub fn tcp4_syn(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> Vec<u8> {
+    let builder = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
+        .ipv4(src.0.octets(), dst.0.octets(), 64)
+        .tcp(src.1, dst.1, 1000, 64240)
+        .syn();
+    let mut out = Vec::with_capacity(builder.size(0));
+    builder
+        .write(&mut out, &[])
+        .expect("fixture TCP packet must serialize");
+    out
+}
+
+/// A UDP datagram whose IPv4 header carries `options` (a multiple of 4 bytes).
+#[must_use]
+pub fn udp4_with_ip_options(
+    src: (Ipv4Addr, u16),
+    dst: (Ipv4Addr, u16),
+    options: &[u8],
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut header = Ipv4Header::new(0, 64, IpNumber::UDP, src.0.octets(), dst.0.octets())
+        .expect("fixture IPv4 header must build");
+    header.options = options
+        .try_into()
+        .expect("IPv4 options must be a multiple of 4 and at most 40 bytes");
+    let builder = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
+        .ip(IpHeaders::Ipv4(header, Ipv4Extensions::default()))
+        .udp(src.1, dst.1);
+    let mut out = Vec::with_capacity(builder.size(payload.len()));
+    builder
+        .write(&mut out, payload)
+        .expect("fixture UDP packet must serialize");
+    out
+}
+
+/// An ICMP echo request.
+#[must_use]
+pub fn icmp4_echo(src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
+    let builder = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
+        .ipv4(src.octets(), dst.octets(), 64)
+        .icmpv4_echo_request(7, 1);
+    let mut out = Vec::with_capacity(builder.size(8));
+    builder
+        .write(&mut out, &[0xab; 8])
+        .expect("fixture ICMP packet must serialize");
+    out
+}
+
+/// An IPv6 UDP datagram.
+#[must_use]
+pub fn udp6() -> Vec<u8> {
+    let mut src = [0u8; 16];
+    src[0] = 0xfd;
+    src[15] = 1;
+    let mut dst = src;
+    dst[15] = 2;
+    let builder = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
+        .ipv6(src, dst, 64)
+        .udp(40000, 53);
+    let mut out = Vec::with_capacity(builder.size(4));
+    builder
+        .write(&mut out, b"abcd")
+        .expect("fixture IPv6 packet must serialize");
+    out
+}
+
+/// An ARP request (who-has `target` tell `sender`).
+#[must_use]
+pub fn arp_request(sender: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
+    let mut out = Vec::with_capacity(42);
+    out.extend_from_slice(&[0xff; 6]);
+    out.extend_from_slice(&CLIENT_MAC);
+    out.extend_from_slice(&0x0806u16.to_be_bytes());
+    out.extend_from_slice(&[0, 1, 0x08, 0, 6, 4, 0, 1]);
+    out.extend_from_slice(&CLIENT_MAC);
+    out.extend_from_slice(&sender.octets());
+    out.extend_from_slice(&[0; 6]);
+    out.extend_from_slice(&target.octets());
+    out
+}
+
+/// Sets the fragment offset (in 8-byte units) and fixes the header checksum.
+pub fn set_fragment_offset(frame: &mut [u8], offset_units: u16) {
+    let flags_offset = u16::from_be_bytes([frame[ETH_HLEN + 6], frame[ETH_HLEN + 7]]);
+    let value = (flags_offset & !0x1fff) | (offset_units & 0x1fff);
+    frame[ETH_HLEN + 6..ETH_HLEN + 8].copy_from_slice(&value.to_be_bytes());
+    fix_ipv4_checksum(frame);
+}
+
+/// Overwrites the version/IHL byte and fixes the header checksum.
+pub fn set_version_ihl(frame: &mut [u8], version_ihl: u8) {
+    frame[ETH_HLEN] = version_ihl;
+    fix_ipv4_checksum(frame);
+}
+
+/// Recomputes the IPv4 header checksum over the header length in the packet
+/// (or up to the end of the frame, if it is cut short).
+pub fn fix_ipv4_checksum(frame: &mut [u8]) {
+    let header_len = usize::from(frame[ETH_HLEN] & 0x0f) * 4;
+    let end = (ETH_HLEN + header_len).min(frame.len());
+    frame[ETH_HLEN + 10] = 0;
+    frame[ETH_HLEN + 11] = 0;
+    let checksum = internet_checksum(&frame[ETH_HLEN..end]);
+    frame[ETH_HLEN + 10..ETH_HLEN + 12].copy_from_slice(&checksum.to_be_bytes());
+}
+
+/// RFC 1071 checksum of `bytes`.
+#[must_use]
+pub fn internet_checksum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|pair| u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    #[expect(clippy::cast_possible_truncation, reason = "folded to 16 bits above")]
+    let folded = sum as u16;
+    !folded
+}
