@@ -9,31 +9,40 @@ pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 pub const NODE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
 pub const ETH_HLEN: usize = 14;
 
+/// Writes a built packet with its payload into a new frame.
+macro_rules! serialize {
+    ($builder:expr, $payload:expr) => {{
+        let builder = $builder;
+        let payload: &[u8] = $payload;
+        let mut out = Vec::with_capacity(builder.size(payload.len()));
+        builder
+            .write(&mut out, payload)
+            .expect("fixture packet must serialize");
+        out
+    }};
+}
+
 /// A UDP datagram in an Ethernet frame.
 #[must_use]
 pub fn udp4(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), payload: &[u8]) -> Vec<u8> {
-    let builder = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
-        .ipv4(src.0.octets(), dst.0.octets(), 64)
-        .udp(src.1, dst.1);
-    let mut out = Vec::with_capacity(builder.size(payload.len()));
-    builder
-        .write(&mut out, payload)
-        .expect("fixture UDP packet must serialize");
-    out
+    serialize!(
+        PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
+            .ipv4(src.0.octets(), dst.0.octets(), 64)
+            .udp(src.1, dst.1),
+        payload
+    )
 }
 
 /// A TCP SYN in an Ethernet frame.
 #[must_use]
 pub fn tcp4_syn(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> Vec<u8> {
-    let builder = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
-        .ipv4(src.0.octets(), dst.0.octets(), 64)
-        .tcp(src.1, dst.1, 1000, 64240)
-        .syn();
-    let mut out = Vec::with_capacity(builder.size(0));
-    builder
-        .write(&mut out, &[])
-        .expect("fixture TCP packet must serialize");
-    out
+    serialize!(
+        PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
+            .ipv4(src.0.octets(), dst.0.octets(), 64)
+            .tcp(src.1, dst.1, 1000, 64240)
+            .syn(),
+        &[]
+    )
 }
 
 /// A UDP datagram whose IPv4 header carries `options` (a multiple of 4 bytes).
@@ -49,27 +58,23 @@ pub fn udp4_with_ip_options(
     header.options = options
         .try_into()
         .expect("IPv4 options must be a multiple of 4 and at most 40 bytes");
-    let builder = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
-        .ip(IpHeaders::Ipv4(header, Ipv4Extensions::default()))
-        .udp(src.1, dst.1);
-    let mut out = Vec::with_capacity(builder.size(payload.len()));
-    builder
-        .write(&mut out, payload)
-        .expect("fixture UDP packet must serialize");
-    out
+    serialize!(
+        PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
+            .ip(IpHeaders::Ipv4(header, Ipv4Extensions::default()))
+            .udp(src.1, dst.1),
+        payload
+    )
 }
 
 /// An ICMP echo request.
 #[must_use]
 pub fn icmp4_echo(src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
-    let builder = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
-        .ipv4(src.octets(), dst.octets(), 64)
-        .icmpv4_echo_request(7, 1);
-    let mut out = Vec::with_capacity(builder.size(8));
-    builder
-        .write(&mut out, &[0xab; 8])
-        .expect("fixture ICMP packet must serialize");
-    out
+    serialize!(
+        PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
+            .ipv4(src.octets(), dst.octets(), 64)
+            .icmpv4_echo_request(7, 1),
+        &[0xab; 8]
+    )
 }
 
 /// An IPv6 UDP datagram.
@@ -80,14 +85,12 @@ pub fn udp6() -> Vec<u8> {
     src[15] = 1;
     let mut dst = src;
     dst[15] = 2;
-    let builder = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
-        .ipv6(src, dst, 64)
-        .udp(40000, 53);
-    let mut out = Vec::with_capacity(builder.size(4));
-    builder
-        .write(&mut out, b"abcd")
-        .expect("fixture IPv6 packet must serialize");
-    out
+    serialize!(
+        PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
+            .ipv6(src, dst, 64)
+            .udp(40000, 53),
+        b"abcd"
+    )
 }
 
 /// An ARP request (who-has `target` tell `sender`).
