@@ -1,14 +1,29 @@
 //! The single source of truth for what the eBPF datapath and the agent share:
-//! map names, `#[repr(C)]` map keys and values, and load-time constants.
+//! map names, `#[repr(C)]` map keys and values, load-time constants, and the
+//! pure logic both sides run (the flow hash and Maglev tables).
 //!
 //! Every map type is plain old data: explicit `_pad` fields, no `bool`,
 //! `Option` or enum fields, byte order stated per field, and a compile-time
 //! size and alignment check. With the `user` feature each type also
 //! implements `bytemuck::Pod` (which rejects implicit padding at compile time)
 //! and `aya::Pod`.
+//!
+//! Byte order: addresses and ports are kept exactly as they appear on the
+//! wire ("network order"): the `u32`/`u16` holds the packet's bytes, so on a
+//! little-endian machine `10.0.0.1` is `u32::from_ne_bytes([10, 0, 0, 1])`.
+//! Everything else is host order.
+//!
+//! Map names are at most 15 characters (the kernel's limit) and end in a
+//! `_V<n>` that changes with the layout.
 
 #![no_std]
 
+pub mod config;
+pub mod ct;
+pub mod hash;
+pub mod lb;
+pub mod maglev;
+pub mod sock;
 pub mod stats;
 
 /// Checks a map type's size and alignment at compile time, on both sides.
@@ -34,3 +49,10 @@ macro_rules! impl_user_pod {
     };
 }
 pub(crate) use impl_user_pod;
+
+/// IP protocol numbers the datapath handles.
+pub mod proto {
+    pub const ICMP: u8 = 1;
+    pub const TCP: u8 = 6;
+    pub const UDP: u8 = 17;
+}

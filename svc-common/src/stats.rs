@@ -1,7 +1,10 @@
-//! Packet counters by class and by drop/pass reason.
+//! Packet counters by class, by datapath event and by drop reason.
 //!
 //! One per-CPU array, `SVC_STATS_V1`, indexed by [`Counter`]; user space sums
-//! the CPUs. Every packet the datapath sees bumps exactly one counter.
+//! the CPUs. Every packet the tc programs see bumps exactly one class counter
+//! (`pass_non_ipv4` to `malformed_l4_truncated`); translated, dropped and
+//! rejected packets also bump one event counter. The socket hooks count
+//! their own events.
 
 use crate::{assert_layout, impl_user_pod};
 
@@ -79,6 +82,39 @@ counters! {
     MalformedIpv4Header = "malformed_ipv4_header",
     /// TCP or UDP header cut short.
     MalformedL4Truncated = "malformed_l4_truncated",
+    /// First packet of a flow to a service: a backend was chosen.
+    LbNewFlow = "lb_new_flow",
+    /// Later packet of a tracked flow, client to backend.
+    LbEstablished = "lb_established",
+    /// Packet of a tracked flow, backend to client (reverse translated).
+    LbReply = "lb_reply",
+    /// The backend came from session affinity.
+    LbAffinityHit = "lb_affinity_hit",
+    /// Dropped: no backend and the service says drop (externalTrafficPolicy
+    /// Local without local endpoints).
+    DropNoBackend = "drop_no_backend",
+    /// Refused with ICMP port unreachable: the service has no endpoints.
+    RejectNoBackend = "reject_no_backend",
+    /// Dropped: the refusal could not be built (IP options, helper error).
+    DropRejectFailed = "drop_reject_failed",
+    /// Dropped: every NAT source port tried was taken.
+    DropNatPortsExhausted = "drop_nat_ports_exhausted",
+    /// Dropped: a Maglev slot named a backend id with no backend (the agent
+    /// and the maps disagree).
+    DropBadBackend = "drop_bad_backend",
+    /// Dropped: connection tracking refused the new entries.
+    DropCtInsertFailed = "drop_ct_insert_failed",
+    /// Dropped: rewriting the packet failed.
+    DropRewriteFailed = "drop_rewrite_failed",
+    /// Dropped: the flow needs source NAT (hairpin or masquerade) and no
+    /// masquerade address is configured.
+    DropNoSnatAddr = "drop_no_snat_addr",
+    /// Host socket: a connect or sendmsg to a service was translated.
+    SockTranslated = "sock_translated",
+    /// Host socket: refused, the service has no endpoints.
+    SockRejectNoBackend = "sock_reject_no_backend",
+    /// Host socket: a peer address was translated back to the service.
+    SockRevTranslated = "sock_rev_translated",
 }
 
 /// Number of entries in [`STATS_MAP`].

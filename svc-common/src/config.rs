@@ -1,0 +1,58 @@
+//! Load-time configuration of the datapath: one global, [`CONFIG_GLOBAL`],
+//! written by the loader with `EbpfLoader::override_global`.
+
+use crate::{assert_layout, impl_user_pod};
+
+/// Symbol name of the `Global<DatapathConfig>` in the eBPF object.
+pub const CONFIG_GLOBAL: &str = "SVC_CONFIG";
+
+/// Nanoseconds per second.
+pub const NS_PER_SEC: u64 = 1_000_000_000;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct DatapathConfig {
+    /// Network namespace cookie of the node's own namespace: the socket
+    /// hooks translate only sockets of that namespace (pods are translated
+    /// per packet). 0 disables the socket hooks.
+    pub host_netns_cookie: u64,
+    /// A TCP flow that has not seen a reply yet (SYN sent), nanoseconds.
+    pub ct_timeout_tcp_syn_ns: u64,
+    /// An answered TCP flow, nanoseconds.
+    pub ct_timeout_tcp_established_ns: u64,
+    /// A TCP flow after FIN or RST, nanoseconds.
+    pub ct_timeout_tcp_closing_ns: u64,
+    /// A UDP flow, nanoseconds.
+    pub ct_timeout_udp_ns: u64,
+    /// The node address that masqueraded and hairpinned flows take as
+    /// their source, network order.
+    pub masq_addr: u32,
+    /// First source port for NAT, host order.
+    pub nat_port_min: u16,
+    /// Last source port for NAT, host order.
+    pub nat_port_max: u16,
+}
+assert_layout!(DatapathConfig, size = 48, align = 8);
+impl_user_pod!(DatapathConfig);
+
+impl DatapathConfig {
+    /// Defaults: kube-proxy-like timeouts, NAT ports above Linux's default
+    /// ephemeral range so they never meet the node's own sockets.
+    pub const DEFAULT: Self = Self {
+        host_netns_cookie: 0,
+        ct_timeout_tcp_syn_ns: 60 * NS_PER_SEC,
+        ct_timeout_tcp_established_ns: 6 * 3600 * NS_PER_SEC,
+        ct_timeout_tcp_closing_ns: 10 * NS_PER_SEC,
+        ct_timeout_udp_ns: 60 * NS_PER_SEC,
+        masq_addr: 0,
+        nat_port_min: 61_000,
+        nat_port_max: 65_535,
+    };
+}
+
+impl Default for DatapathConfig {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
