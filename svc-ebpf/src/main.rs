@@ -6,55 +6,64 @@
 #![no_std]
 #![no_main]
 
+mod ct;
+mod lb;
 mod maps;
+mod nat;
 mod parse;
+mod reject;
+mod sock;
 mod stats;
+mod tc;
 
-use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
-use aya_log_ebpf::debug;
-use svc_common::stats::Counter;
+use aya_ebpf::{
+    macros::{cgroup_sock_addr, classifier},
+    programs::{SockAddrContext, TcContext},
+};
 
-use crate::parse::{Ipv4Packet, L3};
+use crate::tc::Hook;
 
-/// tc ingress on pod veths and uplinks. For now it classifies and counts
-/// every packet and passes it unchanged.
+/// tc ingress on the host side of a pod's veth.
 #[classifier]
-pub fn svc_tc(ctx: TcContext) -> i32 {
-    match try_svc_tc(&ctx) {
+pub fn svc_from_pod(ctx: TcContext) -> i32 {
+    match tc::try_tc(&ctx, Hook::Pod) {
         Ok(action) | Err(action) => action,
     }
 }
 
-fn try_svc_tc(ctx: &TcContext) -> Result<i32, i32> {
-    let l3 = parse::l3(ctx).map_err(|reason| {
-        debug!(ctx, "malformed packet: counter {}", reason.index());
-        stats::count(reason, ctx.len());
-        TC_ACT_OK
-    })?;
-    let counter = match l3 {
-        L3::Other => Counter::PassNonIpv4,
-        L3::Ipv4(packet) => classify_ipv4(ctx, &packet),
-    };
-    stats::count(counter, ctx.len());
-    Ok(TC_ACT_OK)
+/// tc ingress on a node uplink.
+#[classifier]
+pub fn svc_from_uplink(ctx: TcContext) -> i32 {
+    match tc::try_tc(&ctx, Hook::Uplink) {
+        Ok(action) | Err(action) => action,
+    }
 }
 
-#[inline(always)]
-fn classify_ipv4(ctx: &TcContext, packet: &Ipv4Packet) -> Counter {
-    if packet.is_later_fragment {
-        return Counter::Ipv4Fragment;
+#[cgroup_sock_addr(connect4)]
+pub fn svc_connect4(ctx: SockAddrContext) -> i32 {
+    match sock::try_translate_dst(&ctx) {
+        Ok(verdict) | Err(verdict) => verdict,
     }
-    match packet.protocol {
-        parse::IPPROTO_TCP => match parse::tcp(ctx, packet) {
-            Ok(_) => Counter::Ipv4Tcp,
-            Err(reason) => reason,
-        },
-        parse::IPPROTO_UDP => match parse::udp(ctx, packet) {
-            Ok(_) => Counter::Ipv4Udp,
-            Err(reason) => reason,
-        },
-        parse::IPPROTO_ICMP => Counter::Ipv4Icmp,
-        _ => Counter::Ipv4Other,
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn svc_sendmsg4(ctx: SockAddrContext) -> i32 {
+    match sock::try_translate_dst(&ctx) {
+        Ok(verdict) | Err(verdict) => verdict,
+    }
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn svc_recvmsg4(ctx: SockAddrContext) -> i32 {
+    match sock::try_translate_peer(&ctx) {
+        Ok(verdict) | Err(verdict) => verdict,
+    }
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn svc_getpeername4(ctx: SockAddrContext) -> i32 {
+    match sock::try_translate_peer(&ctx) {
+        Ok(verdict) | Err(verdict) => verdict,
     }
 }
 

@@ -1,10 +1,79 @@
-//! Map definitions. Names, key and value types come from `svc-common`; the
-//! static's name is the map's name in the object, and the agent's loader
-//! checks each one exists under the `svc-common` constant.
+//! Maps and the load-time configuration. Names, key and value types come
+//! from `svc-common`; each static's name is the map's name in the object,
+//! and the agent's loader checks every one exists under its `svc-common`
+//! constant. Capacities here are defaults: the loader sets the real ones.
 
-use aya_ebpf::{macros::map, maps::PerCpuArray};
-use svc_common::stats::{COUNTERS, CounterValue};
+use aya_ebpf::{
+    Global,
+    bindings::BPF_F_MMAPABLE,
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+};
+use svc_common::{
+    config::DatapathConfig,
+    ct::{CtEntry, CtKey, DEFAULT_CT_ENTRIES},
+    lb::{
+        AffinityKey, AffinityValue, Backend, BackendId, DEFAULT_MAGLEV_SLOTS, DEFAULT_MAX_AFFINITY,
+        DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, MAX_NODE_ADDRS, NodeAddr, ServiceKey,
+        ServiceValue,
+    },
+    sock::{DEFAULT_SOCK_REVNAT_ENTRIES, SockRevKey, SockRevValue},
+    stats::{COUNTERS, CounterValue},
+};
+
+/// `svc_common::config::CONFIG_GLOBAL`, set by the loader.
+#[unsafe(no_mangle)]
+static SVC_CONFIG: Global<DatapathConfig> = Global::new(DatapathConfig::DEFAULT);
+
+#[inline(always)]
+pub fn config() -> DatapathConfig {
+    SVC_CONFIG.load()
+}
 
 /// `svc_common::stats::STATS_MAP`.
 #[map]
 pub static SVC_STATS_V1: PerCpuArray<CounterValue> = PerCpuArray::with_max_entries(COUNTERS, 0);
+
+/// `svc_common::lb::SERVICES_MAP`.
+#[map]
+pub static SVC_SERVICES_V1: HashMap<ServiceKey, ServiceValue> =
+    HashMap::with_max_entries(DEFAULT_MAX_SERVICES, 0);
+
+/// `svc_common::lb::BACKENDS_MAP`.
+#[map]
+pub static SVC_BACKENDS_V1: Array<Backend> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+
+/// `svc_common::lb::MAGLEV_MAP`: every service's table back to back. User
+/// space writes tables through a memory mapping.
+#[map]
+pub static SVC_MAGLEV_V1: Array<BackendId> =
+    Array::with_max_entries(DEFAULT_MAGLEV_SLOTS, BPF_F_MMAPABLE);
+
+/// `svc_common::lb::NODE_ADDRS_MAP`.
+#[map]
+pub static SVC_NODEADDR_V1: HashMap<u32, NodeAddr> = HashMap::with_max_entries(MAX_NODE_ADDRS, 0);
+
+/// `svc_common::lb::AFFINITY_MAP`.
+#[map]
+pub static SVC_AFFINITY_V1: LruHashMap<AffinityKey, AffinityValue> =
+    LruHashMap::with_max_entries(DEFAULT_MAX_AFFINITY, 0);
+
+/// `svc_common::ct::CT_MAP`.
+#[map]
+pub static SVC_CT_V1: LruHashMap<CtKey, CtEntry> =
+    LruHashMap::with_max_entries(DEFAULT_CT_ENTRIES, 0);
+
+/// `svc_common::lb::SERVICE_STATS_MAP`.
+#[map]
+pub static SVC_SVC_CTRS_V1: PerCpuArray<CounterValue> =
+    PerCpuArray::with_max_entries(DEFAULT_MAX_SERVICES, 0);
+
+/// `svc_common::lb::BACKEND_STATS_MAP`.
+#[map]
+pub static SVC_BE_STATS_V1: PerCpuArray<CounterValue> =
+    PerCpuArray::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+
+/// `svc_common::sock::SOCK_REVNAT_MAP`.
+#[map]
+pub static SVC_SOCK_REV_V1: LruHashMap<SockRevKey, SockRevValue> =
+    LruHashMap::with_max_entries(DEFAULT_SOCK_REVNAT_ENTRIES, 0);

@@ -51,8 +51,10 @@ pub struct TcpHdr {
     pub dest: u16,
     pub seq: u32,
     pub ack_seq: u32,
-    /// Data offset, reserved bits and flags.
-    pub doff_flags: u16,
+    /// Data offset (high 4 bits) and reserved bits.
+    pub doff: u8,
+    /// CWR ECE URG ACK PSH RST SYN FIN.
+    pub flags: u8,
     pub window: u16,
     /// Network byte order.
     pub check: u16,
@@ -72,7 +74,16 @@ pub struct UdpHdr {
 }
 
 pub const ETH_HLEN: usize = size_of::<EthHdr>();
-const IPV4_MIN_HLEN: usize = size_of::<Ipv4Hdr>();
+pub const IPV4_MIN_HLEN: usize = size_of::<Ipv4Hdr>();
+/// Offsets of IPv4 header fields from the start of the frame.
+pub const IP_CSUM_OFF: usize = ETH_HLEN + 10;
+pub const IP_SADDR_OFF: usize = ETH_HLEN + 12;
+pub const IP_DADDR_OFF: usize = ETH_HLEN + 16;
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
 
 /// A pointer to a `T` at `offset` bytes into the packet, if all of it lies
 /// inside the packet's linear data.
@@ -95,6 +106,10 @@ pub enum L3 {
 pub struct Ipv4Packet {
     /// Offset of the L4 header: Ethernet header plus the IPv4 header length.
     pub l4_offset: usize,
+    /// Network order.
+    pub saddr: u32,
+    /// Network order.
+    pub daddr: u32,
     pub protocol: u8,
     /// A fragment other than the first: no L4 header to read.
     pub is_later_fragment: bool,
@@ -110,8 +125,15 @@ pub fn l3(ctx: &TcContext) -> Result<L3, Counter> {
     }
     let ip: *const Ipv4Hdr = ptr_at(ctx, ETH_HLEN).ok_or(Counter::MalformedIpv4Truncated)?;
     // SAFETY: as above.
-    let (version_ihl, frag_off, protocol) =
-        unsafe { ((*ip).version_ihl, (*ip).frag_off, (*ip).protocol) };
+    let (version_ihl, frag_off, protocol, saddr, daddr) = unsafe {
+        (
+            (*ip).version_ihl,
+            (*ip).frag_off,
+            (*ip).protocol,
+            (*ip).saddr,
+            (*ip).daddr,
+        )
+    };
     let header_len = usize::from(version_ihl & 0x0f) * 4;
     if version_ihl >> 4 != 4 || header_len < IPV4_MIN_HLEN {
         return Err(Counter::MalformedIpv4Header);
@@ -122,19 +144,49 @@ pub fn l3(ctx: &TcContext) -> Result<L3, Counter> {
     }
     Ok(L3::Ipv4(Ipv4Packet {
         l4_offset,
+        saddr,
+        daddr,
         protocol,
         is_later_fragment: u16::from_be(frag_off) & IP_OFFSET_MASK != 0,
     }))
 }
 
-/// The TCP header after an IPv4 header.
-#[inline(always)]
-pub fn tcp(ctx: &TcContext, packet: &Ipv4Packet) -> Result<*mut TcpHdr, Counter> {
-    ptr_at(ctx, packet.l4_offset).ok_or(Counter::MalformedL4Truncated)
+/// Ports and checksum location of a TCP or UDP header.
+pub struct L4 {
+    /// Network order.
+    pub sport: u16,
+    /// Network order.
+    pub dport: u16,
+    /// Offset of the L4 checksum from the start of the frame.
+    pub csum_offset: usize,
+    /// TCP flags; 0 for UDP.
+    pub tcp_flags: u8,
 }
 
-/// The UDP header after an IPv4 header.
+/// Reads the TCP or UDP header of `packet`.
 #[inline(always)]
-pub fn udp(ctx: &TcContext, packet: &Ipv4Packet) -> Result<*mut UdpHdr, Counter> {
-    ptr_at(ctx, packet.l4_offset).ok_or(Counter::MalformedL4Truncated)
+pub fn l4(ctx: &TcContext, packet: &Ipv4Packet) -> Result<L4, Counter> {
+    if packet.protocol == IPPROTO_TCP {
+        let tcp: *const TcpHdr =
+            ptr_at(ctx, packet.l4_offset).ok_or(Counter::MalformedL4Truncated)?;
+        // SAFETY: `ptr_at` checked the header lies inside the packet.
+        let (sport, dport, flags) = unsafe { ((*tcp).source, (*tcp).dest, (*tcp).flags) };
+        Ok(L4 {
+            sport,
+            dport,
+            csum_offset: packet.l4_offset + 16,
+            tcp_flags: flags,
+        })
+    } else {
+        let udp: *const UdpHdr =
+            ptr_at(ctx, packet.l4_offset).ok_or(Counter::MalformedL4Truncated)?;
+        // SAFETY: as above.
+        let (sport, dport) = unsafe { ((*udp).source, (*udp).dest) };
+        Ok(L4 {
+            sport,
+            dport,
+            csum_offset: packet.l4_offset + 6,
+            tcp_flags: 0,
+        })
+    }
 }

@@ -1,13 +1,14 @@
-//! Counting packets into `SVC_STATS_V1`.
+//! Counting packets: global counters by class and event, and per-frontend
+//! and per-backend traffic.
 
-use svc_common::stats::Counter;
+use aya_ebpf::maps::PerCpuArray;
+use svc_common::stats::{Counter, CounterValue};
 
-use crate::maps::SVC_STATS_V1;
+use crate::maps::{SVC_BE_STATS_V1, SVC_STATS_V1, SVC_SVC_CTRS_V1};
 
-/// Counts one packet of `bytes` bytes under `counter` on this CPU.
 #[inline(always)]
-pub fn count(counter: Counter, bytes: u32) {
-    if let Some(value) = SVC_STATS_V1.get_ptr_mut(counter.index()) {
+fn bump(map: &PerCpuArray<CounterValue>, index: u32, bytes: u32) {
+    if let Some(value) = map.get_ptr_mut(index) {
         // SAFETY: the pointer comes from a successful per-CPU lookup, so it is
         // valid and no other CPU writes this slot.
         unsafe {
@@ -15,4 +16,17 @@ pub fn count(counter: Counter, bytes: u32) {
             (*value).bytes += u64::from(bytes);
         }
     }
+}
+
+/// Counts one packet of `bytes` bytes under `counter` on this CPU.
+#[inline(always)]
+pub fn count(counter: Counter, bytes: u32) {
+    bump(&SVC_STATS_V1, counter.index(), bytes);
+}
+
+/// Counts a translated packet under its frontend and its backend.
+#[inline(always)]
+pub fn count_flow(service_id: u32, backend_id: u32, bytes: u32) {
+    bump(&SVC_SVC_CTRS_V1, service_id, bytes);
+    bump(&SVC_BE_STATS_V1, backend_id, bytes);
 }

@@ -1,0 +1,110 @@
+//! Services and backend selection: frontend lookup, session affinity and
+//! Maglev.
+
+use svc_common::{
+    config::NS_PER_SEC,
+    lb::{
+        AffinityKey, AffinityValue, Backend, BackendId, SCOPE_ADDR, SCOPE_NODEPORT, SVC_F_AFFINITY,
+        ServiceKey, ServiceValue,
+    },
+};
+
+use crate::maps::{
+    SVC_AFFINITY_V1, SVC_BACKENDS_V1, SVC_MAGLEV_V1, SVC_NODEADDR_V1, SVC_SERVICES_V1,
+};
+
+/// The frontend for a destination: its own address (ClusterIP, externalIP,
+/// LoadBalancer IP) first, then a NodePort if the address is the node's.
+#[inline(always)]
+pub fn lookup(daddr: u32, dport: u16, protocol: u8) -> Option<ServiceValue> {
+    let key = ServiceKey {
+        addr: daddr,
+        port: dport,
+        protocol,
+        scope: SCOPE_ADDR,
+    };
+    if let Some(service) = SVC_SERVICES_V1.get_ptr(&key) {
+        // SAFETY: from a map lookup.
+        return Some(unsafe { *service });
+    }
+    SVC_NODEADDR_V1.get_ptr(&daddr)?;
+    let key = ServiceKey {
+        addr: 0,
+        port: dport,
+        protocol,
+        scope: SCOPE_NODEPORT,
+    };
+    // SAFETY: from a map lookup.
+    SVC_SERVICES_V1
+        .get_ptr(&key)
+        .map(|service| unsafe { *service })
+}
+
+/// A backend by id; `None` for an id without a backend.
+#[inline(always)]
+pub fn backend(id: BackendId) -> Option<Backend> {
+    let backend = *SVC_BACKENDS_V1.get(id)?;
+    (backend.addr != 0).then_some(backend)
+}
+
+/// The Maglev pick for a flow hash. The service must have backends.
+#[inline(always)]
+pub fn maglev(service: &ServiceValue, hash: u32) -> Option<BackendId> {
+    if service.maglev_size == 0 {
+        return None;
+    }
+    let slot = service
+        .maglev_offset
+        .wrapping_add(hash % service.maglev_size);
+    SVC_MAGLEV_V1.get(slot).copied()
+}
+
+/// A chosen backend and whether session affinity chose it.
+pub struct Choice {
+    pub id: BackendId,
+    pub backend: Backend,
+    pub from_affinity: bool,
+}
+
+/// Picks the backend for a new flow: the client's affinity entry if it is
+/// fresh and its backend is still in the service's table, else Maglev on
+/// the flow hash. Records affinity for the next flow.
+#[inline(always)]
+pub fn choose(service: &ServiceValue, client: u32, hash: u32, now: u64) -> Option<Choice> {
+    let affinity_key = AffinityKey {
+        service_id: service.id,
+        client_addr: client,
+    };
+    let with_affinity = service.flags & SVC_F_AFFINITY != 0;
+    if with_affinity && let Some(entry) = SVC_AFFINITY_V1.get_ptr_mut(&affinity_key) {
+        // SAFETY: from a map lookup; racing writers store whole values.
+        let entry = unsafe { &mut *entry };
+        let timeout = u64::from(service.affinity_timeout_secs) * NS_PER_SEC;
+        if now.saturating_sub(entry.last_used_ns) <= timeout
+            && let Some(backend) = backend(entry.backend_id)
+        {
+            entry.last_used_ns = now;
+            return Some(Choice {
+                id: entry.backend_id,
+                backend,
+                from_affinity: true,
+            });
+        }
+    }
+    let id = maglev(service, hash)?;
+    let backend = backend(id)?;
+    if with_affinity {
+        let value = AffinityValue {
+            last_used_ns: now,
+            backend_id: id,
+            _pad: 0,
+        };
+        // Best effort: without the entry the next flow still gets a backend.
+        let _ = SVC_AFFINITY_V1.insert(&affinity_key, &value, 0);
+    }
+    Some(Choice {
+        id,
+        backend,
+        from_affinity: false,
+    })
+}

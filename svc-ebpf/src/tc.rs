@@ -1,0 +1,202 @@
+//! The per-packet path at tc ingress of pod veths and uplinks: translate
+//! packets of tracked flows, start new flows to services, pass the rest
+//! untouched.
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    programs::TcContext,
+};
+use aya_log_ebpf::trace;
+use svc_common::{
+    config::DatapathConfig,
+    ct::{CT_F_REPLY, CT_F_SNAT, CtEntry, CtKey},
+    hash::flow_hash,
+    lb::{EMPTY_DROP, SVC_F_SNAT_EXTERNAL, ServiceValue},
+    stats::Counter,
+};
+
+use crate::{
+    ct, lb,
+    maps::{SVC_CT_V1, config},
+    nat,
+    parse::{self, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Ipv4Packet, L3, L4},
+    reject, stats,
+};
+
+/// Where the program is attached: the only difference is that traffic
+/// entering from an uplink is external and may be masqueraded.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    /// Host side of a pod's veth: packets leaving the pod.
+    Pod,
+    /// A node uplink: packets from other nodes and from outside.
+    Uplink,
+}
+
+/// A counted drop.
+#[inline(always)]
+fn drop(counter: Counter, bytes: u32) -> i32 {
+    stats::count(counter, bytes);
+    TC_ACT_SHOT
+}
+
+pub fn try_tc(ctx: &TcContext, hook: Hook) -> Result<i32, i32> {
+    let len = ctx.len();
+    let l3 = parse::l3(ctx).map_err(|reason| {
+        stats::count(reason, len);
+        TC_ACT_OK
+    })?;
+    let L3::Ipv4(packet) = l3 else {
+        stats::count(Counter::PassNonIpv4, len);
+        return Ok(TC_ACT_OK);
+    };
+    // Later fragments carry no ports; they pass as they are.
+    let class = if packet.is_later_fragment {
+        Counter::Ipv4Fragment
+    } else {
+        match packet.protocol {
+            IPPROTO_TCP => Counter::Ipv4Tcp,
+            IPPROTO_UDP => Counter::Ipv4Udp,
+            IPPROTO_ICMP => Counter::Ipv4Icmp,
+            _ => Counter::Ipv4Other,
+        }
+    };
+    if !matches!(class, Counter::Ipv4Tcp | Counter::Ipv4Udp) {
+        stats::count(class, len);
+        return Ok(TC_ACT_OK);
+    }
+    let l4 = parse::l4(ctx, &packet).map_err(|reason| {
+        stats::count(reason, len);
+        TC_ACT_OK
+    })?;
+    stats::count(class, len);
+
+    let key = CtKey {
+        saddr: packet.saddr,
+        daddr: packet.daddr,
+        sport: l4.sport,
+        dport: l4.dport,
+        protocol: packet.protocol,
+        _pad: [0; 3],
+    };
+    let config = config();
+    let now = ct::now_ns();
+    if let Some(entry) = ct::lookup(&key) {
+        // SAFETY: from a map lookup, valid for this run.
+        let snapshot = unsafe { *entry };
+        if ct::is_live(&config, &snapshot, key.protocol, l4.tcp_flags, now) {
+            ct::update(entry, key.protocol, l4.tcp_flags, now);
+            return tracked(ctx, &packet, &l4, &key, &snapshot, len);
+        }
+    }
+    match lb::lookup(key.daddr, key.dport, key.protocol) {
+        Some(service) => new_flow(ctx, hook, &config, &packet, &l4, &key, &service, now),
+        None => Ok(TC_ACT_OK),
+    }
+}
+
+/// A packet of a tracked flow, either direction.
+#[inline(always)]
+fn tracked(
+    ctx: &TcContext,
+    packet: &Ipv4Packet,
+    l4: &L4,
+    key: &CtKey,
+    entry: &CtEntry,
+    len: u32,
+) -> Result<i32, i32> {
+    nat::rewrite(ctx, l4, packet.l4_offset, key, entry)
+        .map_err(|_| drop(Counter::DropRewriteFailed, len))?;
+    let event = if entry.flags & CT_F_REPLY != 0 {
+        Counter::LbReply
+    } else {
+        Counter::LbEstablished
+    };
+    stats::count(event, len);
+    stats::count_flow(entry.service_id, entry.backend_id, len);
+    Ok(TC_ACT_OK)
+}
+
+/// The first packet of a flow to a service: choose a backend, record both
+/// directions in connection tracking, translate.
+#[inline(always)]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the parsed packet, passed down once"
+)]
+fn new_flow(
+    ctx: &TcContext,
+    hook: Hook,
+    config: &DatapathConfig,
+    packet: &Ipv4Packet,
+    l4: &L4,
+    key: &CtKey,
+    service: &ServiceValue,
+    now: u64,
+) -> Result<i32, i32> {
+    let len = ctx.len();
+    if service.maglev_size == 0 {
+        if service.on_empty == EMPTY_DROP {
+            return Err(drop(Counter::DropNoBackend, len));
+        }
+        let action = reject::port_unreachable(ctx, packet)
+            .map_err(|_| drop(Counter::DropRejectFailed, len))?;
+        stats::count(Counter::RejectNoBackend, len);
+        return Ok(action);
+    }
+    let hash = flow_hash(key.saddr, key.daddr, key.sport, key.dport, key.protocol);
+    let choice = lb::choose(service, key.saddr, hash, now)
+        .ok_or_else(|| drop(Counter::DropBadBackend, len))?;
+
+    // Hairpin (a pod reaching itself through the service) needs the node
+    // as source, or the pod would see a packet from its own address;
+    // external traffic is masqueraded unless the service keeps the source.
+    let hairpin = choice.backend.addr == key.saddr;
+    let masquerade = hook == Hook::Uplink && service.flags & SVC_F_SNAT_EXTERNAL != 0;
+    let snat = hairpin || masquerade;
+    if snat && config.masq_addr == 0 {
+        return Err(drop(Counter::DropNoSnatAddr, len));
+    }
+    let snat_flag = if snat { CT_F_SNAT } else { 0 };
+    let mut forward = CtEntry {
+        last_seen_ns: now,
+        saddr: if snat { config.masq_addr } else { key.saddr },
+        daddr: choice.backend.addr,
+        sport: key.sport,
+        dport: choice.backend.port,
+        backend_id: choice.id,
+        service_id: service.id,
+        flags: snat_flag,
+        _pad: [0; 3],
+    };
+    let reply = CtEntry {
+        last_seen_ns: now,
+        saddr: key.daddr,
+        daddr: key.saddr,
+        sport: key.dport,
+        dport: key.sport,
+        backend_id: choice.id,
+        service_id: service.id,
+        flags: CT_F_REPLY | snat_flag,
+        _pad: [0; 3],
+    };
+    if !nat::claim_reply(config, key, &mut forward, &reply, snat, now) {
+        return Err(drop(Counter::DropNatPortsExhausted, len));
+    }
+    if SVC_CT_V1.insert(key, &forward, 0).is_err() {
+        let _ = SVC_CT_V1.remove(&nat::reply_key(&forward, key.protocol));
+        return Err(drop(Counter::DropCtInsertFailed, len));
+    }
+    trace!(
+        ctx,
+        "new flow to service {} backend {}", service.id, choice.id
+    );
+    nat::rewrite(ctx, l4, packet.l4_offset, key, &forward)
+        .map_err(|_| drop(Counter::DropRewriteFailed, len))?;
+    stats::count(Counter::LbNewFlow, len);
+    if choice.from_affinity {
+        stats::count(Counter::LbAffinityHit, len);
+    }
+    stats::count_flow(service.id, choice.id, len);
+    Ok(TC_ACT_OK)
+}
