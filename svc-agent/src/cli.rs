@@ -1,7 +1,13 @@
 //! Command line.
 
+use std::net::Ipv4Addr;
+
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use svc_agent::datapath::BpfLogLevel;
+use svc_common::{
+    ct::DEFAULT_CT_ENTRIES,
+    lb::{DEFAULT_MAGLEV_SLOTS, DEFAULT_MAX_AFFINITY},
+};
 
 #[derive(Parser)]
 #[command(version, about = "eBPF Kubernetes service proxy: the node agent")]
@@ -27,9 +33,32 @@ pub enum Command {
 
 #[derive(Args)]
 pub struct RunArgs {
-    /// Interface to attach the tc program to at ingress (repeatable).
-    #[arg(long = "iface", value_name = "IFACE", required = true)]
-    pub ifaces: Vec<String>,
+    /// Host side of a pod veth to translate pod traffic at (repeatable).
+    #[arg(long = "pod-iface", value_name = "IFACE")]
+    pub pod_ifaces: Vec<String>,
+    /// Node uplink to translate node-port, external and reply traffic at
+    /// (repeatable).
+    #[arg(long = "uplink", value_name = "IFACE")]
+    pub uplinks: Vec<String>,
+    /// A node address node ports answer on (repeatable).
+    #[arg(long = "node-addr", value_name = "IPV4")]
+    pub node_addrs: Vec<Ipv4Addr>,
+    /// Source address of masqueraded and hairpinned flows; defaults to the
+    /// first --node-addr.
+    #[arg(long, value_name = "IPV4")]
+    pub masquerade_addr: Option<Ipv4Addr>,
+    /// Do not translate the node's own processes (cgroup socket hooks).
+    #[arg(long)]
+    pub no_host_sockets: bool,
+    /// Connection-tracking entries (two per flow).
+    #[arg(long, default_value_t = DEFAULT_CT_ENTRIES)]
+    pub ct_entries: u32,
+    /// Session-affinity entries.
+    #[arg(long, default_value_t = DEFAULT_MAX_AFFINITY)]
+    pub affinity_entries: u32,
+    /// Slots of the shared Maglev array.
+    #[arg(long, default_value_t = DEFAULT_MAGLEV_SLOTS)]
+    pub maglev_slots: u32,
     /// Level of the eBPF programs' own log lines, fixed at load time.
     #[arg(long, value_enum, default_value_t = BpfLogLevel::Off)]
     pub bpf_log_level: BpfLogLevel,

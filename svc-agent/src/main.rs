@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use clap::Parser as _;
-use svc_agent::datapath::{Datapath, LoadOptions, StatsSnapshot};
+use svc_agent::datapath::{Capacities, Datapath, LoadOptions, StatsSnapshot, current_netns_cookie};
+use svc_common::config::DatapathConfig;
 use tokio::{io::unix::AsyncFd, signal, time};
 use tracing::{info, warn};
 
@@ -32,10 +33,33 @@ fn init_tracing(format: LogFormat) {
 }
 
 async fn run(args: RunArgs) -> Result<()> {
-    let mut datapath = Datapath::load(&LoadOptions {
+    let mut config = DatapathConfig::DEFAULT;
+    if let Some(addr) = args
+        .masquerade_addr
+        .or_else(|| args.node_addrs.first().copied())
+    {
+        config.masq_addr = u32::from_ne_bytes(addr.octets());
+    }
+    if !args.no_host_sockets {
+        config.host_netns_cookie =
+            current_netns_cookie().context("reading this network namespace's cookie")?;
+    }
+    let options = LoadOptions {
         bpf_log_level: args.bpf_log_level,
-    })
-    .context("loading the datapath")?;
+        config,
+        capacities: Capacities {
+            ct_entries: args.ct_entries,
+            affinity_entries: args.affinity_entries,
+            maglev_slots: args.maglev_slots,
+            ..Capacities::default()
+        },
+        ..LoadOptions::default()
+    };
+    let mut datapath = Datapath::load(&options).context("loading the datapath")?;
+    datapath
+        .maps_mut()
+        .set_node_addrs(&args.node_addrs)
+        .context("writing node addresses")?;
     let logger = datapath.logger().context("starting the eBPF logger")?;
     // SAFETY: the logger owns its ring buffer's fd, which stays open and
     // unchanged until the AsyncFd drops the logger.
@@ -57,11 +81,23 @@ async fn run(args: RunArgs) -> Result<()> {
         }
     });
 
-    for iface in &args.ifaces {
+    for iface in &args.pod_ifaces {
         datapath
-            .attach_tc(iface)
-            .with_context(|| format!("attaching to {iface}"))?;
-        info!(%iface, "attached tc ingress");
+            .attach_pod(iface)
+            .with_context(|| format!("attaching to pod interface {iface}"))?;
+        info!(%iface, "attached to pod interface");
+    }
+    for iface in &args.uplinks {
+        datapath
+            .attach_uplink(iface)
+            .with_context(|| format!("attaching to uplink {iface}"))?;
+        info!(%iface, "attached to uplink");
+    }
+    if !args.no_host_sockets {
+        let cgroup = datapath
+            .attach_host_sockets()
+            .context("attaching the host socket hooks")?;
+        info!(cgroup = %cgroup.display(), "translating host sockets");
     }
 
     let mut last = StatsSnapshot::default();

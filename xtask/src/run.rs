@@ -215,7 +215,7 @@ pub fn sandbox() -> Result<()> {
         .arg(&agent)
         .args(["run", "--stats-interval-secs", "5"]);
     for pod in &pods {
-        run.args(["--iface", &pod.host_iface]);
+        run.args(["--pod-iface", &pod.host_iface]);
     }
     let mut child = run.spawn().context("starting svc-agent")?;
 

@@ -1,22 +1,61 @@
 //! Loading the embedded eBPF object and attaching its programs.
 
+use std::{
+    fs,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    path::{Path, PathBuf},
+};
+
 use aya::{
     Ebpf, EbpfLoader, include_bytes_aligned,
-    programs::{SchedClassifier, TcAttachType, tc::SchedClassifierLinkId},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, tc::SchedClassifierLinkId,
+    },
 };
 use aya_log::EbpfLogger;
-use svc_common::stats::STATS_MAP;
+use svc_common::{
+    config::{CONFIG_GLOBAL, DatapathConfig},
+    ct::{CT_MAP, DEFAULT_CT_ENTRIES},
+    lb::{
+        AFFINITY_MAP, BACKEND_STATS_MAP, BACKENDS_MAP, DEFAULT_MAGLEV_SLOTS, DEFAULT_MAX_AFFINITY,
+        DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, MAGLEV_MAP, NODE_ADDRS_MAP, SERVICE_STATS_MAP,
+        SERVICES_MAP,
+    },
+    maglev::DEFAULT_SLOTS_PER_BACKEND,
+    sock::{DEFAULT_SOCK_REVNAT_ENTRIES, SOCK_REVNAT_MAP},
+    stats::STATS_MAP,
+};
 
-use super::{Error, Result, StatsSnapshot};
+use super::{Error, Maps, Result, StatsSnapshot};
 
 /// The eBPF object built by `build.rs` from `svc-ebpf`.
 pub static EBPF_OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/svc-ebpf"));
 
-/// The tc program attached at ingress of pod veths and uplinks.
-pub const TC_PROGRAM: &str = "svc_tc";
+/// tc ingress on the host side of pod veths.
+pub const FROM_POD_PROGRAM: &str = "svc_from_pod";
+/// tc ingress on node uplinks.
+pub const FROM_UPLINK_PROGRAM: &str = "svc_from_uplink";
+/// The cgroup `sock_addr` programs for host processes.
+pub const SOCK_PROGRAMS: [&str; 4] = [
+    "svc_connect4",
+    "svc_sendmsg4",
+    "svc_recvmsg4",
+    "svc_getpeername4",
+];
 
 /// Maps the agent relies on; loading fails if the object lacks one.
-const REQUIRED_MAPS: &[&str] = &[STATS_MAP];
+const REQUIRED_MAPS: &[&str] = &[
+    STATS_MAP,
+    SERVICES_MAP,
+    BACKENDS_MAP,
+    MAGLEV_MAP,
+    NODE_ADDRS_MAP,
+    AFFINITY_MAP,
+    CT_MAP,
+    SERVICE_STATS_MAP,
+    BACKEND_STATS_MAP,
+    SOCK_REVNAT_MAP,
+];
 
 /// Level of the eBPF programs' own log lines (aya-log), fixed at load time.
 /// The per-packet path only logs at debug and trace.
@@ -32,14 +71,56 @@ pub enum BpfLogLevel {
     Trace = 5,
 }
 
-#[derive(Clone, Debug, Default)]
+/// Map sizes, fixed at load time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacities {
+    /// Connection-tracking entries (two per translated flow).
+    pub ct_entries: u32,
+    pub services: u32,
+    pub backends: u32,
+    /// Slots of the shared Maglev array.
+    pub maglev_slots: u32,
+    pub affinity_entries: u32,
+    pub sock_revnat_entries: u32,
+}
+
+impl Default for Capacities {
+    fn default() -> Self {
+        Self {
+            ct_entries: DEFAULT_CT_ENTRIES,
+            services: DEFAULT_MAX_SERVICES,
+            backends: DEFAULT_MAX_BACKENDS,
+            maglev_slots: DEFAULT_MAGLEV_SLOTS,
+            affinity_entries: DEFAULT_MAX_AFFINITY,
+            sock_revnat_entries: DEFAULT_SOCK_REVNAT_ENTRIES,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
 pub struct LoadOptions {
     pub bpf_log_level: BpfLogLevel,
+    pub config: DatapathConfig,
+    pub capacities: Capacities,
+    /// Minimum Maglev slots per backend (the table is the next prime up).
+    pub maglev_slots_per_backend: u32,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            bpf_log_level: BpfLogLevel::default(),
+            config: DatapathConfig::DEFAULT,
+            capacities: Capacities::default(),
+            maglev_slots_per_backend: DEFAULT_SLOTS_PER_BACKEND,
+        }
+    }
 }
 
 /// The loaded datapath. Dropping it detaches and unloads everything.
 pub struct Datapath {
     ebpf: Ebpf,
+    maps: Maps,
 }
 
 impl Datapath {
@@ -53,20 +134,36 @@ impl Datapath {
             return Err(Error::EmptyObject);
         }
         let level = options.bpf_log_level as u8;
+        let caps = options.capacities;
         let mut ebpf = EbpfLoader::new()
             .override_global(aya_log::LEVEL, &level, true)
+            .override_global(CONFIG_GLOBAL, &options.config, true)
+            .map_max_entries(CT_MAP, caps.ct_entries)
+            .map_max_entries(SERVICES_MAP, caps.services)
+            .map_max_entries(SERVICE_STATS_MAP, caps.services)
+            .map_max_entries(BACKENDS_MAP, caps.backends)
+            .map_max_entries(BACKEND_STATS_MAP, caps.backends)
+            .map_max_entries(MAGLEV_MAP, caps.maglev_slots)
+            .map_max_entries(AFFINITY_MAP, caps.affinity_entries)
+            .map_max_entries(SOCK_REVNAT_MAP, caps.sock_revnat_entries)
             .load(object)?;
         for &name in REQUIRED_MAPS {
             if ebpf.map(name).is_none() {
                 return Err(Error::MissingMap(name));
             }
         }
-        let program = tc_program_mut(&mut ebpf)?;
-        program.load().map_err(|source| Error::Program {
-            name: TC_PROGRAM,
-            source,
-        })?;
-        Ok(Self { ebpf })
+        for name in [FROM_POD_PROGRAM, FROM_UPLINK_PROGRAM] {
+            classifier_mut(&mut ebpf, name)?
+                .load()
+                .map_err(|source| Error::Program { name, source })?;
+        }
+        for name in SOCK_PROGRAMS {
+            sock_program_mut(&mut ebpf, name)?
+                .load()
+                .map_err(|source| Error::Program { name, source })?;
+        }
+        let maps = Maps::take(&mut ebpf, options.maglev_slots_per_backend)?;
+        Ok(Self { ebpf, maps })
     }
 
     /// Takes the eBPF log ring buffer; poll the returned logger to forward
@@ -75,28 +172,71 @@ impl Datapath {
         Ok(EbpfLogger::init(&mut self.ebpf)?)
     }
 
-    /// Attaches the tc program at ingress of `iface` (as a tcx link). The
-    /// link lives as long as `self`.
-    pub fn attach_tc(&mut self, iface: &str) -> Result<SchedClassifierLinkId> {
-        tc_program_mut(&mut self.ebpf)?
+    /// Attaches the pod program at ingress of a pod veth's host side, in
+    /// the caller's network namespace. The link lives as long as `self`.
+    pub fn attach_pod(&mut self, iface: &str) -> Result<SchedClassifierLinkId> {
+        self.attach_tc(FROM_POD_PROGRAM, iface)
+    }
+
+    /// Attaches the uplink program at ingress of a node uplink.
+    pub fn attach_uplink(&mut self, iface: &str) -> Result<SchedClassifierLinkId> {
+        self.attach_tc(FROM_UPLINK_PROGRAM, iface)
+    }
+
+    fn attach_tc(&mut self, program: &'static str, iface: &str) -> Result<SchedClassifierLinkId> {
+        // Translated packets may carry a node address as their source
+        // (masquerade, hairpin): the kernel must accept them on ingress.
+        set_iface_sysctl(iface, "accept_local", "1")?;
+        set_iface_sysctl(iface, "rp_filter", "0")?;
+        classifier_mut(&mut self.ebpf, program)?
             .attach(iface, TcAttachType::Ingress)
             .map_err(|source| Error::Attach {
-                program: TC_PROGRAM,
+                program,
                 iface: iface.to_owned(),
                 source,
             })
     }
 
-    /// The loaded tc program, e.g. for `BPF_PROG_TEST_RUN`.
-    pub fn tc_program(&self) -> Result<&SchedClassifier> {
-        let program = self
-            .ebpf
-            .program(TC_PROGRAM)
-            .ok_or(Error::MissingProgram(TC_PROGRAM))?;
-        program.try_into().map_err(|source| Error::Program {
-            name: TC_PROGRAM,
+    /// Attaches the socket programs to the cgroup v2 hierarchy's root, so
+    /// they see every socket of the machine; they translate only those of
+    /// the network namespace whose cookie the datapath was loaded with.
+    pub fn attach_host_sockets(&mut self) -> Result<PathBuf> {
+        let root = cgroup2_mount()?;
+        let cgroup = fs::File::open(&root).map_err(|source| Error::Cgroup {
+            path: root.clone(),
             source,
-        })
+        })?;
+        for name in SOCK_PROGRAMS {
+            sock_program_mut(&mut self.ebpf, name)?
+                // A bpf_link attachment: other programs on the cgroup stay, and
+                // link_create takes no attach flags.
+                .attach(&cgroup, CgroupAttachMode::Single)
+                .map_err(|source| Error::Attach {
+                    program: name,
+                    iface: root.display().to_string(),
+                    source,
+                })?;
+        }
+        Ok(root)
+    }
+
+    /// A loaded tc program by name, e.g. for `BPF_PROG_TEST_RUN`.
+    pub fn tc_program(&self, name: &'static str) -> Result<&SchedClassifier> {
+        let program = self.ebpf.program(name).ok_or(Error::MissingProgram(name))?;
+        program
+            .try_into()
+            .map_err(|source| Error::Program { name, source })
+    }
+
+    /// The service, backend and connection-tracking maps.
+    #[must_use]
+    pub fn maps(&self) -> &Maps {
+        &self.maps
+    }
+
+    /// The maps, for writing.
+    pub fn maps_mut(&mut self) -> &mut Maps {
+        &mut self.maps
     }
 
     /// Current packet counters, summed over CPUs.
@@ -105,14 +245,99 @@ impl Datapath {
     }
 }
 
-fn tc_program_mut(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier> {
-    let program = ebpf
-        .program_mut(TC_PROGRAM)
-        .ok_or(Error::MissingProgram(TC_PROGRAM))?;
-    program.try_into().map_err(|source| Error::Program {
-        name: TC_PROGRAM,
+fn classifier_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier> {
+    let program = ebpf.program_mut(name).ok_or(Error::MissingProgram(name))?;
+    program
+        .try_into()
+        .map_err(|source| Error::Program { name, source })
+}
+
+fn sock_program_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut CgroupSockAddr> {
+    let program = ebpf.program_mut(name).ok_or(Error::MissingProgram(name))?;
+    program
+        .try_into()
+        .map_err(|source| Error::Program { name, source })
+}
+
+fn set_iface_sysctl(iface: &str, key: &str, value: &str) -> Result<()> {
+    let path = Path::new("/proc/sys/net/ipv4/conf").join(iface).join(key);
+    fs::write(&path, value).map_err(|source| Error::Sysctl { path, source })
+}
+
+/// Where the agent mounts cgroup v2 when its mount namespace has none.
+const CGROUP2_FALLBACK: &str = "/run/svc-proxy/cgroupv2";
+
+/// Where the cgroup v2 hierarchy is mounted, from `/proc/self/mounts`.
+/// When this mount namespace hides it (`ip netns exec` remounts `/sys`),
+/// the agent mounts it itself, as Cilium does.
+pub fn cgroup2_mount() -> Result<PathBuf> {
+    if let Some(dir) = find_cgroup2(Path::new("/proc/self/mounts"))? {
+        return Ok(dir);
+    }
+    let dir = PathBuf::from(CGROUP2_FALLBACK);
+    let cgroup_error = |source| Error::Cgroup {
+        path: dir.clone(),
         source,
-    })
+    };
+    fs::create_dir_all(&dir).map_err(cgroup_error)?;
+    let target = std::ffi::CString::new(CGROUP2_FALLBACK).map_err(|_| Error::NoCgroup2)?;
+    // SAFETY: NUL-terminated strings that outlive the call; no data.
+    let rc = unsafe {
+        libc::mount(
+            c"none".as_ptr(),
+            target.as_ptr(),
+            c"cgroup2".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(cgroup_error(std::io::Error::last_os_error()));
+    }
+    Ok(dir)
+}
+
+fn find_cgroup2(mounts: &Path) -> Result<Option<PathBuf>> {
+    let text = fs::read_to_string(mounts).map_err(|source| Error::Cgroup {
+        path: mounts.to_owned(),
+        source,
+    })?;
+    Ok(text.lines().find_map(|line| {
+        let mut fields = line.split_whitespace();
+        let (_, dir, kind) = (fields.next()?, fields.next()?, fields.next()?);
+        (kind == "cgroup2").then(|| PathBuf::from(dir))
+    }))
+}
+
+/// `SO_NETNS_COOKIE` (Linux 5.14); not in every libc crate version.
+const SO_NETNS_COOKIE: libc::c_int = 71;
+
+/// The cookie of the calling thread's network namespace, the value the
+/// socket programs compare with `DatapathConfig::host_netns_cookie`.
+pub fn current_netns_cookie() -> Result<u64> {
+    // SAFETY: plain socket(2); the result is checked before use.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
+    if fd < 0 {
+        return Err(Error::NetnsCookie(std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` is a fresh descriptor nobody else owns.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut cookie = 0u64;
+    let mut len = libc::socklen_t::try_from(size_of::<u64>()).unwrap_or(8);
+    // SAFETY: a valid socket and a buffer of the length given.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &raw mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(Error::NetnsCookie(std::io::Error::last_os_error()));
+    }
+    Ok(cookie)
 }
 
 #[cfg(test)]

@@ -2,10 +2,20 @@
 //! programs and reading or writing its maps.
 
 mod loader;
+mod maglev;
+mod maps;
 mod stats;
 
-pub use loader::{BpfLogLevel, Datapath, EBPF_OBJECT, LoadOptions, TC_PROGRAM};
+use std::path::PathBuf;
+
+pub use loader::{
+    BpfLogLevel, Capacities, Datapath, EBPF_OBJECT, FROM_POD_PROGRAM, FROM_UPLINK_PROGRAM,
+    LoadOptions, SOCK_PROGRAMS, cgroup2_mount, current_netns_cookie,
+};
+pub use maglev::{Block, SlotAllocator};
+pub use maps::{BackendSpec, Frontend, Maps, Protocol, ServicePolicy};
 pub use stats::StatsSnapshot;
+use svc_common::lb::{BackendId, ServiceKey};
 
 /// Errors of the datapath layer.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +49,36 @@ pub enum Error {
     },
     #[error("starting the eBPF logger: {0}")]
     Logger(#[from] aya_log::Error),
+    #[error("mapping the Maglev array into memory: {0}")]
+    Mmap(#[source] std::io::Error),
+    #[error("writing {path}: {source}")]
+    Sysctl {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cgroup v2 at {path}: {source}")]
+    Cgroup {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no cgroup2 file system could be found or mounted: host sockets cannot be translated")]
+    NoCgroup2,
+    #[error("reading the network namespace cookie: {0}")]
+    NetnsCookie(#[source] std::io::Error),
+    #[error("counting CPUs: {0}")]
+    Cpus(#[source] std::io::Error),
+    #[error("backend id {id} is outside the backends map (capacity {capacity})")]
+    BackendIdOutOfRange { id: BackendId, capacity: u32 },
+    #[error("backend id {0} is not installed")]
+    UnknownBackend(BackendId),
+    #[error("backend id {id} is still used by service {service:?}")]
+    BackendInUse { id: BackendId, service: ServiceKey },
+    #[error("the services map is full ({capacity} frontends)")]
+    ServicesFull { capacity: u32 },
+    #[error("no room for a Maglev table of {needed} slots ({free} free slots, fragmented or used)")]
+    MaglevFull { needed: u32, free: u32 },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
