@@ -36,13 +36,78 @@ pub fn udp4(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), payload: &[u8]) -> Vec<u
 /// A TCP SYN in an Ethernet frame.
 #[must_use]
 pub fn tcp4_syn(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> Vec<u8> {
-    serialize!(
-        PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
-            .ipv4(src.0.octets(), dst.0.octets(), 64)
-            .tcp(src.1, dst.1, 1000, 64240)
-            .syn(),
-        &[]
-    )
+    tcp4(src, dst, TcpFlags::Syn, &[])
+}
+
+/// TCP flags of a [`tcp4`] segment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcpFlags {
+    Syn,
+    SynAck,
+    Ack,
+    Fin,
+    Rst,
+}
+
+/// A TCP segment in an Ethernet frame.
+#[must_use]
+pub fn tcp4(
+    src: (Ipv4Addr, u16),
+    dst: (Ipv4Addr, u16),
+    flags: TcpFlags,
+    payload: &[u8],
+) -> Vec<u8> {
+    let builder = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
+        .ipv4(src.0.octets(), dst.0.octets(), 64)
+        .tcp(src.1, dst.1, 1000, 64240);
+    let builder = match flags {
+        TcpFlags::Syn => builder.syn(),
+        TcpFlags::SynAck => builder.syn().ack(1001),
+        TcpFlags::Ack => builder.ack(1001),
+        TcpFlags::Fin => builder.fin().ack(1001),
+        TcpFlags::Rst => builder.rst(),
+    };
+    serialize!(builder, payload)
+}
+
+/// Zeroes a UDP datagram's checksum ("no checksum").
+pub fn clear_udp_checksum(frame: &mut [u8]) {
+    let header_len = usize::from(frame[ETH_HLEN] & 0x0f) * 4;
+    let check = ETH_HLEN + header_len + 6;
+    frame[check..check + 2].fill(0);
+}
+
+/// Every checksum of an IPv4 frame that does not verify: the IPv4 header,
+/// and the TCP, UDP (unless zero) or ICMP checksum over the whole datagram.
+#[must_use]
+pub fn checksum_errors(frame: &[u8]) -> Vec<String> {
+    let mut errors = Vec::new();
+    let ip = &frame[ETH_HLEN..];
+    let header_len = usize::from(ip[0] & 0x0f) * 4;
+    if internet_checksum(&ip[..header_len]) != 0 {
+        errors.push("IPv4 header checksum".to_owned());
+    }
+    let total_len = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    let l4 = &ip[header_len..total_len];
+    let protocol = ip[9];
+    let mut pseudo = Vec::with_capacity(12 + l4.len());
+    pseudo.extend_from_slice(&ip[12..20]);
+    pseudo.extend_from_slice(&[0, protocol]);
+    pseudo.extend_from_slice(
+        &u16::try_from(l4.len())
+            .expect("datagram fits u16")
+            .to_be_bytes(),
+    );
+    pseudo.extend_from_slice(l4);
+    match protocol {
+        6 if internet_checksum(&pseudo) != 0 => errors.push("TCP checksum".to_owned()),
+        17 if l4[6..8] != [0, 0] && internet_checksum(&pseudo) != 0 => {
+            errors.push("UDP checksum".to_owned());
+        }
+        1 if internet_checksum(l4) != 0 => errors.push("ICMP checksum".to_owned()),
+        _ => {}
+    }
+    errors
 }
 
 /// A UDP datagram whose IPv4 header carries `options` (a multiple of 4 bytes).

@@ -1,19 +1,31 @@
-//! The tc program run through BPF_PROG_TEST_RUN on a table of crafted
-//! packets: verdict, output bytes and counters per fixture.
+//! The tc programs run through BPF_PROG_TEST_RUN on tables of crafted
+//! packets, with services installed through the agent's own map writer:
+//! verdict, output bytes (checksums recomputed here) and counters per
+//! fixture, in the manner of Katran's and Cilium's BPF tests.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 
 use aya::programs::{TestRun as _, TestRunOptions};
-use svc_agent::datapath::{Datapath, LoadOptions};
-use svc_common::stats::{Counter, CounterValue};
+use svc_agent::datapath::{
+    BackendSpec, Capacities, Datapath, FROM_POD_PROGRAM, FROM_UPLINK_PROGRAM, Frontend,
+    LoadOptions, Maps, Protocol, ServicePolicy,
+};
+use svc_common::{
+    config::DatapathConfig,
+    ct::{CtEntry, CtKey},
+    hash::flow_hash,
+    lb::BackendId,
+    stats::{Counter, CounterValue},
+};
 use tests::{
-    packet::{self, ETH_HLEN},
+    packet::{self, ETH_HLEN, TcpFlags},
     require_root,
 };
 
 const TC_ACT_OK: u32 = 0;
 const CLIENT: (Ipv4Addr, u16) = (Ipv4Addr::new(10, 1, 0, 5), 40_000);
-const SERVER: (Ipv4Addr, u16) = (Ipv4Addr::new(10, 96, 0, 10), 80);
+/// Not a service: these packets must pass untouched.
+const SERVER: (Ipv4Addr, u16) = (Ipv4Addr::new(10, 96, 0, 99), 80);
 
 struct Fixture {
     name: &'static str,
@@ -40,7 +52,7 @@ fn truncated(mut frame: Vec<u8>, len: usize) -> Vec<u8> {
     frame
 }
 
-fn fixtures() -> Vec<Fixture> {
+fn pass_fixtures() -> Vec<Fixture> {
     let udp = packet::udp4(CLIENT, SERVER, b"hello");
     let mut udp_no_checksum = udp.clone();
     let udp_check = ETH_HLEN + 20 + 6;
@@ -89,6 +101,30 @@ fn fixtures() -> Vec<Fixture> {
         fixture("first fragment", first_fragment, Counter::Ipv4Udp),
         fixture("later fragment", later_fragment, Counter::Ipv4Fragment),
         fixture(
+            "later fragment to a service port",
+            {
+                let mut frame = packet::udp4(CLIENT, (CLUSTER, 53), b"tail");
+                packet::set_fragment_offset(&mut frame, 185);
+                frame
+            },
+            Counter::Ipv4Fragment,
+        ),
+        fixture(
+            "ICMP echo to a ClusterIP",
+            packet::icmp4_echo(CLIENT.0, CLUSTER),
+            Counter::Ipv4Icmp,
+        ),
+        fixture(
+            "TCP to a ClusterIP on a port it does not serve",
+            packet::tcp4_syn(CLIENT, (CLUSTER, 81)),
+            Counter::Ipv4Tcp,
+        ),
+        fixture(
+            "TCP to a node port on an address that is not the node's",
+            packet::tcp4_syn(EXTERNAL, (Ipv4Addr::new(192, 168, 1, 99), 30080)),
+            Counter::Ipv4Tcp,
+        ),
+        fixture(
             "ARP request",
             packet::arp_request(CLIENT.0, SERVER.0),
             Counter::PassNonIpv4,
@@ -118,47 +154,681 @@ fn fixtures() -> Vec<Fixture> {
     ]
 }
 
-#[test]
-fn every_fixture_passes_unchanged_and_bumps_exactly_its_counter() {
-    require_root();
-    let datapath = Datapath::load(&LoadOptions::default()).expect("the datapath must load");
-    let program = datapath
-        .tc_program()
-        .expect("the tc program must be loaded");
-    for Fixture {
-        name,
-        packet,
-        counter,
-    } in fixtures()
-    {
-        let before = datapath.stats().expect("counters must be readable");
-        let mut out = vec![0u8; packet.len() + 64];
-        let result = program
-            .test_run(TestRunOptions {
-                data_in: Some(&packet),
-                data_out: Some(&mut out),
-                ..TestRunOptions::default()
-            })
-            .unwrap_or_else(|err| panic!("{name}: BPF_PROG_TEST_RUN failed: {err:?}"));
-        assert_eq!(result.return_value, TC_ACT_OK, "{name}: verdict");
-        let out_len = usize::try_from(result.data_size_out).expect("output size fits usize");
-        assert_eq!(
-            &out[..out_len],
-            &packet[..],
-            "{name}: the packet must pass byte for byte"
-        );
+// ---------------------------------------------------------------------------
+// The cluster the translation fixtures run against.
 
-        let after = datapath.stats().expect("counters must be readable");
-        let expected = CounterValue {
-            packets: 1,
-            bytes: packet.len() as u64,
-        };
-        assert_eq!(
-            after.since(&before),
-            vec![(counter, expected)],
-            "{name}: exactly one counter must move"
-        );
+const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
+
+const NODE: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 10);
+const EXTERNAL: (Ipv4Addr, u16) = (Ipv4Addr::new(203, 0, 113, 5), 5555);
+const CLUSTER: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const EMPTY_SVC: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
+const SVC_C: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 13);
+const SVC_D: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 14);
+const AFFINITY_SVC: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 30);
+const LB_IP: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 100);
+const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
+const NODE_PORT: u16 = 30_080;
+const NODE_PORT_LOCAL: u16 = 30_081;
+const NAT_PORTS: std::ops::RangeInclusive<u16> = 61_000..=65_535;
+
+/// Backends by id: 1 and 2 on this node, 3 and 4 on another.
+const BACKENDS: [(BackendId, Ipv4Addr, u16, bool); 4] = [
+    (1, Ipv4Addr::new(10, 1, 0, 7), 8080, true),
+    (2, Ipv4Addr::new(10, 1, 0, 8), 8080, true),
+    (3, Ipv4Addr::new(10, 2, 0, 9), 8080, false),
+    (4, Ipv4Addr::new(10, 2, 0, 4), 9090, false),
+];
+
+fn backend_addr(id: BackendId) -> (Ipv4Addr, u16) {
+    let (_, addr, port, _) = BACKENDS
+        .iter()
+        .find(|(bid, ..)| *bid == id)
+        .unwrap_or_else(|| panic!("no backend {id}"));
+    (*addr, *port)
+}
+
+fn tcp(addr: Ipv4Addr, port: u16) -> Frontend {
+    Frontend::Address {
+        addr,
+        port,
+        protocol: Protocol::Tcp,
     }
+}
+
+fn udp(addr: Ipv4Addr, port: u16) -> Frontend {
+    Frontend::Address {
+        addr,
+        port,
+        protocol: Protocol::Udp,
+    }
+}
+
+fn node_port(port: u16) -> Frontend {
+    Frontend::NodePort {
+        port,
+        protocol: Protocol::Tcp,
+    }
+}
+
+fn config() -> DatapathConfig {
+    DatapathConfig {
+        masq_addr: u32::from_ne_bytes(NODE.octets()),
+        ..DatapathConfig::DEFAULT
+    }
+}
+
+fn load(config: DatapathConfig) -> Datapath {
+    let mut datapath = Datapath::load(&LoadOptions {
+        config,
+        capacities: Capacities {
+            ct_entries: 4096,
+            services: 64,
+            backends: 64,
+            maglev_slots: 65_536,
+            affinity_entries: 64,
+            sock_revnat_entries: 64,
+        },
+        ..LoadOptions::default()
+    })
+    .expect("the datapath must load");
+    install(datapath.maps_mut());
+    datapath
+}
+
+/// The services, written through the agent's map writer.
+fn install(maps: &mut Maps) {
+    maps.set_node_addrs(&[NODE]).expect("node addresses");
+    for (id, addr, port, local) in BACKENDS {
+        maps.set_backend(
+            id,
+            &BackendSpec {
+                addr: SocketAddrV4::new(addr, port),
+                local,
+                terminating: false,
+            },
+        )
+        .expect("backend");
+    }
+    let cluster = ServicePolicy::default();
+    let external = ServicePolicy {
+        masquerade_external: true,
+        ..ServicePolicy::default()
+    };
+    let local = ServicePolicy {
+        local_only: true,
+        drop_when_empty: true,
+        ..ServicePolicy::default()
+    };
+    let affinity = ServicePolicy {
+        affinity_timeout_secs: Some(10_800),
+        ..ServicePolicy::default()
+    };
+    let services: [(Frontend, ServicePolicy, &[BackendId]); 11] = [
+        (tcp(CLUSTER, 80), cluster, &[1, 2, 3]),
+        (udp(CLUSTER, 53), cluster, &[1, 2, 3]),
+        (tcp(EMPTY_SVC, 80), cluster, &[]),
+        (udp(EMPTY_SVC, 80), cluster, &[]),
+        (tcp(SVC_C, 80), cluster, &[1]),
+        (tcp(SVC_D, 80), cluster, &[1]),
+        (tcp(AFFINITY_SVC, 80), affinity, &[1, 2, 3]),
+        (node_port(NODE_PORT), external, &[3]),
+        (node_port(NODE_PORT_LOCAL), local, &[]),
+        (tcp(LB_IP, 443), external, &[4]),
+        (tcp(EXTERNAL_IP, 80), local, &[1]),
+    ];
+    for (frontend, policy, backends) in services {
+        maps.upsert_service(&frontend, &policy, backends)
+            .unwrap_or_else(|err| panic!("installing {frontend:?}: {err}"));
+    }
+}
+
+fn ne(addr: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(addr.octets())
+}
+
+fn ct_key(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), protocol: u8) -> CtKey {
+    CtKey {
+        saddr: ne(src.0),
+        daddr: ne(dst.0),
+        sport: src.1.to_be(),
+        dport: dst.1.to_be(),
+        protocol,
+        _pad: [0; 3],
+    }
+}
+
+/// The backend Maglev gives a flow, computed here from the shared hash and
+/// the table the agent wrote: what the program must choose.
+fn predict(
+    maps: &Maps,
+    frontend: Frontend,
+    src: (Ipv4Addr, u16),
+    dst: (Ipv4Addr, u16),
+) -> (Ipv4Addr, u16) {
+    let service = maps.service(&frontend).expect("the service is installed");
+    let key = frontend.key();
+    let hash = flow_hash(
+        ne(src.0),
+        ne(dst.0),
+        src.1.to_be(),
+        dst.1.to_be(),
+        key.protocol,
+    );
+    let slot = service.maglev_offset + hash % service.maglev_size;
+    backend_addr(
+        maps.maglev_slot(slot)
+            .expect("slot inside the Maglev array"),
+    )
+}
+
+/// The connection-tracking entry of a packet tuple.
+fn ct_entry(maps: &Maps, key: &CtKey) -> CtEntry {
+    maps.ct_entries()
+        .expect("CT readable")
+        .into_iter()
+        .find_map(|(k, entry)| (k == *key).then_some(entry))
+        .unwrap_or_else(|| panic!("no CT entry for {key:?}"))
+}
+
+/// The source port a flow was translated to, checked to be a NAT port.
+fn nat_port(maps: &Maps, src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> u16 {
+    let port = u16::from_be(ct_entry(maps, &ct_key(src, dst, 6)).sport);
+    assert!(
+        NAT_PORTS.contains(&port),
+        "NAT port {port} outside {NAT_PORTS:?}"
+    );
+    port
+}
+
+enum Expect {
+    /// This exact frame: checksums are those etherparse computes.
+    Packet(Vec<u8>),
+    /// A frame whose translated source port is only known after the run.
+    NatPacket(fn(&Maps) -> Vec<u8>),
+    /// An ICMP port unreachable from this address back to the sender.
+    Unreachable(Ipv4Addr),
+    /// Nothing: the packet is dropped.
+    Dropped,
+}
+
+struct Step {
+    name: &'static str,
+    program: &'static str,
+    packet: Vec<u8>,
+    verdict: u32,
+    expect: Expect,
+    /// Counters that move by one packet of the input's length.
+    counters: &'static [Counter],
+}
+
+const SYN: TcpFlags = TcpFlags::Syn;
+const SYNACK: TcpFlags = TcpFlags::SynAck;
+const POD: &str = FROM_POD_PROGRAM;
+const UPLINK: &str = FROM_UPLINK_PROGRAM;
+const NEW_TCP: &[Counter] = &[Counter::Ipv4Tcp, Counter::LbNewFlow];
+const NEW_UDP: &[Counter] = &[Counter::Ipv4Udp, Counter::LbNewFlow];
+const REPLY_TCP: &[Counter] = &[Counter::Ipv4Tcp, Counter::LbReply];
+
+fn step(
+    name: &'static str,
+    program: &'static str,
+    packet: Vec<u8>,
+    expect: Vec<u8>,
+    counters: &'static [Counter],
+) -> Step {
+    Step {
+        name,
+        program,
+        packet,
+        verdict: TC_ACT_OK,
+        expect: Expect::Packet(expect),
+        counters,
+    }
+}
+
+/// The fixture table, in order: later steps build on the flows earlier
+/// ones created. Each entry builds its step from the maps as they are.
+#[expect(clippy::too_many_lines, reason = "one table")]
+fn translation_steps() -> Vec<fn(&Maps) -> Step> {
+    const C2: (Ipv4Addr, u16) = (Ipv4Addr::new(10, 1, 0, 6), 40_001);
+    // Its own address, so no earlier flow shares its reply tuples.
+    const C3: (Ipv4Addr, u16) = (Ipv4Addr::new(10, 1, 0, 9), 40_000);
+    vec![
+        |maps| {
+            let backend = predict(maps, tcp(CLUSTER, 80), CLIENT, (CLUSTER, 80));
+            step(
+                "pod SYN to a ClusterIP: DNAT to the Maglev pick",
+                POD,
+                packet::tcp4(CLIENT, (CLUSTER, 80), SYN, &[]),
+                packet::tcp4(CLIENT, backend, SYN, &[]),
+                NEW_TCP,
+            )
+        },
+        |maps| {
+            let backend = predict(maps, tcp(CLUSTER, 80), CLIENT, (CLUSTER, 80));
+            step(
+                "ACK with data of the same flow: same backend",
+                POD,
+                packet::tcp4(CLIENT, (CLUSTER, 80), TcpFlags::Ack, b"GET /"),
+                packet::tcp4(CLIENT, backend, TcpFlags::Ack, b"GET /"),
+                &[Counter::Ipv4Tcp, Counter::LbEstablished],
+            )
+        },
+        |maps| {
+            let backend = predict(maps, tcp(CLUSTER, 80), CLIENT, (CLUSTER, 80));
+            step(
+                "the backend's SYN-ACK: reverse-translated to the ClusterIP",
+                POD,
+                packet::tcp4(backend, CLIENT, SYNACK, &[]),
+                packet::tcp4((CLUSTER, 80), CLIENT, SYNACK, &[]),
+                REPLY_TCP,
+            )
+        },
+        |maps| {
+            let backend = predict(maps, udp(CLUSTER, 53), CLIENT, (CLUSTER, 53));
+            step(
+                "pod UDP to a ClusterIP",
+                POD,
+                packet::udp4(CLIENT, (CLUSTER, 53), b"query"),
+                packet::udp4(CLIENT, backend, b"query"),
+                NEW_UDP,
+            )
+        },
+        |maps| {
+            let backend = predict(maps, udp(CLUSTER, 53), CLIENT, (CLUSTER, 53));
+            step(
+                "the UDP reply: reverse-translated",
+                UPLINK,
+                packet::udp4(backend, CLIENT, b"answer"),
+                packet::udp4((CLUSTER, 53), CLIENT, b"answer"),
+                &[Counter::Ipv4Udp, Counter::LbReply],
+            )
+        },
+        |maps| {
+            let src = (CLIENT.0, 40_002);
+            let backend = predict(maps, udp(CLUSTER, 53), src, (CLUSTER, 53));
+            let mut input = packet::udp4(src, (CLUSTER, 53), b"query");
+            packet::clear_udp_checksum(&mut input);
+            let mut output = packet::udp4(src, backend, b"query");
+            packet::clear_udp_checksum(&mut output);
+            step(
+                "UDP without a checksum: it stays zero",
+                POD,
+                input,
+                output,
+                NEW_UDP,
+            )
+        },
+        |maps| {
+            let src = (CLIENT.0, 40_003);
+            let backend = predict(maps, udp(CLUSTER, 53), src, (CLUSTER, 53));
+            let options = [1, 1, 1, 0, 0x94, 4, 0, 0];
+            step(
+                "UDP behind IP options: ports found after them",
+                POD,
+                packet::udp4_with_ip_options(src, (CLUSTER, 53), &options, b"q"),
+                packet::udp4_with_ip_options(src, backend, &options, b"q"),
+                NEW_UDP,
+            )
+        },
+        |_| Step {
+            name: "SYN to a service without endpoints: ICMP port unreachable",
+            program: POD,
+            packet: packet::tcp4(CLIENT, (EMPTY_SVC, 80), SYN, &[]),
+            verdict: TC_ACT_REDIRECT,
+            expect: Expect::Unreachable(EMPTY_SVC),
+            counters: &[Counter::Ipv4Tcp, Counter::RejectNoBackend],
+        },
+        |_| Step {
+            name: "UDP with IP options to a service without endpoints: dropped",
+            program: POD,
+            packet: packet::udp4_with_ip_options(CLIENT, (EMPTY_SVC, 80), &[1; 4], b"x"),
+            verdict: TC_ACT_SHOT,
+            expect: Expect::Dropped,
+            counters: &[Counter::Ipv4Udp, Counter::DropRejectFailed],
+        },
+        |_| Step {
+            name: "node port from outside: masqueraded to the node, DNAT to a remote backend",
+            program: UPLINK,
+            packet: packet::tcp4(EXTERNAL, (NODE, NODE_PORT), SYN, &[]),
+            verdict: TC_ACT_OK,
+            expect: Expect::NatPacket(|maps| {
+                let port = nat_port(maps, EXTERNAL, (NODE, NODE_PORT));
+                packet::tcp4((NODE, port), backend_addr(3), SYN, &[])
+            }),
+            counters: NEW_TCP,
+        },
+        |maps| {
+            let port = nat_port(maps, EXTERNAL, (NODE, NODE_PORT));
+            step(
+                "the remote backend's reply: back to the client from the node port",
+                UPLINK,
+                packet::tcp4(backend_addr(3), (NODE, port), SYNACK, &[]),
+                packet::tcp4((NODE, NODE_PORT), EXTERNAL, SYNACK, &[]),
+                REPLY_TCP,
+            )
+        },
+        |_| Step {
+            name: "node port with traffic policy Local and no local endpoint: dropped",
+            program: UPLINK,
+            packet: packet::tcp4(EXTERNAL, (NODE, NODE_PORT_LOCAL), SYN, &[]),
+            verdict: TC_ACT_SHOT,
+            expect: Expect::Dropped,
+            counters: &[Counter::Ipv4Tcp, Counter::DropNoBackend],
+        },
+        |_| Step {
+            name: "LoadBalancer IP from outside: masqueraded, DNAT to the backend's port",
+            program: UPLINK,
+            packet: packet::tcp4((EXTERNAL.0, 5556), (LB_IP, 443), SYN, &[]),
+            verdict: TC_ACT_OK,
+            expect: Expect::NatPacket(|maps| {
+                let port = nat_port(maps, (EXTERNAL.0, 5556), (LB_IP, 443));
+                packet::tcp4((NODE, port), backend_addr(4), SYN, &[])
+            }),
+            counters: NEW_TCP,
+        },
+        |_| {
+            step(
+                "externalIP with traffic policy Local: the client's address is kept",
+                UPLINK,
+                packet::tcp4((EXTERNAL.0, 5557), (EXTERNAL_IP, 80), SYN, &[]),
+                packet::tcp4((EXTERNAL.0, 5557), backend_addr(1), SYN, &[]),
+                NEW_TCP,
+            )
+        },
+        |_| {
+            step(
+                "one backend behind two services: the first flow keeps its port",
+                POD,
+                packet::tcp4(C2, (SVC_C, 80), SYN, &[]),
+                packet::tcp4(C2, backend_addr(1), SYN, &[]),
+                NEW_TCP,
+            )
+        },
+        |_| Step {
+            name: "the same socket to the second service: its reply tuple would collide, so the port moves",
+            program: POD,
+            packet: packet::tcp4(C2, (SVC_D, 80), SYN, &[]),
+            verdict: TC_ACT_OK,
+            expect: Expect::NatPacket(|maps| {
+                let port = nat_port(maps, C2, (SVC_D, 80));
+                packet::tcp4((C2.0, port), backend_addr(1), SYN, &[])
+            }),
+            counters: NEW_TCP,
+        },
+        |_| {
+            step(
+                "reply of the first flow: from the first service",
+                POD,
+                packet::tcp4(backend_addr(1), C2, SYNACK, &[]),
+                packet::tcp4((SVC_C, 80), C2, SYNACK, &[]),
+                REPLY_TCP,
+            )
+        },
+        |maps| {
+            let port = nat_port(maps, C2, (SVC_D, 80));
+            step(
+                "reply of the second flow: from the second service, to the client's own port",
+                POD,
+                packet::tcp4(backend_addr(1), (C2.0, port), SYNACK, &[]),
+                packet::tcp4((SVC_D, 80), C2, SYNACK, &[]),
+                REPLY_TCP,
+            )
+        },
+        |_| Step {
+            name: "hairpin: a backend reaching itself through its service comes from the node",
+            program: POD,
+            packet: packet::tcp4((backend_addr(1).0, 41_000), (SVC_C, 80), SYN, &[]),
+            verdict: TC_ACT_OK,
+            expect: Expect::NatPacket(|maps| {
+                let port = nat_port(maps, (backend_addr(1).0, 41_000), (SVC_C, 80));
+                packet::tcp4((NODE, port), backend_addr(1), SYN, &[])
+            }),
+            counters: NEW_TCP,
+        },
+        |maps| {
+            let port = nat_port(maps, (backend_addr(1).0, 41_000), (SVC_C, 80));
+            step(
+                "hairpin reply: back to the backend from the service",
+                POD,
+                packet::tcp4(backend_addr(1), (NODE, port), SYNACK, &[]),
+                packet::tcp4((SVC_C, 80), (backend_addr(1).0, 41_000), SYNACK, &[]),
+                REPLY_TCP,
+            )
+        },
+        |maps| {
+            let backend = predict(maps, tcp(AFFINITY_SVC, 80), C3, (AFFINITY_SVC, 80));
+            step(
+                "session affinity, first connection: the Maglev pick",
+                POD,
+                packet::tcp4(C3, (AFFINITY_SVC, 80), SYN, &[]),
+                packet::tcp4(C3, backend, SYN, &[]),
+                NEW_TCP,
+            )
+        },
+        |maps| {
+            let first = predict(maps, tcp(AFFINITY_SVC, 80), C3, (AFFINITY_SVC, 80));
+            // A source port Maglev alone would send elsewhere.
+            let port = (41_000..42_000)
+                .find(|&port| {
+                    predict(
+                        maps,
+                        tcp(AFFINITY_SVC, 80),
+                        (C3.0, port),
+                        (AFFINITY_SVC, 80),
+                    ) != first
+                })
+                .expect("some port hashes to another backend");
+            let src = (C3.0, port);
+            Step {
+                name: "session affinity, next connection: the same backend",
+                program: POD,
+                packet: packet::tcp4(src, (AFFINITY_SVC, 80), SYN, &[]),
+                verdict: TC_ACT_OK,
+                expect: Expect::Packet(packet::tcp4(src, first, SYN, &[])),
+                counters: &[Counter::Ipv4Tcp, Counter::LbNewFlow, Counter::LbAffinityHit],
+            }
+        },
+    ]
+}
+
+// ---------------------------------------------------------------------------
+// Running the tables.
+
+struct Run {
+    verdict: u32,
+    output: Vec<u8>,
+    moved: Vec<(Counter, CounterValue)>,
+}
+
+fn run(datapath: &Datapath, program: &'static str, name: &str, packet: &[u8]) -> Run {
+    let program = datapath
+        .tc_program(program)
+        .unwrap_or_else(|err| panic!("{name}: program {program}: {err}"));
+    let before = datapath.stats().expect("counters must be readable");
+    let mut out = vec![0u8; packet.len() + 128];
+    let result = program
+        .test_run(TestRunOptions {
+            data_in: Some(packet),
+            data_out: Some(&mut out),
+            ..TestRunOptions::default()
+        })
+        .unwrap_or_else(|err| panic!("{name}: BPF_PROG_TEST_RUN failed: {err:?}"));
+    let out_len = usize::try_from(result.data_size_out).expect("output size fits usize");
+    out.truncate(out_len);
+    let after = datapath.stats().expect("counters must be readable");
+    Run {
+        verdict: result.return_value,
+        output: out,
+        moved: after.since(&before),
+    }
+}
+
+fn one_packet(counters: &[Counter], len: usize) -> Vec<(Counter, CounterValue)> {
+    let mut expected: Vec<_> = counters
+        .iter()
+        .map(|&counter| {
+            (
+                counter,
+                CounterValue {
+                    packets: 1,
+                    bytes: len as u64,
+                },
+            )
+        })
+        .collect();
+    expected.sort_by_key(|(counter, _)| counter.index());
+    expected
+}
+
+#[test]
+fn packets_not_for_a_service_pass_byte_for_byte() {
+    require_root();
+    let datapath = load(config());
+    for program in [POD, UPLINK] {
+        for Fixture {
+            name,
+            packet,
+            counter,
+        } in pass_fixtures()
+        {
+            let run = run(&datapath, program, name, &packet);
+            assert_eq!(run.verdict, TC_ACT_OK, "{program}: {name}: verdict");
+            assert_eq!(
+                run.output, packet,
+                "{program}: {name}: the packet must pass byte for byte"
+            );
+            assert_eq!(
+                run.moved,
+                one_packet(&[counter], packet.len()),
+                "{program}: {name}: exactly its class counter must move"
+            );
+        }
+    }
+}
+
+#[test]
+fn service_packets_are_translated_as_the_table_says() {
+    require_root();
+    let datapath = load(config());
+    let mut reached = Vec::new();
+    for build in translation_steps() {
+        let step = build(datapath.maps());
+        reached.extend_from_slice(step.counters);
+        let name = step.name;
+        let run = run(&datapath, step.program, name, &step.packet);
+        assert_eq!(
+            run.verdict, step.verdict,
+            "{name}: verdict (counters moved: {:?})",
+            run.moved
+        );
+        assert_eq!(
+            run.moved,
+            one_packet(step.counters, step.packet.len()),
+            "{name}: counters"
+        );
+        match step.expect {
+            Expect::Dropped => {}
+            Expect::Packet(expected) => assert_translated(name, &run.output, &expected),
+            Expect::NatPacket(build) => {
+                assert_translated(name, &run.output, &build(datapath.maps()));
+            }
+            Expect::Unreachable(from) => {
+                assert_port_unreachable(name, &step.packet, &run.output, from);
+            }
+        }
+    }
+    assert_every_counter_covered(&reached);
+}
+
+fn assert_translated(name: &str, output: &[u8], expected: &[u8]) {
+    let errors = packet::checksum_errors(output);
+    assert!(errors.is_empty(), "{name}: wrong checksums: {errors:?}");
+    assert_eq!(output, expected, "{name}: translated packet");
+}
+
+fn assert_port_unreachable(name: &str, input: &[u8], output: &[u8], from: Ipv4Addr) {
+    let errors = packet::checksum_errors(output);
+    assert!(errors.is_empty(), "{name}: wrong checksums: {errors:?}");
+    assert_eq!(
+        &output[..6],
+        &input[6..12],
+        "{name}: back to the sender's MAC"
+    );
+    assert_eq!(
+        &output[6..12],
+        &input[..6],
+        "{name}: from the MAC it was sent to"
+    );
+    let ip = &output[ETH_HLEN..];
+    assert_eq!(ip[9], 1, "{name}: ICMP");
+    assert_eq!(
+        &ip[12..16],
+        &from.octets(),
+        "{name}: from the service address"
+    );
+    assert_eq!(
+        &ip[16..20],
+        &input[ETH_HLEN + 12..ETH_HLEN + 16],
+        "{name}: to the sender"
+    );
+    assert_eq!(
+        (ip[20], ip[21]),
+        (3, 3),
+        "{name}: destination/port unreachable"
+    );
+    assert_eq!(
+        &ip[28..56],
+        &input[ETH_HLEN..ETH_HLEN + 28],
+        "{name}: quotes the offending header and 8 bytes"
+    );
+    assert_eq!(
+        output.len(),
+        ETH_HLEN + 56,
+        "{name}: nothing after the quote"
+    );
+}
+
+#[test]
+fn hairpin_without_a_masquerade_address_is_dropped_not_mistranslated() {
+    require_root();
+    let datapath = load(DatapathConfig::DEFAULT);
+    let packet = packet::tcp4((backend_addr(1).0, 41_000), (SVC_C, 80), SYN, &[]);
+    let run = run(&datapath, POD, "hairpin without masq", &packet);
+    assert_eq!(run.verdict, TC_ACT_SHOT, "counters moved: {:?}", run.moved);
+    assert_eq!(
+        run.moved,
+        one_packet(&[Counter::Ipv4Tcp, Counter::DropNoSnatAddr], packet.len())
+    );
+}
+
+#[test]
+fn an_exhausted_nat_port_range_drops_and_counts() {
+    require_root();
+    let datapath = load(DatapathConfig {
+        nat_port_min: 61_000,
+        nat_port_max: 61_000,
+        ..config()
+    });
+    let first = packet::tcp4(EXTERNAL, (NODE, NODE_PORT), SYN, &[]);
+    let run_first = run(&datapath, UPLINK, "first masqueraded flow", &first);
+    assert_eq!(
+        run_first.verdict, TC_ACT_OK,
+        "the only NAT port is free (counters moved: {:?})",
+        run_first.moved
+    );
+    let second = packet::tcp4((EXTERNAL.0, 5600), (NODE, NODE_PORT), SYN, &[]);
+    let run_second = run(&datapath, UPLINK, "second masqueraded flow", &second);
+    assert_eq!(run_second.verdict, TC_ACT_SHOT, "no NAT port is left");
+    assert_eq!(
+        run_second.moved,
+        one_packet(
+            &[Counter::Ipv4Tcp, Counter::DropNatPortsExhausted],
+            second.len()
+        )
+    );
 }
 
 /// Frames BPF_PROG_TEST_RUN refuses (EINVAL) before running a tc program:
@@ -181,13 +851,52 @@ fn refused_by_test_run() -> Vec<Fixture> {
     ]
 }
 
-#[test]
-fn every_counter_has_a_fixture() {
-    let covered: Vec<Counter> = fixtures()
+/// Counters no fixture here reaches, and why.
+const COVERED_ELSEWHERE: &[(Counter, &str)] = &[
+    (
+        Counter::DropBadBackend,
+        "the map writer never lets a table name a missing backend",
+    ),
+    (
+        Counter::DropCtInsertFailed,
+        "an LRU map makes room instead of failing",
+    ),
+    (
+        Counter::DropRewriteFailed,
+        "only a helper failing on a checked offset",
+    ),
+    (
+        Counter::DropNoSnatAddr,
+        "hairpin_without_a_masquerade_address_is_dropped_not_mistranslated",
+    ),
+    (
+        Counter::DropNatPortsExhausted,
+        "an_exhausted_nat_port_range_drops_and_counts",
+    ),
+    (
+        Counter::SockTranslated,
+        "host sockets: tests/tests/topology.rs",
+    ),
+    (
+        Counter::SockRejectNoBackend,
+        "host sockets: tests/tests/topology.rs",
+    ),
+    (
+        Counter::SockRevTranslated,
+        "host sockets: tests/tests/topology.rs",
+    ),
+];
+
+/// Fails unless every counter is reached by a fixture here or named in
+/// [`COVERED_ELSEWHERE`].
+fn assert_every_counter_covered(reached_by_steps: &[Counter]) {
+    let mut covered: Vec<Counter> = pass_fixtures()
         .iter()
         .chain(&refused_by_test_run())
         .map(|f| f.counter)
         .collect();
+    covered.extend(COVERED_ELSEWHERE.iter().map(|(counter, _)| *counter));
+    covered.extend_from_slice(reached_by_steps);
     for counter in Counter::ALL {
         assert!(covered.contains(counter), "no fixture reaches {counter:?}");
     }
@@ -196,9 +905,9 @@ fn every_counter_has_a_fixture() {
 #[test]
 fn frames_the_kernel_refuses_to_test_run_are_still_refused() {
     require_root();
-    let datapath = Datapath::load(&LoadOptions::default()).expect("the datapath must load");
+    let datapath = load(config());
     let program = datapath
-        .tc_program()
+        .tc_program(POD)
         .expect("the tc program must be loaded");
     for Fixture { name, packet, .. } in refused_by_test_run() {
         let result = program.test_run(TestRunOptions {
@@ -207,7 +916,7 @@ fn frames_the_kernel_refuses_to_test_run_are_still_refused() {
         });
         assert!(
             result.is_err(),
-            "{name}: the kernel now runs tc programs on it; move it to fixtures()"
+            "{name}: the kernel now runs tc programs on it; move it to pass_fixtures()"
         );
     }
 }

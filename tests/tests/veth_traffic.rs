@@ -24,7 +24,7 @@ fn attached_to_a_veth_it_counts_real_packets_and_passes_them() {
     let mut datapath = Datapath::load(&LoadOptions::default()).expect("the datapath must load");
     pair.right.run(|| {
         datapath
-            .attach_tc(pair.iface)
+            .attach_pod(pair.iface)
             .expect("attaching at tcx ingress must work");
     });
     let before = datapath.stats().expect("counters must be readable");
