@@ -10,27 +10,34 @@ use aya_ebpf::{
 };
 use svc_common::proto;
 
-use crate::parse::{ETH_HLEN, IPV4_MIN_HLEN, Ipv4Packet};
+use crate::parse::{ETH_HLEN, IPV4_MIN_HLEN};
 
 /// New IPv4 header plus ICMP header, inserted in front of the original.
 const PREFIX_LEN: usize = IPV4_MIN_HLEN + 8;
-/// The original IPv4 header and the first 8 bytes after it (RFC 792).
-const QUOTE_LEN: usize = IPV4_MIN_HLEN + 8;
+/// What is quoted of a UDP datagram: the IPv4 header and the first 8
+/// bytes after it (RFC 792).
+const UDP_QUOTE_LEN: usize = IPV4_MIN_HLEN + 8;
+/// What is quoted of a TCP segment: the IPv4 header and 18 bytes of TCP
+/// header, up to and including its checksum. A segment from a local socket
+/// carries a checksum still to be filled in (`CHECKSUM_PARTIAL`), and the
+/// kernel refuses to trim a packet short of that field.
+const TCP_QUOTE_LEN: usize = IPV4_MIN_HLEN + 18;
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_PORT_UNREACH: u8 = 3;
 
 pub struct RejectFailed;
 
-/// Sum of big-endian 16-bit words.
-#[inline(always)]
-fn sum_words(bytes: &[u8]) -> u32 {
-    let mut sum = 0u32;
-    let mut i = 0;
-    while i + 1 < bytes.len() {
-        sum += u32::from(u16::from_be_bytes([bytes[i], bytes[i + 1]]));
-        i += 2;
-    }
-    sum
+/// A flow to refuse: the tuple of its first packet.
+pub struct Refusal {
+    /// Network order.
+    pub saddr: u32,
+    /// Network order.
+    pub daddr: u32,
+    pub protocol: u8,
+    /// Whether the IPv4 header has options (such packets are not quoted).
+    pub has_ip_options: bool,
+    /// Length of the packet, for the counters.
+    pub len: u32,
 }
 
 #[inline(always)]
@@ -43,17 +50,47 @@ fn fold(mut sum: u32) -> u16 {
     !folded
 }
 
+#[inline(always)]
+fn halves(addr: u32) -> (u16, u16) {
+    let bytes = addr.to_ne_bytes();
+    (
+        u16::from_be_bytes([bytes[0], bytes[1]]),
+        u16::from_be_bytes([bytes[2], bytes[3]]),
+    )
+}
+
 /// Turns the packet into an ICMP port unreachable for its sender and
 /// redirects it out of its ingress interface. Only packets without IP
 /// options are refused this way; the caller drops the others.
 #[inline(always)]
-pub fn port_unreachable(ctx: &TcContext, packet: &Ipv4Packet) -> Result<i32, RejectFailed> {
-    if packet.l4_offset != ETH_HLEN + IPV4_MIN_HLEN {
+pub fn port_unreachable(ctx: &TcContext, refusal: &Refusal) -> Result<i32, RejectFailed> {
+    if refusal.has_ip_options {
         return Err(RejectFailed);
     }
-    // Fixed-size loads: the verifier needs a constant, non-zero length.
-    let eth: [u8; ETH_HLEN] = ctx.load(0).map_err(|_| RejectFailed)?;
-    let quote: [u8; QUOTE_LEN] = ctx.load(ETH_HLEN).map_err(|_| RejectFailed)?;
+    if refusal.protocol == proto::TCP {
+        refuse::<TCP_QUOTE_LEN>(ctx, refusal.saddr, refusal.daddr)
+    } else {
+        refuse::<UDP_QUOTE_LEN>(ctx, refusal.saddr, refusal.daddr)
+    }
+}
+
+/// Not inlined: its locals get their own stack frame instead of adding
+/// to the packet path's. Words are summed as they are loaded, so no copy
+/// of the quote is kept.
+#[inline(never)]
+fn refuse<const QUOTE_LEN: usize>(
+    ctx: &TcContext,
+    saddr: u32,
+    daddr: u32,
+) -> Result<i32, RejectFailed> {
+    let mut quote_sum = 0u32;
+    let mut offset = ETH_HLEN;
+    while offset < ETH_HLEN + QUOTE_LEN {
+        let word: u16 = ctx.load(offset).map_err(|_| RejectFailed)?;
+        quote_sum += u32::from(u16::from_be(word));
+        offset += 2;
+    }
+    let macs: [u8; 12] = ctx.load(0).map_err(|_| RejectFailed)?;
 
     // SAFETY: `ctx.skb.skb` is the program's own skb.
     let skb = ctx.skb.skb;
@@ -65,29 +102,52 @@ pub fn port_unreachable(ctx: &TcContext, packet: &Ipv4Packet) -> Result<i32, Rej
     ctx.adjust_room(PREFIX_LEN as i32, BPF_ADJ_ROOM_MAC, 0)
         .map_err(|_| RejectFailed)?;
 
-    // Answer from whom the client addressed, to the client.
-    let mut reply_eth = [0u8; ETH_HLEN];
-    reply_eth[..6].copy_from_slice(&eth[6..12]);
-    reply_eth[6..12].copy_from_slice(&eth[..6]);
-    reply_eth[12..].copy_from_slice(&eth[12..]);
-
-    let mut prefix = [0u8; PREFIX_LEN];
-    let total_len = (PREFIX_LEN + QUOTE_LEN) as u16;
-    prefix[0] = 0x45;
-    prefix[2..4].copy_from_slice(&total_len.to_be_bytes());
-    prefix[8] = 64;
-    prefix[9] = proto::ICMP;
-    prefix[12..16].copy_from_slice(&packet.daddr.to_ne_bytes());
-    prefix[16..20].copy_from_slice(&packet.saddr.to_ne_bytes());
-    let ip_csum = fold(sum_words(&prefix[..IPV4_MIN_HLEN]));
-    prefix[10..12].copy_from_slice(&ip_csum.to_be_bytes());
-    prefix[20] = ICMP_DEST_UNREACH;
-    prefix[21] = ICMP_PORT_UNREACH;
-    let icmp_csum = fold(sum_words(&prefix[IPV4_MIN_HLEN..]) + sum_words(&quote));
-    prefix[22..24].copy_from_slice(&icmp_csum.to_be_bytes());
-
-    ctx.store(0, &reply_eth, 0).map_err(|_| RejectFailed)?;
-    ctx.store(ETH_HLEN, &prefix, 0).map_err(|_| RejectFailed)?;
+    // Answer from whom the client addressed, to the client: the IPv4 and
+    // ICMP headers as 16-bit words, host order.
+    let (s_hi, s_lo) = halves(daddr);
+    let (d_hi, d_lo) = halves(saddr);
+    let mut words: [u16; PREFIX_LEN / 2] = [
+        0x4500,
+        (PREFIX_LEN + QUOTE_LEN) as u16,
+        0,
+        0,
+        (64 << 8) | u16::from(proto::ICMP),
+        0,
+        s_hi,
+        s_lo,
+        d_hi,
+        d_lo,
+        (u16::from(ICMP_DEST_UNREACH) << 8) | u16::from(ICMP_PORT_UNREACH),
+        0,
+        0,
+        0,
+    ];
+    let ip_sum: u32 = words[..IPV4_MIN_HLEN / 2]
+        .iter()
+        .map(|&w| u32::from(w))
+        .sum();
+    words[5] = fold(ip_sum);
+    let icmp_sum: u32 = words[IPV4_MIN_HLEN / 2..]
+        .iter()
+        .map(|&w| u32::from(w))
+        .sum();
+    words[11] = fold(icmp_sum + quote_sum);
+    for word in &mut words {
+        *word = word.to_be();
+    }
+    ctx.store(
+        0,
+        &[macs[6], macs[7], macs[8], macs[9], macs[10], macs[11]],
+        0,
+    )
+    .map_err(|_| RejectFailed)?;
+    ctx.store(
+        6,
+        &[macs[0], macs[1], macs[2], macs[3], macs[4], macs[5]],
+        0,
+    )
+    .map_err(|_| RejectFailed)?;
+    ctx.store(ETH_HLEN, &words, 0).map_err(|_| RejectFailed)?;
 
     // SAFETY: reading the skb's ingress ifindex.
     let ifindex = unsafe { (*skb).ifindex };

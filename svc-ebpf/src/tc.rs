@@ -19,8 +19,11 @@ use crate::{
     ct, lb,
     maps::{SVC_CT_V1, config},
     nat,
-    parse::{self, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Ipv4Packet, L3, L4},
-    reject, stats,
+    parse::{
+        self, ETH_HLEN, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPV4_MIN_HLEN, Ipv4Packet, L3, L4,
+    },
+    reject::{self, Refusal},
+    stats,
 };
 
 /// Where the program is attached: the only difference is that traffic
@@ -40,7 +43,31 @@ fn drop(counter: Counter, bytes: u32) -> i32 {
     TC_ACT_SHOT
 }
 
+/// What the packet path decided, short of a drop.
+pub enum Verdict {
+    /// Return this action.
+    Action(i32),
+    /// Turn the packet into a refusal.
+    Refuse(Refusal),
+}
+
 pub fn try_tc(ctx: &TcContext, hook: Hook) -> Result<i32, i32> {
+    match translate(ctx, hook)? {
+        Verdict::Action(action) => Ok(action),
+        Verdict::Refuse(refusal) => {
+            let action = reject::port_unreachable(ctx, &refusal)
+                .map_err(|_| drop(Counter::DropRejectFailed, refusal.len))?;
+            stats::count(Counter::RejectNoBackend, refusal.len);
+            Ok(action)
+        }
+    }
+}
+
+/// The packet path proper. Not inlined, so that its stack frame and the
+/// refusal's are siblings rather than stacked (the verifier caps their
+/// sum at 512 bytes).
+#[inline(never)]
+fn translate(ctx: &TcContext, hook: Hook) -> Result<Verdict, i32> {
     let len = ctx.len();
     let l3 = parse::l3(ctx).map_err(|reason| {
         stats::count(reason, len);
@@ -48,7 +75,7 @@ pub fn try_tc(ctx: &TcContext, hook: Hook) -> Result<i32, i32> {
     })?;
     let L3::Ipv4(packet) = l3 else {
         stats::count(Counter::PassNonIpv4, len);
-        return Ok(TC_ACT_OK);
+        return Ok(Verdict::Action(TC_ACT_OK));
     };
     // Later fragments carry no ports; they pass as they are.
     let class = if packet.is_later_fragment {
@@ -63,7 +90,7 @@ pub fn try_tc(ctx: &TcContext, hook: Hook) -> Result<i32, i32> {
     };
     if !matches!(class, Counter::Ipv4Tcp | Counter::Ipv4Udp) {
         stats::count(class, len);
-        return Ok(TC_ACT_OK);
+        return Ok(Verdict::Action(TC_ACT_OK));
     }
     let l4 = parse::l4(ctx, &packet).map_err(|reason| {
         stats::count(reason, len);
@@ -86,12 +113,12 @@ pub fn try_tc(ctx: &TcContext, hook: Hook) -> Result<i32, i32> {
         let snapshot = unsafe { *entry };
         if ct::is_live(&config, &snapshot, key.protocol, l4.tcp_flags, now) {
             ct::update(entry, key.protocol, l4.tcp_flags, now);
-            return tracked(ctx, &packet, &l4, &key, &snapshot, len);
+            return tracked(ctx, &packet, &l4, &key, &snapshot, len).map(Verdict::Action);
         }
     }
     match lb::lookup(key.daddr, key.dport, key.protocol) {
         Some(service) => new_flow(ctx, hook, &config, &packet, &l4, &key, &service, now),
-        None => Ok(TC_ACT_OK),
+        None => Ok(Verdict::Action(TC_ACT_OK)),
     }
 }
 
@@ -133,16 +160,19 @@ fn new_flow(
     key: &CtKey,
     service: &ServiceValue,
     now: u64,
-) -> Result<i32, i32> {
+) -> Result<Verdict, i32> {
     let len = ctx.len();
     if service.maglev_size == 0 {
         if service.on_empty == EMPTY_DROP {
             return Err(drop(Counter::DropNoBackend, len));
         }
-        let action = reject::port_unreachable(ctx, packet)
-            .map_err(|_| drop(Counter::DropRejectFailed, len))?;
-        stats::count(Counter::RejectNoBackend, len);
-        return Ok(action);
+        return Ok(Verdict::Refuse(Refusal {
+            saddr: key.saddr,
+            daddr: key.daddr,
+            protocol: key.protocol,
+            has_ip_options: packet.l4_offset != ETH_HLEN + IPV4_MIN_HLEN,
+            len,
+        }));
     }
     let hash = flow_hash(key.saddr, key.daddr, key.sport, key.dport, key.protocol);
     let choice = lb::choose(service, key.saddr, hash, now)
@@ -198,5 +228,5 @@ fn new_flow(
         stats::count(Counter::LbAffinityHit, len);
     }
     stats::count_flow(service.id, choice.id, len);
-    Ok(TC_ACT_OK)
+    Ok(Verdict::Action(TC_ACT_OK))
 }

@@ -11,6 +11,8 @@
 
 pub mod netns;
 pub mod packet;
+pub mod servers;
+pub mod topology;
 
 /// Fails the test unless it runs as root. These tests load eBPF programs and
 /// create network namespaces; they never skip silently.

@@ -185,8 +185,11 @@ impl Datapath {
 
     fn attach_tc(&mut self, program: &'static str, iface: &str) -> Result<SchedClassifierLinkId> {
         // Translated packets may carry a node address as their source
-        // (masquerade, hairpin): the kernel must accept them on ingress.
+        // (masquerade, hairpin): the kernel must accept them on ingress,
+        // also where a bridge is the device they enter the stack by (the
+        // kernel ORs "all" with the device's own setting).
         set_iface_sysctl(iface, "accept_local", "1")?;
+        set_iface_sysctl("all", "accept_local", "1")?;
         set_iface_sysctl(iface, "rp_filter", "0")?;
         classifier_mut(&mut self.ebpf, program)?
             .attach(iface, TcAttachType::Ingress)
