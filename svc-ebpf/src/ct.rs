@@ -2,7 +2,7 @@
 //! direction, each holding the tuple its packets become (see
 //! `svc_common::ct`).
 
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use svc_common::{
     config::{DatapathConfig, NS_PER_SEC},
     ct::{CT_F_CLOSING, CT_F_REPLY, CT_F_SEEN_REPLY, CtEntry, CtKey},
@@ -14,10 +14,12 @@ use crate::{
     parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
+/// Monotonic time at tick resolution: timeouts are seconds, and the coarse
+/// clock costs a fraction of the precise one.
 #[inline(always)]
 pub fn now_ns() -> u64 {
     // SAFETY: no preconditions.
-    unsafe { bpf_ktime_get_ns() }
+    unsafe { bpf_ktime_get_coarse_ns() }
 }
 
 #[inline(always)]
@@ -60,7 +62,7 @@ pub fn is_live(
     {
         return false;
     }
-    now.saturating_sub(entry.last_seen_ns) <= timeout_ns(config, protocol, entry.flags)
+    now.saturating_sub(entry.last_seen_ns) < timeout_ns(config, protocol, entry.flags)
 }
 
 /// Refreshes the entry's clock at most once a second, and records TCP

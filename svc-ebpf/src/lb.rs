@@ -80,7 +80,7 @@ pub fn choose(service: &ServiceValue, client: u32, hash: u32, now: u64) -> Optio
         // SAFETY: from a map lookup; racing writers store whole values.
         let entry = unsafe { &mut *entry };
         let timeout = u64::from(service.affinity_timeout_secs) * NS_PER_SEC;
-        if now.saturating_sub(entry.last_used_ns) <= timeout
+        if now.saturating_sub(entry.last_used_ns) < timeout
             && let Some(backend) = backend(entry.backend_id)
         {
             entry.last_used_ns = now;

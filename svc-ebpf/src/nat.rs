@@ -15,7 +15,7 @@ use svc_common::{
 use crate::{
     ct,
     maps::SVC_CT_V1,
-    parse::{IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF, L4},
+    parse::{ETH_HLEN, Ipv4Hdr, L4, ptr_at},
 };
 
 /// How many source ports a new flow tries before giving up.
@@ -38,14 +38,41 @@ const fn l4_flags(protocol: u8, size: u64, pseudo: bool) -> u64 {
     flags
 }
 
+/// RFC 1624 incremental update of a ones'-complement checksum (network
+/// order, as stored) for a 32-bit field changing from `old` to `new`.
 #[inline(always)]
-fn set_addr(
+fn csum_replace4(check: u16, old: u32, new: u32) -> u16 {
+    let words = |v: u32| {
+        let b = v.to_ne_bytes();
+        (
+            u32::from(u16::from_be_bytes([b[0], b[1]])),
+            u32::from(u16::from_be_bytes([b[2], b[3]])),
+        )
+    };
+    let (old_hi, old_lo) = words(old);
+    let (new_hi, new_lo) = words(new);
+    let mut sum =
+        u32::from(!u16::from_be(check)) + (!old_hi & 0xffff) + (!old_lo & 0xffff) + new_hi + new_lo;
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    #[expect(clippy::cast_possible_truncation, reason = "folded to 16 bits")]
+    let folded = sum as u16;
+    (!folded).to_be()
+}
+
+/// Updates the L4 checksum for one changed field through the kernel's
+/// helper: only the kernel knows whether the field holds a full checksum
+/// or, for a segment from a local socket (`CHECKSUM_PARTIAL`), the
+/// pseudo-header sum still to be completed.
+#[inline(always)]
+fn l4_field(
     ctx: &TcContext,
     l4: &L4,
     protocol: u8,
-    offset: usize,
     old: u32,
     new: u32,
+    size: u64,
+    pseudo: bool,
 ) -> Result<(), RewriteFailed> {
     if old == new {
         return Ok(());
@@ -54,37 +81,14 @@ fn set_addr(
         l4.csum_offset,
         u64::from(old),
         u64::from(new),
-        l4_flags(protocol, 4, true),
+        l4_flags(protocol, size, pseudo),
     )
-    .map_err(|_| RewriteFailed)?;
-    ctx.l3_csum_replace(IP_CSUM_OFF, u64::from(old), u64::from(new), 4)
-        .map_err(|_| RewriteFailed)?;
-    ctx.store(offset, &new, 0).map_err(|_| RewriteFailed)
+    .map_err(|_| RewriteFailed)
 }
 
-#[inline(always)]
-fn set_port(
-    ctx: &TcContext,
-    l4: &L4,
-    protocol: u8,
-    offset: usize,
-    old: u16,
-    new: u16,
-) -> Result<(), RewriteFailed> {
-    if old == new {
-        return Ok(());
-    }
-    ctx.l4_csum_replace(
-        l4.csum_offset,
-        u64::from(old),
-        u64::from(new),
-        l4_flags(protocol, 2, false),
-    )
-    .map_err(|_| RewriteFailed)?;
-    ctx.store(offset, &new, 0).map_err(|_| RewriteFailed)
-}
-
-/// Rewrites the packet's tuple from `old` to the tuple in `new`.
+/// Rewrites the packet's tuple from `old` to the tuple in `new`: the L4
+/// checksum through the helpers, then the addresses, ports and IPv4
+/// checksum by direct packet access (cheaper than a helper call each).
 #[inline(always)]
 pub fn rewrite(
     ctx: &TcContext,
@@ -94,10 +98,41 @@ pub fn rewrite(
     new: &CtEntry,
 ) -> Result<(), RewriteFailed> {
     let protocol = old.protocol;
-    set_addr(ctx, l4, protocol, IP_SADDR_OFF, old.saddr, new.saddr)?;
-    set_addr(ctx, l4, protocol, IP_DADDR_OFF, old.daddr, new.daddr)?;
-    set_port(ctx, l4, protocol, l4_offset, old.sport, new.sport)?;
-    set_port(ctx, l4, protocol, l4_offset + 2, old.dport, new.dport)
+    l4_field(ctx, l4, protocol, old.saddr, new.saddr, 4, true)?;
+    l4_field(ctx, l4, protocol, old.daddr, new.daddr, 4, true)?;
+    l4_field(
+        ctx,
+        l4,
+        protocol,
+        old.sport.into(),
+        new.sport.into(),
+        2,
+        false,
+    )?;
+    l4_field(
+        ctx,
+        l4,
+        protocol,
+        old.dport.into(),
+        new.dport.into(),
+        2,
+        false,
+    )?;
+    // The helpers may have moved the packet: pointers are taken afresh.
+    let ip: *mut Ipv4Hdr = ptr_at(ctx, ETH_HLEN).ok_or(RewriteFailed)?;
+    let ports: *mut [u16; 2] = ptr_at(ctx, l4_offset).ok_or(RewriteFailed)?;
+    // SAFETY: `ptr_at` checked both headers lie inside the packet.
+    unsafe {
+        let mut check = (*ip).check;
+        check = csum_replace4(check, old.saddr, new.saddr);
+        check = csum_replace4(check, old.daddr, new.daddr);
+        (*ip).check = check;
+        (*ip).saddr = new.saddr;
+        (*ip).daddr = new.daddr;
+        (*ports)[0] = new.sport;
+        (*ports)[1] = new.dport;
+    }
+    Ok(())
 }
 
 /// The reply-direction key of a flow whose packets become `forward`.

@@ -75,10 +75,6 @@ pub struct UdpHdr {
 
 pub const ETH_HLEN: usize = size_of::<EthHdr>();
 pub const IPV4_MIN_HLEN: usize = size_of::<Ipv4Hdr>();
-/// Offsets of IPv4 header fields from the start of the frame.
-pub const IP_CSUM_OFF: usize = ETH_HLEN + 10;
-pub const IP_SADDR_OFF: usize = ETH_HLEN + 12;
-pub const IP_DADDR_OFF: usize = ETH_HLEN + 16;
 
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;

@@ -427,6 +427,26 @@ fn translation_steps() -> Vec<fn(&Maps) -> Step> {
             )
         },
         |maps| {
+            let backend = predict(maps, tcp(CLUSTER, 80), CLIENT, (CLUSTER, 80));
+            step(
+                "FIN of that flow: still translated, the flow now closing",
+                POD,
+                packet::tcp4(CLIENT, (CLUSTER, 80), TcpFlags::Fin, &[]),
+                packet::tcp4(CLIENT, backend, TcpFlags::Fin, &[]),
+                &[Counter::Ipv4Tcp, Counter::LbEstablished],
+            )
+        },
+        |maps| {
+            let backend = predict(maps, tcp(CLUSTER, 80), CLIENT, (CLUSTER, 80));
+            step(
+                "a SYN reusing the closed flow's port starts a new flow",
+                POD,
+                packet::tcp4(CLIENT, (CLUSTER, 80), SYN, &[]),
+                packet::tcp4(CLIENT, backend, SYN, &[]),
+                NEW_TCP,
+            )
+        },
+        |maps| {
             let backend = predict(maps, udp(CLUSTER, 53), CLIENT, (CLUSTER, 53));
             step(
                 "pod UDP to a ClusterIP",

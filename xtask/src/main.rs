@@ -3,6 +3,7 @@
 //! Each subcommand first runs [`setup`], so a fresh machine needs nothing but
 //! `cargo xtask <cmd>`.
 
+mod bench;
 mod cmd;
 mod run;
 mod setup;
@@ -37,6 +38,26 @@ enum Command {
     /// Start a sandbox (pod namespaces with the datapath attached) and run the
     /// agent in it until Ctrl-C.
     Run,
+    /// Benchmarks; results under target/bench/.
+    Bench {
+        #[command(subcommand)]
+        bench: Bench,
+    },
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// Nanoseconds per packet of the tc programs (BPF_PROG_TEST_RUN) with
+    /// 1 to 100,000 services installed.
+    Datapath {
+        /// Iterations per BPF_PROG_TEST_RUN call.
+        #[arg(long, default_value_t = 1_000_000)]
+        repeat: u32,
+        /// Service counts to measure (repeatable; default 1, 1000, 10000,
+        /// 100000).
+        #[arg(long = "services")]
+        services: Vec<u32>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -47,6 +68,9 @@ fn main() -> Result<()> {
         Command::Build { release } => build(release),
         Command::Test { args } => test(&args),
         Command::Run => run::sandbox(),
+        Command::Bench {
+            bench: Bench::Datapath { repeat, services },
+        } => bench::datapath(repeat, &services),
     }
 }
 

@@ -1,0 +1,112 @@
+//! `cargo xtask bench datapath`: runs the `bench-datapath` binary (release
+//! build) and renders its JSON as the Markdown table `docs/benchmarks.md`
+//! quotes, with the machine and kernel it ran on.
+
+use std::{fmt::Write as _, fs, path::Path};
+
+use anyhow::{Context as _, Result};
+use serde::Deserialize;
+
+use crate::cmd;
+
+#[derive(Deserialize)]
+struct Sample {
+    case: String,
+    services: u32,
+    ns_per_pkt: f64,
+}
+
+pub fn datapath(repeat: u32, services: &[u32]) -> Result<()> {
+    let root = cmd::workspace_root();
+    let json = root.join("target/bench/datapath.json");
+    let markdown = root.join("target/bench/datapath.md");
+    cmd::run(&mut cmd::cargo([
+        "build",
+        "--release",
+        "--package",
+        "tests",
+        "--bin",
+        "bench-datapath",
+    ]))?;
+    let mut bench = std::process::Command::new(root.join("target/release/bench-datapath"));
+    bench
+        .arg("--out")
+        .arg(&json)
+        .arg("--repeat")
+        .arg(repeat.to_string());
+    for count in services {
+        bench.arg("--services").arg(count.to_string());
+    }
+    cmd::run(&mut bench)?;
+    let table = render(&json)?;
+    fs::write(&markdown, &table).with_context(|| format!("writing {}", markdown.display()))?;
+    println!("{table}");
+    eprintln!("wrote {} and {}", json.display(), markdown.display());
+    Ok(())
+}
+
+fn render(json: &Path) -> Result<String> {
+    let text = fs::read_to_string(json).with_context(|| format!("reading {}", json.display()))?;
+    let samples: Vec<Sample> =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", json.display()))?;
+    let mut counts: Vec<u32> = samples.iter().map(|s| s.services).collect();
+    counts.sort_unstable();
+    counts.dedup();
+    let mut cases: Vec<&str> = Vec::new();
+    for sample in &samples {
+        if !cases.contains(&sample.case.as_str()) {
+            cases.push(&sample.case);
+        }
+    }
+    let mut out = String::new();
+    let _ = writeln!(out, "Machine: {}; kernel {}.\n", cpu_model(), kernel());
+    out.push_str("| case |");
+    for count in &counts {
+        let _ = write!(out, " {count} services |");
+    }
+    out.push_str(" last/first |\n|---|");
+    for _ in &counts {
+        out.push_str("---:|");
+    }
+    out.push_str("---:|\n");
+    for case in cases {
+        let _ = write!(out, "| {case} |");
+        let figures: Vec<f64> = counts
+            .iter()
+            .map(|count| {
+                samples
+                    .iter()
+                    .find(|s| s.case == case && s.services == *count)
+                    .map_or(f64::NAN, |s| s.ns_per_pkt)
+            })
+            .collect();
+        for figure in &figures {
+            let _ = write!(out, " {figure:.0} ns |");
+        }
+        let first = figures.first().copied().unwrap_or(f64::NAN);
+        let last = figures.last().copied().unwrap_or(f64::NAN);
+        let _ = writeln!(out, " {:.2} |", last / first);
+    }
+    Ok(out)
+}
+
+fn cpu_model() -> String {
+    let cpus = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
+    let model = fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|line| line.starts_with("model name"))
+                .and_then(|line| line.split(':').nth(1))
+                .map(|model| model.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".to_owned());
+    format!("{model}, {cpus} CPUs")
+}
+
+fn kernel() -> String {
+    fs::read_to_string("/proc/sys/kernel/osrelease").map_or_else(
+        |_| "unknown".to_owned(),
+        |release| release.trim().to_owned(),
+    )
+}
