@@ -29,6 +29,8 @@ pub struct RejectFailed;
 
 /// A flow to refuse: the tuple of its first packet.
 pub struct Refusal {
+    /// Whether the packet path asked for a refusal at all.
+    pub requested: bool,
     /// Network order.
     pub saddr: u32,
     /// Network order.
@@ -38,6 +40,17 @@ pub struct Refusal {
     pub has_ip_options: bool,
     /// Length of the packet, for the counters.
     pub len: u32,
+}
+
+impl Refusal {
+    pub const NONE: Self = Self {
+        requested: false,
+        saddr: 0,
+        daddr: 0,
+        protocol: 0,
+        has_ip_options: false,
+        len: 0,
+    };
 }
 
 #[inline(always)]
