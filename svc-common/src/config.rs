@@ -32,8 +32,13 @@ pub struct DatapathConfig {
     pub nat_port_min: u16,
     /// Last source port for NAT, host order.
     pub nat_port_max: u16,
+    /// Nanoseconds per kernel tick (10⁹ / `CONFIG_HZ`). The programs' clock
+    /// is then `bpf_jiffies64() × ns_per_tick`, which the verifier inlines
+    /// into one load; 0 makes them call `bpf_ktime_get_coarse_ns` instead.
+    /// The loader fills it in when it can measure the tick.
+    pub ns_per_tick: u64,
 }
-assert_layout!(DatapathConfig, size = 48, align = 8);
+assert_layout!(DatapathConfig, size = 56, align = 8);
 impl_user_pod!(DatapathConfig);
 
 impl DatapathConfig {
@@ -48,6 +53,7 @@ impl DatapathConfig {
         masq_addr: 0,
         nat_port_min: 61_000,
         nat_port_max: 65_535,
+        ns_per_tick: 0,
     };
 }
 

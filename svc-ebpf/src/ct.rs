@@ -2,7 +2,7 @@
 //! direction, each holding the tuple its packets become (see
 //! `svc_common::ct`).
 
-use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
+use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns};
 use svc_common::{
     config::{DatapathConfig, NS_PER_SEC},
     ct::{CT_F_CLOSING, CT_F_REPLY, CT_F_SEEN_REPLY, CtEntry, CtKey},
@@ -14,12 +14,18 @@ use crate::{
     parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
-/// Monotonic time at tick resolution: timeouts are seconds, and the coarse
-/// clock costs a fraction of the precise one.
+/// Monotonic time at tick resolution (timeouts are seconds): jiffies
+/// scaled to nanoseconds, an inlined load, when the loader measured the
+/// tick; the coarse clock helper otherwise.
 #[inline(always)]
-pub fn now_ns() -> u64 {
-    // SAFETY: no preconditions.
-    unsafe { bpf_ktime_get_coarse_ns() }
+pub fn now_ns(config: &DatapathConfig) -> u64 {
+    if config.ns_per_tick != 0 {
+        // SAFETY: no preconditions.
+        unsafe { bpf_jiffies64() }.wrapping_mul(config.ns_per_tick)
+    } else {
+        // SAFETY: no preconditions.
+        unsafe { bpf_ktime_get_coarse_ns() }
+    }
 }
 
 #[inline(always)]

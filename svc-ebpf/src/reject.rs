@@ -29,28 +29,17 @@ pub struct RejectFailed;
 
 /// A flow to refuse: the tuple of its first packet.
 pub struct Refusal {
-    /// Whether the packet path asked for a refusal at all.
-    pub requested: bool,
     /// Network order.
     pub saddr: u32,
     /// Network order.
     pub daddr: u32,
     pub protocol: u8,
-    /// Whether the IPv4 header has options (such packets are not quoted).
-    pub has_ip_options: bool,
+    /// Non-zero when the IPv4 header has options (such packets are not
+    /// quoted). Not a `bool`: its niche would become the enclosing enum's
+    /// tag at a non-zero offset, which the kernel's BTF checks reject.
+    pub has_ip_options: u8,
     /// Length of the packet, for the counters.
     pub len: u32,
-}
-
-impl Refusal {
-    pub const NONE: Self = Self {
-        requested: false,
-        saddr: 0,
-        daddr: 0,
-        protocol: 0,
-        has_ip_options: false,
-        len: 0,
-    };
 }
 
 #[inline(always)]
@@ -77,7 +66,7 @@ fn halves(addr: u32) -> (u16, u16) {
 /// options are refused this way; the caller drops the others.
 #[inline(always)]
 pub fn port_unreachable(ctx: &TcContext, refusal: &Refusal) -> Result<i32, RejectFailed> {
-    if refusal.has_ip_options {
+    if refusal.has_ip_options != 0 {
         return Err(RejectFailed);
     }
     if refusal.protocol == proto::TCP {

@@ -73,7 +73,7 @@ pub fn try_translate_dst(ctx: &SockAddrContext) -> Result<i32, i32> {
         dport,
         protocol,
     );
-    let Some(choice) = lb::choose(&service, config.masq_addr, hash, ct::now_ns()) else {
+    let Some(choice) = lb::choose(&service, config.masq_addr, hash, ct::now_ns(&config)) else {
         stats::count(Counter::DropBadBackend, 0);
         return Err(REFUSE);
     };

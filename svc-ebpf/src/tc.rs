@@ -43,25 +43,31 @@ fn drop(counter: Counter, bytes: u32) -> i32 {
     TC_ACT_SHOT
 }
 
+/// What the packet path decided, short of a drop.
+pub enum Verdict {
+    /// Return this action.
+    Action(i32),
+    /// Turn the packet into a refusal.
+    Refuse(Refusal),
+}
+
 pub fn try_tc(ctx: &TcContext, hook: Hook) -> Result<i32, i32> {
-    let mut refusal = Refusal::NONE;
-    let action = translate(ctx, hook, &mut refusal)?;
-    if !refusal.requested {
-        return Ok(action);
+    match translate(ctx, hook)? {
+        Verdict::Action(action) => Ok(action),
+        Verdict::Refuse(refusal) => {
+            let action = reject::port_unreachable(ctx, &refusal)
+                .map_err(|_| drop(Counter::DropRejectFailed, refusal.len))?;
+            stats::count(Counter::RejectNoBackend, refusal.len);
+            Ok(action)
+        }
     }
-    let action = reject::port_unreachable(ctx, &refusal)
-        .map_err(|_| drop(Counter::DropRejectFailed, refusal.len))?;
-    stats::count(Counter::RejectNoBackend, refusal.len);
-    Ok(action)
 }
 
 /// The packet path proper. Not inlined, so that its stack frame and the
 /// refusal's are siblings rather than stacked (the verifier caps their
-/// sum at 512 bytes). A flow to refuse is written to `refusal`: a plain
-/// struct rather than an enum payload, which the kernel's BTF checks
-/// reject.
+/// sum at 512 bytes).
 #[inline(never)]
-fn translate(ctx: &TcContext, hook: Hook, refusal: &mut Refusal) -> Result<i32, i32> {
+fn translate(ctx: &TcContext, hook: Hook) -> Result<Verdict, i32> {
     let len = ctx.len();
     let l3 = parse::l3(ctx).map_err(|reason| {
         stats::count(reason, len);
@@ -69,7 +75,7 @@ fn translate(ctx: &TcContext, hook: Hook, refusal: &mut Refusal) -> Result<i32, 
     })?;
     let L3::Ipv4(packet) = l3 else {
         stats::count(Counter::PassNonIpv4, len);
-        return Ok(TC_ACT_OK);
+        return Ok(Verdict::Action(TC_ACT_OK));
     };
     // Later fragments carry no ports; they pass as they are.
     let class = if packet.is_later_fragment {
@@ -84,7 +90,7 @@ fn translate(ctx: &TcContext, hook: Hook, refusal: &mut Refusal) -> Result<i32, 
     };
     if !matches!(class, Counter::Ipv4Tcp | Counter::Ipv4Udp) {
         stats::count(class, len);
-        return Ok(TC_ACT_OK);
+        return Ok(Verdict::Action(TC_ACT_OK));
     }
     let l4 = parse::l4(ctx, &packet).map_err(|reason| {
         stats::count(reason, len);
@@ -101,20 +107,18 @@ fn translate(ctx: &TcContext, hook: Hook, refusal: &mut Refusal) -> Result<i32, 
         _pad: [0; 3],
     };
     let config = config();
-    let now = ct::now_ns();
+    let now = ct::now_ns(&config);
     if let Some(entry) = ct::lookup(&key) {
         // SAFETY: from a map lookup, valid for this run.
         let snapshot = unsafe { *entry };
         if ct::is_live(&config, &snapshot, key.protocol, l4.tcp_flags, now) {
             ct::update(entry, key.protocol, l4.tcp_flags, now);
-            return tracked(ctx, &packet, &l4, &key, &snapshot, len);
+            return tracked(ctx, &packet, &l4, &key, &snapshot, len).map(Verdict::Action);
         }
     }
     match lb::lookup(key.daddr, key.dport, key.protocol) {
-        Some(service) => new_flow(
-            ctx, hook, &config, &packet, &l4, &key, &service, now, refusal,
-        ),
-        None => Ok(TC_ACT_OK),
+        Some(service) => new_flow(ctx, hook, &config, &packet, &l4, &key, &service, now),
+        None => Ok(Verdict::Action(TC_ACT_OK)),
     }
 }
 
@@ -156,22 +160,19 @@ fn new_flow(
     key: &CtKey,
     service: &ServiceValue,
     now: u64,
-    refusal: &mut Refusal,
-) -> Result<i32, i32> {
+) -> Result<Verdict, i32> {
     let len = ctx.len();
     if service.maglev_size == 0 {
         if service.on_empty == EMPTY_DROP {
             return Err(drop(Counter::DropNoBackend, len));
         }
-        *refusal = Refusal {
-            requested: true,
+        return Ok(Verdict::Refuse(Refusal {
             saddr: key.saddr,
             daddr: key.daddr,
             protocol: key.protocol,
-            has_ip_options: packet.l4_offset != ETH_HLEN + IPV4_MIN_HLEN,
+            has_ip_options: u8::from(packet.l4_offset != ETH_HLEN + IPV4_MIN_HLEN),
             len,
-        };
-        return Ok(TC_ACT_OK);
+        }));
     }
     let hash = flow_hash(key.saddr, key.daddr, key.sport, key.dport, key.protocol);
     let choice = lb::choose(service, key.saddr, hash, now)
@@ -227,5 +228,5 @@ fn new_flow(
         stats::count(Counter::LbAffinityHit, len);
     }
     stats::count_flow(service.id, choice.id, len);
-    Ok(TC_ACT_OK)
+    Ok(Verdict::Action(TC_ACT_OK))
 }

@@ -943,3 +943,22 @@ fn frames_the_kernel_refuses_to_test_run_are_still_refused() {
         );
     }
 }
+
+#[test]
+fn the_kernel_accepts_the_objects_btf() {
+    require_root();
+    let datapath = load(config());
+    for name in [POD, UPLINK] {
+        let info = datapath
+            .tc_program(name)
+            .expect("program")
+            .info()
+            .expect("program info");
+        // aya loads an object whose BTF the kernel refuses without it, with
+        // only a warning: the programs then have no BTF id.
+        assert!(
+            info.btf_id().is_some_and(|id| id != 0),
+            "{name} was loaded without BTF: the kernel refused the object's BTF"
+        );
+    }
+}

@@ -135,9 +135,13 @@ impl Datapath {
         }
         let level = options.bpf_log_level as u8;
         let caps = options.capacities;
+        let mut config = options.config;
+        if config.ns_per_tick == 0 {
+            config.ns_per_tick = super::tick_ns().unwrap_or(0);
+        }
         let mut ebpf = EbpfLoader::new()
             .override_global(aya_log::LEVEL, &level, true)
-            .override_global(CONFIG_GLOBAL, &options.config, true)
+            .override_global(CONFIG_GLOBAL, &config, true)
             .map_max_entries(CT_MAP, caps.ct_entries)
             .map_max_entries(SERVICES_MAP, caps.services)
             .map_max_entries(SERVICE_STATS_MAP, caps.services)

@@ -1,6 +1,7 @@
 //! Everything that touches the kernel: loading the eBPF object, attaching its
 //! programs and reading or writing its maps.
 
+mod clock;
 mod loader;
 mod maglev;
 mod maps;
@@ -8,6 +9,7 @@ mod stats;
 
 use std::path::PathBuf;
 
+pub use clock::tick_ns;
 pub use loader::{
     BpfLogLevel, Capacities, Datapath, EBPF_OBJECT, FROM_POD_PROGRAM, FROM_UPLINK_PROGRAM,
     LoadOptions, SOCK_PROGRAMS, cgroup2_mount, current_netns_cookie,
