@@ -109,11 +109,12 @@ fn translate(ctx: &TcContext, hook: Hook) -> Result<Verdict, i32> {
     let config = config();
     let now = ct::now_ns(&config);
     if let Some(entry) = ct::lookup(&key) {
-        // SAFETY: from a map lookup, valid for this run.
-        let snapshot = unsafe { *entry };
-        if ct::is_live(&config, &snapshot, key.protocol, l4.tcp_flags, now) {
+        // SAFETY: from a map lookup, valid for this run; read in place
+        // (no copy), each reference dropped before `update` writes.
+        if ct::is_live(&config, unsafe { &*entry }, key.protocol, l4.tcp_flags, now) {
             ct::update(entry, key.protocol, l4.tcp_flags, now);
-            return tracked(ctx, &packet, &l4, &key, &snapshot, len).map(Verdict::Action);
+            // SAFETY: as above.
+            return tracked(ctx, &packet, &l4, &key, unsafe { &*entry }, len).map(Verdict::Action);
         }
     }
     match lb::lookup(key.daddr, key.dport, key.protocol) {
