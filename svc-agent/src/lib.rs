@@ -3,3 +3,5 @@
 //! drive the same library.
 
 pub mod datapath;
+pub mod model;
+pub mod source;

@@ -29,7 +29,7 @@ use super::{
 };
 
 /// A service's transport protocol.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Protocol {
     Tcp,
     Udp,
@@ -46,7 +46,7 @@ impl Protocol {
 }
 
 /// What a service answers on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Frontend {
     /// A ClusterIP, an externalIP or a LoadBalancer ingress IP, on the
     /// service port.

@@ -1,0 +1,1005 @@
+//! Kubernetes objects → the datapath's desired state, with kube-proxy's
+//! semantics. A pure function over plain data: no I/O, no clock, so every
+//! rule is tested on YAML fixtures (`tests` below and `fixtures/`).
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::{Ipv4Addr, SocketAddrV4},
+};
+
+use k8s_openapi::api::{
+    core::v1::{Service, ServicePort},
+    discovery::v1::EndpointSlice,
+};
+
+use crate::datapath::{Frontend, Protocol, ServicePolicy};
+
+/// Label naming the proxy that should serve a service.
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// Label the EndpointSlice controller puts on slices of headless services.
+pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+/// Label tying an EndpointSlice to its service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// `sessionAffinityConfig.clientIP.timeoutSeconds` when unset.
+pub const DEFAULT_AFFINITY_TIMEOUT_SECS: u32 = 10_800;
+/// The largest affinity timeout the API server accepts (one day).
+pub const MAX_AFFINITY_TIMEOUT_SECS: u32 = 86_400;
+
+/// What the translation needs to know about this node.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub name: String,
+    /// Addresses node ports answer on.
+    pub addrs: Vec<Ipv4Addr>,
+}
+
+/// Translation settings.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Settings {
+    /// This proxy's name for the `service-proxy-name` label; services with
+    /// the label set to anything else are left alone.
+    pub proxy_name: Option<String>,
+}
+
+/// `namespace/name:port-name`, naming a frontend's origin in logs and
+/// inspection output.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServicePortRef {
+    pub namespace: String,
+    pub name: String,
+    /// The service port's name (may be empty for a single-port service).
+    pub port: String,
+}
+
+impl fmt::Display for ServicePortRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)?;
+        if !self.port.is_empty() {
+            write!(f, ":{}", self.port)?;
+        }
+        Ok(())
+    }
+}
+
+/// An endpoint a frontend sends to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Endpoint {
+    pub addr: SocketAddrV4,
+    /// Its pod runs on this node.
+    pub local: bool,
+    /// Terminating but still serving (used only when nothing is ready).
+    pub terminating: bool,
+}
+
+/// One frontend's desired state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FrontendSpec {
+    pub service: ServicePortRef,
+    pub policy: ServicePolicy,
+    pub endpoints: BTreeSet<Endpoint>,
+}
+
+/// Everything the maps should hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Desired {
+    pub frontends: BTreeMap<Frontend, FrontendSpec>,
+    pub node_addrs: Vec<Ipv4Addr>,
+}
+
+/// Something in the input that was skipped, naming the object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// `Kind namespace/name`.
+    pub object: String,
+    pub message: String,
+    /// Worth a warning (bad input) rather than a debug line (a feature
+    /// not served yet, such as IPv6).
+    pub warning: bool,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.object, self.message)
+    }
+}
+
+/// The result of a translation.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Translation {
+    pub desired: Desired,
+    pub problems: Vec<Problem>,
+}
+
+impl Translation {
+    fn warn(&mut self, object: &str, message: impl Into<String>) {
+        self.problems.push(Problem {
+            object: object.to_owned(),
+            message: message.into(),
+            warning: true,
+        });
+    }
+
+    fn note(&mut self, object: &str, message: impl Into<String>) {
+        self.problems.push(Problem {
+            object: object.to_owned(),
+            message: message.into(),
+            warning: false,
+        });
+    }
+}
+
+/// Translates services and slices into the desired datapath state.
+#[must_use]
+pub fn translate(
+    services: &[Service],
+    slices: &[EndpointSlice],
+    node: &NodeInfo,
+    settings: &Settings,
+) -> Translation {
+    let mut out = Translation::default();
+    out.desired.node_addrs.clone_from(&node.addrs);
+    let slices_by_service = index_slices(slices, &mut out);
+    // Sorted, so that when two services claim one frontend the same one
+    // wins on every node and every run.
+    let mut sorted: Vec<&Service> = services.iter().collect();
+    sorted.sort_by(|a, b| {
+        (&a.metadata.namespace, &a.metadata.name).cmp(&(&b.metadata.namespace, &b.metadata.name))
+    });
+    for service in sorted {
+        let key = (
+            service.metadata.namespace.clone().unwrap_or_default(),
+            service.metadata.name.clone().unwrap_or_default(),
+        );
+        let slices = slices_by_service.get(&key).map_or(&[][..], Vec::as_slice);
+        translate_service(service, slices, node, settings, &mut out);
+    }
+    out
+}
+
+fn object_name(kind: &str, namespace: Option<&String>, name: Option<&String>) -> String {
+    format!(
+        "{kind} {}/{}",
+        namespace.map_or("", String::as_str),
+        name.map_or("<unnamed>", String::as_str)
+    )
+}
+
+/// Slices by (namespace, service name); IPv4 slices only.
+fn index_slices<'a>(
+    slices: &'a [EndpointSlice],
+    out: &mut Translation,
+) -> BTreeMap<(String, String), Vec<&'a EndpointSlice>> {
+    let mut index: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
+    for slice in slices {
+        let object = object_name(
+            "EndpointSlice",
+            slice.metadata.namespace.as_ref(),
+            slice.metadata.name.as_ref(),
+        );
+        let labels = slice.metadata.labels.as_ref();
+        if labels.is_some_and(|labels| labels.contains_key(HEADLESS_LABEL)) {
+            continue;
+        }
+        let Some(service) = labels.and_then(|labels| labels.get(SERVICE_NAME_LABEL)) else {
+            out.note(
+                &object,
+                format!("no {SERVICE_NAME_LABEL} label: belongs to no service"),
+            );
+            continue;
+        };
+        match slice.address_type.as_str() {
+            "IPv4" => {}
+            "IPv6" => {
+                out.note(&object, "IPv6 endpoints are not served yet");
+                continue;
+            }
+            other => {
+                out.note(&object, format!("address type {other} is not served"));
+                continue;
+            }
+        }
+        index
+            .entry((
+                slice.metadata.namespace.clone().unwrap_or_default(),
+                service.clone(),
+            ))
+            .or_default()
+            .push(slice);
+    }
+    index
+}
+
+fn protocol_of(value: Option<&String>) -> Result<Protocol, String> {
+    match value.map_or("TCP", String::as_str) {
+        "TCP" => Ok(Protocol::Tcp),
+        "UDP" => Ok(Protocol::Udp),
+        other => Err(other.to_owned()),
+    }
+}
+
+fn port_number(value: i32, what: &str) -> Result<u16, String> {
+    u16::try_from(value)
+        .ok()
+        .filter(|port| *port != 0)
+        .ok_or_else(|| format!("{what} {value} is not a port (1-65535)"))
+}
+
+#[expect(
+    clippy::too_many_lines,
+    reason = "one rule after another, in kube-proxy's order"
+)]
+fn translate_service(
+    service: &Service,
+    slices: &[&EndpointSlice],
+    node: &NodeInfo,
+    settings: &Settings,
+    out: &mut Translation,
+) {
+    let meta = &service.metadata;
+    let object = object_name("Service", meta.namespace.as_ref(), meta.name.as_ref());
+    let labels = meta.labels.as_ref();
+    if let Some(proxy) = labels.and_then(|labels| labels.get(SERVICE_PROXY_NAME_LABEL))
+        && settings.proxy_name.as_deref() != Some(proxy.as_str())
+    {
+        out.note(&object, format!("served by proxy {proxy:?}, not this one"));
+        return;
+    }
+    let Some(spec) = service.spec.as_ref() else {
+        out.warn(&object, "no spec");
+        return;
+    };
+    let kind = spec.type_.as_deref().unwrap_or("ClusterIP");
+    if kind == "ExternalName" {
+        return;
+    }
+    if !matches!(kind, "ClusterIP" | "NodePort" | "LoadBalancer") {
+        out.warn(&object, format!("unknown type {kind}"));
+        return;
+    }
+    let cluster_ips: Vec<&String> = match (&spec.cluster_ips, &spec.cluster_ip) {
+        (Some(ips), _) if !ips.is_empty() => ips.iter().collect(),
+        (_, Some(ip)) => vec![ip],
+        _ => Vec::new(),
+    };
+    if cluster_ips.iter().any(|ip| ip.as_str() == "None") {
+        // Headless: DNS only.
+        return;
+    }
+    let mut cluster_v4 = Vec::new();
+    for ip in &cluster_ips {
+        match parse_ip(ip) {
+            Ok(Some(addr)) => cluster_v4.push(addr),
+            Ok(None) => out.note(&object, format!("cluster IP {ip} is IPv6: not served yet")),
+            Err(err) => out.warn(&object, format!("cluster IP {ip:?}: {err}")),
+        }
+    }
+    let mut external_v4 = Vec::new();
+    for ip in spec.external_ips.iter().flatten() {
+        match parse_ip(ip) {
+            Ok(Some(addr)) => external_v4.push(addr),
+            Ok(None) => out.note(&object, format!("external IP {ip} is IPv6: not served yet")),
+            Err(err) => out.warn(&object, format!("external IP {ip:?}: {err}")),
+        }
+    }
+    if kind == "LoadBalancer" {
+        let ingress = service
+            .status
+            .as_ref()
+            .and_then(|status| status.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_ref());
+        for ip in ingress.into_iter().flatten().filter_map(|i| i.ip.as_ref()) {
+            match parse_ip(ip) {
+                Ok(Some(addr)) => external_v4.push(addr),
+                Ok(None) => out.note(&object, format!("ingress IP {ip} is IPv6: not served yet")),
+                Err(err) => out.warn(&object, format!("load balancer ingress IP {ip:?}: {err}")),
+            }
+        }
+    }
+
+    let affinity_timeout_secs = if spec.session_affinity.as_deref() == Some("ClientIP") {
+        let timeout = spec
+            .session_affinity_config
+            .as_ref()
+            .and_then(|config| config.client_ip.as_ref())
+            .and_then(|client| client.timeout_seconds)
+            .map_or(Ok(DEFAULT_AFFINITY_TIMEOUT_SECS), |secs| {
+                u32::try_from(secs)
+                    .ok()
+                    .filter(|secs| (1..=MAX_AFFINITY_TIMEOUT_SECS).contains(secs))
+                    .ok_or(secs)
+            });
+        match timeout {
+            Ok(secs) => Some(secs),
+            Err(secs) => {
+                out.warn(
+                    &object,
+                    format!(
+                        "session affinity timeout {secs}s outside 1..=86400; using the default"
+                    ),
+                );
+                Some(DEFAULT_AFFINITY_TIMEOUT_SECS)
+            }
+        }
+    } else {
+        None
+    };
+    let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
+    // externalTrafficPolicy only means something for node ports and load
+    // balancers; kube-proxy applies it to externalIPs as well.
+    let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
+
+    let mut seen_ports = BTreeSet::new();
+    for port in spec.ports.iter().flatten() {
+        let port_ref = ServicePortRef {
+            namespace: meta.namespace.clone().unwrap_or_default(),
+            name: meta.name.clone().unwrap_or_default(),
+            port: port.name.clone().unwrap_or_default(),
+        };
+        let protocol = match protocol_of(port.protocol.as_ref()) {
+            Ok(protocol) => protocol,
+            Err(other) => {
+                out.warn(
+                    &object,
+                    format!("port {port_ref}: protocol {other} is not served; port skipped"),
+                );
+                continue;
+            }
+        };
+        let number = match port_number(port.port, "port") {
+            Ok(number) => number,
+            Err(err) => {
+                out.warn(&object, format!("{err}; port skipped"));
+                continue;
+            }
+        };
+        if !seen_ports.insert((number, protocol)) {
+            out.warn(
+                &object,
+                format!("port {number}/{protocol:?} appears twice; the second is skipped"),
+            );
+            continue;
+        }
+        let all = endpoints_for(port, protocol, slices, node, &object, out);
+        let any_endpoints = !all.is_empty();
+        let local: BTreeSet<Endpoint> = all.iter().copied().filter(|e| e.local).collect();
+
+        let internal = ServicePolicy {
+            masquerade_external: false,
+            local_only: internal_local,
+            affinity_timeout_secs,
+            drop_when_empty: internal_local && any_endpoints,
+        };
+        let internal_endpoints = if internal_local { &local } else { &all };
+        for &addr in &cluster_v4 {
+            let frontend = Frontend::Address {
+                addr,
+                port: number,
+                protocol,
+            };
+            insert(
+                out,
+                &object,
+                frontend,
+                &port_ref,
+                internal,
+                internal_endpoints,
+            );
+        }
+
+        let external = ServicePolicy {
+            masquerade_external: !external_local,
+            local_only: external_local,
+            affinity_timeout_secs,
+            drop_when_empty: external_local && any_endpoints,
+        };
+        let external_endpoints = if external_local { &local } else { &all };
+        for &addr in &external_v4 {
+            let frontend = Frontend::Address {
+                addr,
+                port: number,
+                protocol,
+            };
+            insert(
+                out,
+                &object,
+                frontend,
+                &port_ref,
+                external,
+                external_endpoints,
+            );
+        }
+        if matches!(kind, "NodePort" | "LoadBalancer")
+            && let Some(node_port) = port.node_port
+        {
+            match port_number(node_port, "node port") {
+                Ok(node_port) => {
+                    let frontend = Frontend::NodePort {
+                        port: node_port,
+                        protocol,
+                    };
+                    insert(
+                        out,
+                        &object,
+                        frontend,
+                        &port_ref,
+                        external,
+                        external_endpoints,
+                    );
+                }
+                Err(err) => out.warn(&object, format!("{err}; node port skipped")),
+            }
+        }
+    }
+}
+
+fn insert(
+    out: &mut Translation,
+    object: &str,
+    frontend: Frontend,
+    service: &ServicePortRef,
+    policy: ServicePolicy,
+    endpoints: &BTreeSet<Endpoint>,
+) {
+    if let Some(existing) = out.desired.frontends.get(&frontend) {
+        let message = format!(
+            "{frontend:?} is already served by {}; skipped for {service}",
+            existing.service
+        );
+        out.warn(object, message);
+        return;
+    }
+    out.desired.frontends.insert(
+        frontend,
+        FrontendSpec {
+            service: service.clone(),
+            policy,
+            endpoints: endpoints.clone(),
+        },
+    );
+}
+
+/// `Ok(Some)` for IPv4, `Ok(None)` for IPv6, `Err` for garbage.
+fn parse_ip(text: &str) -> Result<Option<Ipv4Addr>, String> {
+    match text.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(addr)) => Ok(Some(addr)),
+        Ok(std::net::IpAddr::V6(_)) => Ok(None),
+        Err(err) => Err(err.to_string()),
+    }
+}
+
+/// The endpoints of one service port across its slices: the slice port
+/// with the service port's name gives each slice's target port, so
+/// backends may listen on different ports. Ready endpoints if any; else
+/// the serving, terminating ones (kube-proxy's fallback); never others.
+fn endpoints_for(
+    port: &ServicePort,
+    protocol: Protocol,
+    slices: &[&EndpointSlice],
+    node: &NodeInfo,
+    object: &str,
+    out: &mut Translation,
+) -> BTreeSet<Endpoint> {
+    let name = port.name.clone().unwrap_or_default();
+    let mut ready = BTreeSet::new();
+    let mut terminating = BTreeSet::new();
+    for slice in slices {
+        let slice_object = object_name(
+            "EndpointSlice",
+            slice.metadata.namespace.as_ref(),
+            slice.metadata.name.as_ref(),
+        );
+        let Some(target) = slice.ports.iter().flatten().find(|p| {
+            p.name.clone().unwrap_or_default() == name
+                && protocol_of(p.protocol.as_ref()).ok() == Some(protocol)
+        }) else {
+            continue;
+        };
+        let Some(target) = target.port else {
+            continue;
+        };
+        let target = match port_number(target, "endpoint port") {
+            Ok(target) => target,
+            Err(err) => {
+                out.warn(&slice_object, format!("{err}; slice skipped for {object}"));
+                continue;
+            }
+        };
+        for endpoint in &slice.endpoints {
+            let Some(address) = endpoint.addresses.first() else {
+                continue;
+            };
+            let addr = match parse_ip(address) {
+                Ok(Some(addr)) => addr,
+                Ok(None) => continue,
+                Err(err) => {
+                    out.warn(
+                        &slice_object,
+                        format!("endpoint address {address:?}: {err}"),
+                    );
+                    continue;
+                }
+            };
+            let conditions = endpoint.conditions.as_ref();
+            let is_ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+            let is_serving = conditions.and_then(|c| c.serving).unwrap_or(is_ready);
+            let is_terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
+            let local = endpoint.node_name.as_deref() == Some(node.name.as_str());
+            let socket = SocketAddrV4::new(addr, target);
+            if is_ready {
+                ready.insert(Endpoint {
+                    addr: socket,
+                    local,
+                    terminating: false,
+                });
+            } else if is_serving && is_terminating {
+                terminating.insert(Endpoint {
+                    addr: socket,
+                    local,
+                    terminating: true,
+                });
+            }
+        }
+    }
+    if ready.is_empty() { terminating } else { ready }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::{
+        Objects,
+        manifests::{Parsed, finish, parse},
+    };
+
+    const NODE1: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 10);
+
+    fn objects(documents: &[&str]) -> Objects {
+        let mut parsed = Parsed::default();
+        let mut problems = Vec::new();
+        for (i, text) in documents.iter().enumerate() {
+            parse(text, &format!("fixture {i}"), &mut parsed, &mut problems);
+        }
+        assert!(problems.is_empty(), "fixtures must parse: {problems:?}");
+        finish(parsed)
+    }
+
+    fn run(documents: &[&str]) -> Translation {
+        let objects = objects(documents);
+        translate(
+            &objects.services,
+            &objects.slices,
+            &NodeInfo {
+                name: "node-1".to_owned(),
+                addrs: vec![NODE1],
+            },
+            &Settings::default(),
+        )
+    }
+
+    fn tcp(addr: [u8; 4], port: u16) -> Frontend {
+        Frontend::Address {
+            addr: Ipv4Addr::from(addr),
+            port,
+            protocol: Protocol::Tcp,
+        }
+    }
+
+    fn node_port(port: u16) -> Frontend {
+        Frontend::NodePort {
+            port,
+            protocol: Protocol::Tcp,
+        }
+    }
+
+    fn ep(addr: [u8; 4], port: u16, local: bool) -> Endpoint {
+        Endpoint {
+            addr: SocketAddrV4::new(Ipv4Addr::from(addr), port),
+            local,
+            terminating: false,
+        }
+    }
+
+    fn spec(t: &Translation, frontend: Frontend) -> &FrontendSpec {
+        t.desired
+            .frontends
+            .get(&frontend)
+            .unwrap_or_else(|| panic!("no {frontend:?} in {:#?}", t.desired.frontends.keys()))
+    }
+
+    fn endpoints(list: &[Endpoint]) -> BTreeSet<Endpoint> {
+        list.iter().copied().collect()
+    }
+
+    fn warnings(t: &Translation) -> Vec<String> {
+        t.problems
+            .iter()
+            .filter(|p| p.warning)
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    const CLUSTER: ServicePolicy = ServicePolicy {
+        masquerade_external: false,
+        local_only: false,
+        affinity_timeout_secs: None,
+        drop_when_empty: false,
+    };
+    const EXTERNAL: ServicePolicy = ServicePolicy {
+        masquerade_external: true,
+        ..CLUSTER
+    };
+
+    #[test]
+    fn docs_cluster_ip_service_with_its_endpoint_slice() {
+        let t = run(&[include_str!("../fixtures/docs-clusterip.yaml")]);
+        assert_eq!(t.desired.frontends.len(), 1);
+        let spec = spec(&t, tcp([10, 96, 0, 10], 80));
+        assert_eq!(spec.service.to_string(), "default/my-service");
+        assert_eq!(spec.policy, CLUSTER);
+        assert_eq!(
+            spec.endpoints,
+            endpoints(&[
+                ep([10, 1, 2, 3], 9376, true),
+                ep([10, 1, 2, 4], 9376, false)
+            ])
+        );
+        assert_eq!(t.desired.node_addrs, vec![NODE1]);
+        assert!(t.problems.is_empty(), "{:?}", t.problems);
+    }
+
+    #[test]
+    fn node_ports_load_balancer_ips_and_external_ips() {
+        let t = run(&[include_str!("../fixtures/docs-nodeport-lb.yaml")]);
+        let one = endpoints(&[ep([10, 1, 2, 3], 80, true)]);
+        assert_eq!(spec(&t, tcp([10, 96, 0, 20], 80)).policy, CLUSTER);
+        assert_eq!(spec(&t, node_port(32123)).policy, EXTERNAL);
+        assert_eq!(spec(&t, node_port(32123)).endpoints, one);
+        assert_eq!(spec(&t, tcp([192, 0, 2, 127], 80)).policy, EXTERNAL);
+        assert_eq!(
+            spec(&t, node_port(30080)).endpoints,
+            endpoints(&[ep([10, 1, 2, 3], 9376, true)])
+        );
+        // allocateLoadBalancerNodePorts: false: no node port; the external
+        // IP and the ingress IP (not its hostname) are served.
+        let other = endpoints(&[ep([10, 1, 2, 5], 8443, false)]);
+        assert_eq!(spec(&t, tcp([198, 51, 100, 7], 443)).endpoints, other);
+        assert_eq!(spec(&t, tcp([192, 0, 2, 128], 443)).endpoints, other);
+        assert_eq!(
+            t.desired.frontends.len(),
+            8,
+            "{:#?}",
+            t.desired.frontends.keys()
+        );
+    }
+
+    #[test]
+    fn headless_and_external_name_have_no_frontends_selectorless_endpoints_are_mirrored() {
+        let t = run(&[include_str!("../fixtures/docs-headless-selectorless.yaml")]);
+        assert_eq!(t.desired.frontends.len(), 1, "{:#?}", t.desired.frontends);
+        let spec = spec(&t, tcp([10, 96, 0, 30], 80));
+        assert_eq!(spec.service.to_string(), "default/outside:http");
+        assert_eq!(spec.endpoints, endpoints(&[ep([1, 2, 3, 4], 80, false)]));
+    }
+
+    #[test]
+    fn kubectl_get_output_with_named_target_ports_dual_stack_and_sctp() {
+        let t = run(&[include_str!("../fixtures/kubectl-get.yaml")]);
+        let http = spec(&t, tcp([10, 96, 100, 1], 80));
+        assert_eq!(http.service.to_string(), "prod/api:http");
+        assert_eq!(
+            http.endpoints,
+            endpoints(&[
+                ep([10, 244, 1, 10], 8080, true),
+                ep([10, 244, 2, 11], 9090, false)
+            ]),
+            "the named target port resolves per slice"
+        );
+        assert_eq!(http.policy.affinity_timeout_secs, Some(300));
+        let dns = spec(
+            &t,
+            Frontend::Address {
+                addr: Ipv4Addr::new(10, 96, 100, 1),
+                port: 53,
+                protocol: Protocol::Udp,
+            },
+        );
+        assert_eq!(
+            dns.endpoints,
+            endpoints(&[ep([10, 244, 1, 10], 5353, true)])
+        );
+        assert_eq!(t.desired.frontends.len(), 2);
+        let warnings = warnings(&t);
+        assert!(
+            warnings.len() == 1 && warnings[0].contains("SCTP"),
+            "only SCTP is warned about: {warnings:?}"
+        );
+        let notes: Vec<String> = t
+            .problems
+            .iter()
+            .filter(|p| !p.warning)
+            .map(ToString::to_string)
+            .collect();
+        assert!(
+            notes.iter().any(|n| n.contains("fd00:10:96::1")),
+            "{notes:?}"
+        );
+        assert!(notes.iter().any(|n| n.contains("api-v6")), "{notes:?}");
+    }
+
+    const SERVICE: &str = "
+apiVersion: v1
+kind: Service
+metadata: {name: s, namespace: ns}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.50
+  externalIPs: [203.0.113.50]
+  ports: [{name: web, port: 80, nodePort: 30050}]
+";
+
+    fn slice(endpoints_yaml: &str) -> String {
+        format!(
+            "
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: s-1, namespace: ns, labels: {{kubernetes.io/service-name: s}}}}
+addressType: IPv4
+ports: [{{name: web, port: 8080}}]
+endpoints:
+{endpoints_yaml}"
+        )
+    }
+
+    const TWO_NODES: &str = "
+  - {addresses: [10.1.0.1], nodeName: node-1}
+  - {addresses: [10.2.0.1], nodeName: node-2}
+";
+
+    #[test]
+    fn external_traffic_policy_local_keeps_the_source_and_only_local_endpoints() {
+        let service = SERVICE.replace(
+            "type: NodePort",
+            "type: NodePort\n  externalTrafficPolicy: Local",
+        );
+        let t = run(&[&service, &slice(TWO_NODES)]);
+        let local = ServicePolicy {
+            masquerade_external: false,
+            local_only: true,
+            affinity_timeout_secs: None,
+            drop_when_empty: true,
+        };
+        for frontend in [node_port(30050), tcp([203, 0, 113, 50], 80)] {
+            assert_eq!(spec(&t, frontend).policy, local, "{frontend:?}");
+            assert_eq!(
+                spec(&t, frontend).endpoints,
+                endpoints(&[ep([10, 1, 0, 1], 8080, true)])
+            );
+        }
+        // Inside the cluster the policy is Cluster.
+        assert_eq!(spec(&t, tcp([10, 96, 0, 50], 80)).endpoints.len(), 2);
+        assert_eq!(spec(&t, tcp([10, 96, 0, 50], 80)).policy, CLUSTER);
+    }
+
+    #[test]
+    fn internal_traffic_policy_local_applies_to_the_cluster_ip_only() {
+        let service = SERVICE.replace(
+            "type: NodePort",
+            "type: NodePort\n  internalTrafficPolicy: Local",
+        );
+        let only_remote = "
+  - {addresses: [10.2.0.1], nodeName: node-2}
+";
+        let t = run(&[&service, &slice(only_remote)]);
+        let cluster_ip = spec(&t, tcp([10, 96, 0, 50], 80));
+        assert!(cluster_ip.endpoints.is_empty());
+        assert!(cluster_ip.policy.local_only);
+        assert!(
+            cluster_ip.policy.drop_when_empty,
+            "endpoints exist elsewhere: drop, do not refuse"
+        );
+        assert_eq!(spec(&t, node_port(30050)).endpoints.len(), 1);
+    }
+
+    #[test]
+    fn no_endpoints_anywhere_refuses_even_with_a_local_policy() {
+        let service = SERVICE.replace(
+            "type: NodePort",
+            "type: NodePort\n  externalTrafficPolicy: Local",
+        );
+        let t = run(&[&service]);
+        assert!(!spec(&t, node_port(30050)).policy.drop_when_empty);
+    }
+
+    #[test]
+    fn terminating_endpoints_serve_only_when_nothing_is_ready() {
+        let mixed = "
+  - {addresses: [10.1.0.1], nodeName: node-1, conditions: {ready: true}}
+  - {addresses: [10.1.0.2], nodeName: node-1, conditions: {ready: false, serving: true, terminating: true}}
+  - {addresses: [10.1.0.3], nodeName: node-1, conditions: {ready: false, serving: false, terminating: true}}
+  - {addresses: [10.1.0.4], nodeName: node-1, conditions: {ready: false, serving: false, terminating: false}}
+";
+        let t = run(&[SERVICE, &slice(mixed)]);
+        assert_eq!(
+            spec(&t, tcp([10, 96, 0, 50], 80)).endpoints,
+            endpoints(&[ep([10, 1, 0, 1], 8080, true)])
+        );
+        let none_ready = mixed.replace("conditions: {ready: true}", "conditions: {ready: false}");
+        let t = run(&[SERVICE, &slice(&none_ready)]);
+        assert_eq!(
+            spec(&t, tcp([10, 96, 0, 50], 80)).endpoints,
+            endpoints(&[Endpoint {
+                addr: SocketAddrV4::new(Ipv4Addr::new(10, 1, 0, 2), 8080),
+                local: true,
+                terminating: true,
+            }]),
+            "only the serving, terminating endpoint; never the others"
+        );
+    }
+
+    #[test]
+    fn session_affinity_defaults_to_three_hours() {
+        let service = SERVICE.replace(
+            "type: NodePort",
+            "type: NodePort\n  sessionAffinity: ClientIP",
+        );
+        let t = run(&[&service, &slice(TWO_NODES)]);
+        assert_eq!(
+            spec(&t, node_port(30050)).policy.affinity_timeout_secs,
+            Some(10_800)
+        );
+        let absurd = service.replace(
+            "sessionAffinity: ClientIP",
+            "sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 999999}}",
+        );
+        let t = run(&[&absurd, &slice(TWO_NODES)]);
+        assert_eq!(
+            spec(&t, node_port(30050)).policy.affinity_timeout_secs,
+            Some(10_800)
+        );
+        assert_eq!(warnings(&t).len(), 1, "{:?}", warnings(&t));
+    }
+
+    #[test]
+    fn services_for_another_proxy_are_left_alone() {
+        let service = SERVICE.replace(
+            "metadata: {name: s, namespace: ns}",
+            "metadata: {name: s, namespace: ns, labels: {service.kubernetes.io/service-proxy-name: other}}",
+        );
+        let t = run(&[&service, &slice(TWO_NODES)]);
+        assert!(t.desired.frontends.is_empty());
+        let objects = objects(&[&service, &slice(TWO_NODES)]);
+        let mine = translate(
+            &objects.services,
+            &objects.slices,
+            &NodeInfo::default(),
+            &Settings {
+                proxy_name: Some("other".to_owned()),
+            },
+        );
+        assert_eq!(
+            mine.desired.frontends.len(),
+            3,
+            "a proxy named so serves it"
+        );
+    }
+
+    #[test]
+    fn slices_of_headless_services_and_without_a_service_are_ignored() {
+        let headless = slice(TWO_NODES).replace(
+            "labels: {kubernetes.io/service-name: s}",
+            "labels: {kubernetes.io/service-name: s, service.kubernetes.io/headless: \"\"}",
+        );
+        let t = run(&[SERVICE, &headless]);
+        assert!(spec(&t, node_port(30050)).endpoints.is_empty());
+        let orphan =
+            slice(TWO_NODES).replace("labels: {kubernetes.io/service-name: s}", "labels: {}");
+        let t = run(&[SERVICE, &orphan]);
+        assert!(spec(&t, node_port(30050)).endpoints.is_empty());
+    }
+
+    #[test]
+    fn bad_input_is_named_and_skipped_and_the_rest_is_served() {
+        let bad = "
+apiVersion: v1
+kind: Service
+metadata: {name: bad, namespace: ns}
+spec:
+  clusterIP: 10.96.0.999
+  externalIPs: [not-an-ip, 203.0.113.60]
+  ports:
+    - {name: a, port: 80}
+    - {name: b, port: 80}
+    - {name: c, port: 70000}
+    - {name: d, port: 81, protocol: QUIC}
+";
+        let t = run(&[bad, SERVICE, &slice(TWO_NODES)]);
+        let warnings = warnings(&t);
+        for expected in ["10.96.0.999", "not-an-ip", "appears twice", "70000", "QUIC"] {
+            assert!(
+                warnings
+                    .iter()
+                    .any(|w| w.contains(expected) && w.contains("ns/bad")),
+                "no warning naming {expected}: {warnings:?}"
+            );
+        }
+        assert!(
+            t.desired
+                .frontends
+                .contains_key(&tcp([203, 0, 113, 60], 80))
+        );
+        assert_eq!(
+            spec(&t, node_port(30050)).endpoints.len(),
+            2,
+            "the good service is served"
+        );
+    }
+
+    #[test]
+    fn a_frontend_claimed_twice_goes_to_the_first_service_by_name() {
+        let twin = SERVICE
+            .replace("name: s,", "name: t,")
+            .replace("10.96.0.50", "10.96.0.51");
+        let t = run(&[&twin, SERVICE]);
+        assert_eq!(spec(&t, node_port(30050)).service.name, "s");
+        assert!(
+            warnings(&t)
+                .iter()
+                .any(|w| w.contains("ns/t") && w.contains("already served"))
+        );
+    }
+
+    #[test]
+    fn endpoints_mirroring_follows_the_controller() {
+        let selectorless = "
+apiVersion: v1
+kind: Service
+metadata: {name: m}
+spec:
+  clusterIP: 10.96.0.60
+  ports: [{port: 80}]
+";
+        let endpoints_yaml = "
+apiVersion: v1
+kind: Endpoints
+metadata: {name: m}
+subsets:
+  - addresses: [{ip: 10.9.0.1, nodeName: node-1}]
+    notReadyAddresses: [{ip: 10.9.0.2}]
+    ports: [{port: 8080}]
+";
+        let t = run(&[selectorless, endpoints_yaml]);
+        assert_eq!(
+            spec(&t, tcp([10, 96, 0, 60], 80)).endpoints,
+            endpoints(&[ep([10, 9, 0, 1], 8080, true)]),
+            "ready addresses only"
+        );
+        let skip = endpoints_yaml.replace(
+            "metadata: {name: m}",
+            "metadata: {name: m, labels: {endpointslice.kubernetes.io/skip-mirror: \"true\"}}",
+        );
+        let t = run(&[selectorless, &skip]);
+        assert!(spec(&t, tcp([10, 96, 0, 60], 80)).endpoints.is_empty());
+        let with_selector = selectorless.replace("spec:", "spec:\n  selector: {app: m}");
+        let t = run(&[&with_selector, endpoints_yaml]);
+        assert!(
+            spec(&t, tcp([10, 96, 0, 60], 80)).endpoints.is_empty(),
+            "Endpoints of a selector service are not mirrored"
+        );
+    }
+
+    #[test]
+    fn documents_that_do_not_parse_are_reported_by_file_and_position() {
+        let mut parsed = Parsed::default();
+        let mut problems = Vec::new();
+        let text =
+            "apiVersion: v1\nkind: Service\nmetadata: {name: x}\nspec: {ports: 7}\n---\n: : :\n";
+        parse(text, "svc.yaml", &mut parsed, &mut problems);
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(
+            problems[0].object.contains("svc.yaml, document 1"),
+            "{problems:?}"
+        );
+        assert!(parsed.objects.services.is_empty());
+    }
+}

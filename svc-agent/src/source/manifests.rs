@@ -1,0 +1,291 @@
+//! A directory of manifests as the source of truth: the YAML `kubectl
+//! apply -f` accepts (several documents per file, `kind: List`), holding
+//! Services, EndpointSlices and legacy Endpoints. Endpoints are turned into
+//! EndpointSlices the way the EndpointSlice mirroring controller does.
+//! There is no controller here to make slices from pods: services with a
+//! selector need their EndpointSlices written out.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs,
+    path::{Path, PathBuf},
+    time::SystemTime,
+};
+
+use k8s_openapi::{
+    api::{
+        core::v1::{EndpointAddress, Endpoints, Service},
+        discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use serde::Deserialize as _;
+
+use super::Objects;
+use crate::model::{Problem, SERVICE_NAME_LABEL};
+
+/// Label that keeps an Endpoints object from being mirrored.
+pub const SKIP_MIRROR_LABEL: &str = "endpointslice.kubernetes.io/skip-mirror";
+/// Label the mirroring controller sets on the slices it manages.
+pub const MANAGED_BY_LABEL: &str = "endpointslice.kubernetes.io/managed-by";
+pub const MIRRORING_CONTROLLER: &str = "endpointslicemirroring-controller.k8s.io";
+
+/// Parsed manifests before mirroring.
+#[derive(Clone, Debug, Default)]
+pub struct Parsed {
+    pub objects: Objects,
+    pub endpoints: Vec<Endpoints>,
+}
+
+fn problem(object: String, message: String) -> Problem {
+    Problem {
+        object,
+        message,
+        warning: true,
+    }
+}
+
+/// Parses every document of `text` (from `origin`, for messages) into
+/// `parsed`. A document that does not parse is reported and skipped;
+/// kinds other than Service, EndpointSlice, Endpoints and List are ignored.
+pub fn parse(text: &str, origin: &str, parsed: &mut Parsed, problems: &mut Vec<Problem>) {
+    for (index, document) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+        let where_ = format!("{origin}, document {}", index + 1);
+        match serde_yaml_ng::Value::deserialize(document) {
+            Ok(serde_yaml_ng::Value::Null) => {}
+            Ok(value) => add_value(value, &where_, parsed, problems),
+            Err(err) => {
+                // The stream cannot resume after a syntax error (the
+                // iterator would repeat it forever): the rest of the file
+                // is skipped.
+                problems.push(problem(
+                    where_,
+                    format!("not YAML: {err}; the rest of the file is skipped"),
+                ));
+                break;
+            }
+        }
+    }
+}
+
+fn add_value(
+    value: serde_yaml_ng::Value,
+    where_: &str,
+    parsed: &mut Parsed,
+    problems: &mut Vec<Problem>,
+) {
+    let field = |name: &str| {
+        value
+            .get(name)
+            .and_then(serde_yaml_ng::Value::as_str)
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let (api_version, kind) = (field("apiVersion"), field("kind"));
+    let name = value
+        .get("metadata")
+        .and_then(|meta| meta.get("name"))
+        .and_then(serde_yaml_ng::Value::as_str)
+        .unwrap_or("<unnamed>")
+        .to_owned();
+    let object = format!("{where_}: {kind} {name}");
+    let report = |problems: &mut Vec<Problem>, err: serde_yaml_ng::Error| {
+        problems.push(problem(object.clone(), format!("does not parse: {err}")));
+    };
+    match (api_version.as_str(), kind.as_str()) {
+        ("v1", "List") => {
+            let items = value
+                .get("items")
+                .and_then(serde_yaml_ng::Value::as_sequence)
+                .cloned()
+                .unwrap_or_default();
+            for (i, item) in items.into_iter().enumerate() {
+                add_value(item, &format!("{where_}, item {}", i + 1), parsed, problems);
+            }
+        }
+        ("v1", "Service") => match serde_yaml_ng::from_value::<Service>(value) {
+            Ok(service) => parsed.objects.services.push(service),
+            Err(err) => report(problems, err),
+        },
+        ("discovery.k8s.io/v1", "EndpointSlice") => {
+            match serde_yaml_ng::from_value::<EndpointSlice>(value) {
+                Ok(slice) => parsed.objects.slices.push(slice),
+                Err(err) => report(problems, err),
+            }
+        }
+        ("v1", "Endpoints") => match serde_yaml_ng::from_value::<Endpoints>(value) {
+            Ok(endpoints) => parsed.endpoints.push(endpoints),
+            Err(err) => report(problems, err),
+        },
+        _ => {}
+    }
+}
+
+/// Fills in what an API server would default: the namespace.
+fn default_namespace(meta: &mut ObjectMeta) {
+    if meta.namespace.as_deref().unwrap_or_default().is_empty() {
+        meta.namespace = Some("default".to_owned());
+    }
+}
+
+/// Parsed manifests as the translation sees them: namespaces defaulted,
+/// Endpoints mirrored into slices for services without a selector.
+#[must_use]
+pub fn finish(mut parsed: Parsed) -> Objects {
+    for service in &mut parsed.objects.services {
+        default_namespace(&mut service.metadata);
+    }
+    for slice in &mut parsed.objects.slices {
+        default_namespace(&mut slice.metadata);
+    }
+    for endpoints in &mut parsed.endpoints {
+        default_namespace(&mut endpoints.metadata);
+    }
+    let selectorless: BTreeSet<(String, String)> = parsed
+        .objects
+        .services
+        .iter()
+        .filter(|s| {
+            s.spec
+                .as_ref()
+                .is_none_or(|spec| spec.selector.as_ref().is_none_or(BTreeMap::is_empty))
+        })
+        .map(|s| {
+            (
+                s.metadata.namespace.clone().unwrap_or_default(),
+                s.metadata.name.clone().unwrap_or_default(),
+            )
+        })
+        .collect();
+    for endpoints in &parsed.endpoints {
+        let key = (
+            endpoints.metadata.namespace.clone().unwrap_or_default(),
+            endpoints.metadata.name.clone().unwrap_or_default(),
+        );
+        let skip = endpoints
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|labels| labels.get(SKIP_MIRROR_LABEL))
+            .is_some_and(|value| value == "true");
+        if !skip && selectorless.contains(&key) {
+            parsed.objects.slices.extend(mirror(endpoints));
+        }
+    }
+    parsed.objects
+}
+
+/// The EndpointSlices the mirroring controller makes from an Endpoints
+/// object: one per subset and address family (IPv4 here; IPv6 addresses
+/// get their own slice, which the translation skips).
+#[must_use]
+pub fn mirror(endpoints: &Endpoints) -> Vec<EndpointSlice> {
+    let name = endpoints.metadata.name.clone().unwrap_or_default();
+    let mut slices = Vec::new();
+    for (index, subset) in endpoints.subsets.iter().flatten().enumerate() {
+        let ports: Vec<EndpointPort> = subset
+            .ports
+            .iter()
+            .flatten()
+            .map(|port| EndpointPort {
+                name: port.name.clone(),
+                port: Some(port.port),
+                protocol: port.protocol.clone(),
+                app_protocol: port.app_protocol.clone(),
+            })
+            .collect();
+        for (family, v6) in [("IPv4", false), ("IPv6", true)] {
+            let convert = |address: &EndpointAddress, ready: bool| {
+                (address.ip.contains(':') == v6).then(|| Endpoint {
+                    addresses: vec![address.ip.clone()],
+                    conditions: Some(EndpointConditions {
+                        ready: Some(ready),
+                        serving: Some(ready),
+                        terminating: Some(false),
+                    }),
+                    hostname: address.hostname.clone(),
+                    node_name: address.node_name.clone(),
+                    ..Endpoint::default()
+                })
+            };
+            let members: Vec<Endpoint> = subset
+                .addresses
+                .iter()
+                .flatten()
+                .filter_map(|a| convert(a, true))
+                .chain(
+                    subset
+                        .not_ready_addresses
+                        .iter()
+                        .flatten()
+                        .filter_map(|a| convert(a, false)),
+                )
+                .collect();
+            if members.is_empty() {
+                continue;
+            }
+            let mut labels = endpoints.metadata.labels.clone().unwrap_or_default();
+            labels.insert(SERVICE_NAME_LABEL.to_owned(), name.clone());
+            labels.insert(MANAGED_BY_LABEL.to_owned(), MIRRORING_CONTROLLER.to_owned());
+            slices.push(EndpointSlice {
+                metadata: ObjectMeta {
+                    name: Some(format!("{name}-mirror-{index}-{}", family.to_lowercase())),
+                    namespace: endpoints.metadata.namespace.clone(),
+                    labels: Some(labels),
+                    ..ObjectMeta::default()
+                },
+                address_type: family.to_owned(),
+                endpoints: members,
+                ports: Some(ports.clone()),
+            });
+        }
+    }
+    slices
+}
+
+/// Files the directory holds manifests in.
+fn manifest_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = fs::read_dir(dir)?
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .filter(|path| {
+            path.is_file()
+                && path
+                    .extension()
+                    .is_some_and(|ext| ext == "yaml" || ext == "yml" || ext == "json")
+        })
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// Reads and parses every manifest in `dir`. An unreadable directory is an
+/// error; an unreadable or unparsable file is a problem and skipped.
+pub fn load_dir(dir: &Path) -> std::io::Result<(Objects, Vec<Problem>)> {
+    let mut parsed = Parsed::default();
+    let mut problems = Vec::new();
+    for path in manifest_files(dir)? {
+        let origin = path.display().to_string();
+        match fs::read_to_string(&path) {
+            Ok(text) => parse(&text, &origin, &mut parsed, &mut problems),
+            Err(err) => problems.push(problem(origin, format!("unreadable: {err}"))),
+        }
+    }
+    Ok((finish(parsed), problems))
+}
+
+/// What the directory looked like: each manifest's path, length and
+/// modification time. A different fingerprint means reload.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Fingerprint(Vec<(PathBuf, u64, Option<SystemTime>)>);
+
+impl Fingerprint {
+    pub fn of(dir: &Path) -> std::io::Result<Self> {
+        let mut entries = Vec::new();
+        for path in manifest_files(dir)? {
+            let meta = fs::metadata(&path)?;
+            entries.push((path, meta.len(), meta.modified().ok()));
+        }
+        Ok(Self(entries))
+    }
+}
