@@ -1,6 +1,6 @@
 //! Command line.
 
-use std::net::Ipv4Addr;
+use std::{net::Ipv4Addr, path::PathBuf};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use svc_agent::datapath::BpfLogLevel;
@@ -33,12 +33,27 @@ pub enum Command {
 
 #[derive(Args)]
 pub struct RunArgs {
-    /// Host side of a pod veth to translate pod traffic at (repeatable).
-    #[arg(long = "pod-iface", value_name = "IFACE")]
+    /// Directory of Service, EndpointSlice and Endpoints manifests (the YAML
+    /// `kubectl apply -f` takes) to serve; watched for changes.
+    #[arg(long, value_name = "DIR")]
+    pub manifests: Option<PathBuf>,
+    /// This node's name, to tell local endpoints (`nodeName`) from remote
+    /// ones. Defaults to the host name.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// This proxy's name: services labelled
+    /// `service.kubernetes.io/service-proxy-name` with another value are
+    /// left alone.
+    #[arg(long)]
+    pub service_proxy_name: Option<String>,
+    /// Host side of pod veths to translate pod traffic at: a name or a
+    /// pattern with `*` (repeatable). Matching interfaces that appear later
+    /// are attached too.
+    #[arg(long = "pod-iface", value_name = "PATTERN")]
     pub pod_ifaces: Vec<String>,
-    /// Node uplink to translate node-port, external and reply traffic at
-    /// (repeatable).
-    #[arg(long = "uplink", value_name = "IFACE")]
+    /// Node uplinks to translate node-port, external and reply traffic at:
+    /// a name or a pattern with `*` (repeatable).
+    #[arg(long = "uplink", value_name = "PATTERN")]
     pub uplinks: Vec<String>,
     /// A node address node ports answer on (repeatable).
     #[arg(long = "node-addr", value_name = "IPV4")]

@@ -5,3 +5,4 @@
 pub mod datapath;
 pub mod model;
 pub mod source;
+pub mod sync;

@@ -2,11 +2,16 @@
 
 mod cli;
 
-use std::time::Duration;
+use std::{collections::BTreeSet, time::Duration};
 
 use anyhow::{Context as _, Result};
 use clap::Parser as _;
-use svc_agent::datapath::{Capacities, Datapath, LoadOptions, StatsSnapshot, current_netns_cookie};
+use svc_agent::{
+    datapath::{Capacities, Datapath, LoadOptions, StatsSnapshot, current_netns_cookie, ifaces},
+    model::{NodeInfo, Settings, translate},
+    source::manifests::Watch,
+    sync::Applier,
+};
 use svc_common::config::DatapathConfig;
 use tokio::{io::unix::AsyncFd, signal, time};
 use tracing::{info, warn};
@@ -56,10 +61,6 @@ async fn run(args: RunArgs) -> Result<()> {
         ..LoadOptions::default()
     };
     let mut datapath = Datapath::load(&options).context("loading the datapath")?;
-    datapath
-        .maps_mut()
-        .set_node_addrs(&args.node_addrs)
-        .context("writing node addresses")?;
     let logger = datapath.logger().context("starting the eBPF logger")?;
     // SAFETY: the logger owns its ring buffer's fd, which stays open and
     // unchanged until the AsyncFd drops the logger.
@@ -81,29 +82,41 @@ async fn run(args: RunArgs) -> Result<()> {
         }
     });
 
-    for iface in &args.pod_ifaces {
-        datapath
-            .attach_pod(iface)
-            .with_context(|| format!("attaching to pod interface {iface}"))?;
-        info!(%iface, "attached to pod interface");
-    }
-    for iface in &args.uplinks {
-        datapath
-            .attach_uplink(iface)
-            .with_context(|| format!("attaching to uplink {iface}"))?;
-        info!(%iface, "attached to uplink");
-    }
     if !args.no_host_sockets {
         let cgroup = datapath
             .attach_host_sockets()
             .context("attaching the host socket hooks")?;
         info!(cgroup = %cgroup.display(), "translating host sockets");
     }
+    let mut attached = Attached::default();
+    attached.rescan(&mut datapath, &args);
+
+    let node = NodeInfo {
+        name: args.node_name.clone().unwrap_or_else(hostname),
+        addrs: args.node_addrs.clone(),
+    };
+    let settings = Settings {
+        proxy_name: args.service_proxy_name.clone(),
+    };
+    let mut watch = args.manifests.as_deref().map(Watch::new);
+    let mut applier = Applier::new();
+    if watch.is_none() {
+        info!("no --manifests directory: nothing to serve, counting packets only");
+    }
 
     let mut last = StatsSnapshot::default();
     let mut ticker = time::interval(Duration::from_secs(args.stats_interval_secs.max(1)));
+    // Manifest changes are picked up within a poll; a burst of edits
+    // inside one poll is applied once.
+    let mut poll = time::interval(Duration::from_millis(200));
     loop {
         tokio::select! {
+            _ = poll.tick() => {
+                attached.rescan(&mut datapath, &args);
+                if let Some(watch) = watch.as_mut() {
+                    sync_manifests(watch, &node, &settings, &mut applier, &mut datapath);
+                }
+            }
             _ = ticker.tick() => {
                 let now = datapath.stats().context("reading counters")?;
                 for (counter, delta) in now.since(&last) {
@@ -118,4 +131,92 @@ async fn run(args: RunArgs) -> Result<()> {
             }
         }
     }
+}
+
+/// Interfaces the programs are attached to; new ones matching the
+/// patterns (pods come and go) are attached as they appear.
+#[derive(Default)]
+struct Attached {
+    pods: BTreeSet<String>,
+    uplinks: BTreeSet<String>,
+}
+
+impl Attached {
+    fn rescan(&mut self, datapath: &mut Datapath, args: &RunArgs) {
+        let present = ifaces::interfaces();
+        for name in &present {
+            let is = |patterns: &[String]| patterns.iter().any(|p| ifaces::matches(p, name));
+            if is(&args.uplinks) && !self.uplinks.contains(name) {
+                match datapath.attach_uplink(name) {
+                    Ok(_) => {
+                        info!(iface = %name, "attached to uplink");
+                        self.uplinks.insert(name.clone());
+                    }
+                    Err(err) => warn!(iface = %name, error = %err, "attaching to uplink failed"),
+                }
+            } else if is(&args.pod_ifaces)
+                && !self.pods.contains(name)
+                && !self.uplinks.contains(name)
+            {
+                match datapath.attach_pod(name) {
+                    Ok(_) => {
+                        info!(iface = %name, "attached to pod interface");
+                        self.pods.insert(name.clone());
+                    }
+                    Err(err) => {
+                        warn!(iface = %name, error = %err, "attaching to pod interface failed");
+                    }
+                }
+            }
+        }
+        // Gone interfaces took their links with them.
+        self.pods.retain(|name| present.contains(name));
+        self.uplinks.retain(|name| present.contains(name));
+    }
+}
+
+/// Reloads the manifests if they changed, and brings the maps in line.
+fn sync_manifests(
+    watch: &mut Watch,
+    node: &NodeInfo,
+    settings: &Settings,
+    applier: &mut Applier,
+    datapath: &mut Datapath,
+) {
+    let (objects, problems) = match watch.poll() {
+        Ok(Some(loaded)) => loaded,
+        Ok(None) => return,
+        Err(err) => {
+            // The datapath keeps serving what it last had.
+            warn!(error = %err, "reading the manifest directory failed");
+            return;
+        }
+    };
+    let translation = translate(&objects.services, &objects.slices, node, settings);
+    for problem in problems.iter().chain(&translation.problems) {
+        if problem.warning {
+            warn!(object = %problem.object, "{}", problem.message);
+        } else {
+            tracing::debug!(object = %problem.object, "{}", problem.message);
+        }
+    }
+    let report = applier.apply(datapath.maps_mut(), &translation.desired);
+    for error in &report.errors {
+        warn!("{error}");
+    }
+    let (frontends, backends) = applier.sizes();
+    info!(
+        frontends,
+        backends,
+        written = report.frontends_written,
+        removed = report.frontends_removed,
+        backends_added = report.backends_added,
+        backends_removed = report.backends_removed,
+        "manifests applied"
+    );
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map_or_else(|_| "localhost".to_owned(), |name| name.trim().to_owned())
 }

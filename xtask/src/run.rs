@@ -1,11 +1,12 @@
 //! `cargo xtask run`: a sandbox node on this machine.
 //!
-//! A "node" network namespace with two "pod" namespaces behind veths, a
-//! small HTTP server in each pod that answers with its name and the client
-//! address it saw, and `svc-agent run` attached to the pods' host-side
-//! veths inside the node namespace. Everything lives in namespaces of its
-//! own, so the machine's own network is untouched; Ctrl-C stops the agent
-//! and removes the namespaces.
+//! A "node" network namespace with two "pod" namespaces behind veths and
+//! an "external" namespace behind the node's uplink, a small HTTP server in
+//! each pod that answers with its name and the client address it saw, and
+//! `svc-agent run` in the node namespace serving the manifests of
+//! `examples/sandbox/`. Everything lives in namespaces of its own, so the
+//! machine's own network is untouched; Ctrl-C stops the agent and removes
+//! the namespaces.
 
 use std::{
     fs::File,
@@ -22,6 +23,14 @@ use anyhow::{Context as _, Result, bail};
 use crate::cmd;
 
 const NODE_NS: &str = "svc-sbx-node";
+const EXT_NS: &str = "svc-sbx-ext";
+const NODE_NAME: &str = "sandbox-node";
+const UPLINK: &str = "sbx-uplink";
+const NODE_ADDR: Ipv4Addr = Ipv4Addr::new(172, 31, 0, 1);
+const EXT_ADDR: Ipv4Addr = Ipv4Addr::new(172, 31, 0, 2);
+/// externalIPs of the example services; the external namespace routes
+/// them to the node.
+const EXTERNAL_IP_NET: &str = "172.31.1.0/24";
 const PODS: &[&str] = &["pod1", "pod2"];
 const SERVER_PORT: u16 = 8080;
 
@@ -58,7 +67,10 @@ struct Sandbox {
 impl Sandbox {
     fn create(pods: &[Pod]) -> Result<Self> {
         // A sandbox left behind by a killed run is removed first.
-        for ns in std::iter::once(NODE_NS.to_owned()).chain(pods.iter().map(|p| p.ns.clone())) {
+        for ns in [NODE_NS.to_owned(), EXT_NS.to_owned()]
+            .into_iter()
+            .chain(pods.iter().map(|p| p.ns.clone()))
+        {
             if std::path::Path::new("/run/netns").join(&ns).exists() {
                 cmd::run(Command::new("ip").args(["netns", "del", &ns]))?;
             }
@@ -69,6 +81,20 @@ impl Sandbox {
         sandbox.add_ns(NODE_NS)?;
         ip(&["-n", NODE_NS, "link", "set", "lo", "up"])?;
         sysctl(NODE_NS, "net.ipv4.ip_forward", "1")?;
+        sandbox.add_ns(EXT_NS)?;
+        ip(&["-n", EXT_NS, "link", "set", "lo", "up"])?;
+        ip(&[
+            "link", "add", UPLINK, "netns", NODE_NS, "type", "veth", "peer", "name", "eth0",
+            "netns", EXT_NS,
+        ])?;
+        let node_cidr = format!("{NODE_ADDR}/24");
+        ip(&["-n", NODE_NS, "addr", "add", &node_cidr, "dev", UPLINK])?;
+        ip(&["-n", NODE_NS, "link", "set", UPLINK, "up"])?;
+        let ext_cidr = format!("{EXT_ADDR}/24");
+        ip(&["-n", EXT_NS, "addr", "add", &ext_cidr, "dev", "eth0"])?;
+        ip(&["-n", EXT_NS, "link", "set", "eth0", "up"])?;
+        let via = NODE_ADDR.to_string();
+        ip(&["-n", EXT_NS, "route", "add", EXTERNAL_IP_NET, "via", &via])?;
         for pod in pods {
             sandbox.add_ns(&pod.ns)?;
             ip(&["-n", &pod.ns, "link", "set", "lo", "up"])?;
@@ -210,23 +236,38 @@ pub fn sandbox() -> Result<()> {
     // SAFETY: the handler only stores to an atomic.
     unsafe { libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t) };
 
+    let manifests = cmd::workspace_root().join("examples/sandbox");
     let mut run = Command::new("ip");
     run.args(["netns", "exec", NODE_NS])
         .arg(&agent)
-        .args(["run", "--stats-interval-secs", "5"]);
-    for pod in &pods {
-        run.args(["--pod-iface", &pod.host_iface]);
-    }
+        .args([
+            "run",
+            "--stats-interval-secs",
+            "30",
+            "--node-name",
+            NODE_NAME,
+        ])
+        .args(["--node-addr", &NODE_ADDR.to_string(), "--uplink", UPLINK])
+        .args(["--pod-iface", "sbx-pod*", "--manifests"])
+        .arg(&manifests);
     let mut child = run.spawn().context("starting svc-agent")?;
 
-    let (first, second) = (&pods[0], &pods[1]);
+    let first = &pods[0];
     println!(
-        "\nsandbox: node namespace {NODE_NS}; pods {} ({}) and {} ({}) each serve HTTP on :{SERVER_PORT}.\n\
+        "\nsandbox: node namespace {NODE_NS} ({NODE_ADDR}), pods {} and {} serving HTTP on :{SERVER_PORT},\n\
+         external client namespace {EXT_NS} ({EXT_ADDR}). Services: {}/*.yaml (edit them: the agent follows).\n\
          Try, in another shell:\n  \
-         ip netns exec {} curl -s http://{}:{SERVER_PORT}/\n  \
-         ip netns exec {} curl -s http://{}:{SERVER_PORT}/\n\
-         The agent logs its packet counters every 5 s. Ctrl-C stops it and removes the sandbox.\n",
-        first.ns, first.addr, second.ns, second.addr, first.ns, second.addr, second.ns, first.addr,
+         ip netns exec {} curl -s http://10.96.0.10/        # ClusterIP from a pod\n  \
+         ip netns exec {NODE_NS} curl -s http://10.96.0.10/    # ClusterIP from the node\n  \
+         ip netns exec {EXT_NS} curl -s http://{NODE_ADDR}:30080/  # NodePort from outside\n  \
+         ip netns exec {EXT_NS} curl -s http://172.31.1.10/     # externalIP from outside\n  \
+         ip netns exec {} curl -s http://10.96.0.11/        # session affinity: always one pod\n\
+         Ctrl-C stops the agent and removes the sandbox.\n",
+        first.addr,
+        pods[1].addr,
+        manifests.display(),
+        first.ns,
+        first.ns,
     );
     let status = child.wait().context("waiting for svc-agent")?;
     drop(sandbox);

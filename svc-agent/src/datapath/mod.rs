@@ -2,6 +2,7 @@
 //! programs and reading or writing its maps.
 
 mod clock;
+pub mod ifaces;
 mod loader;
 mod maglev;
 mod maps;

@@ -274,18 +274,55 @@ pub fn load_dir(dir: &Path) -> std::io::Result<(Objects, Vec<Problem>)> {
     Ok((finish(parsed), problems))
 }
 
-/// What the directory looked like: each manifest's path, length and
-/// modification time. A different fingerprint means reload.
+/// What the directory looked like: each manifest's path, modification
+/// time and a hash of its content (two edits within one timestamp tick
+/// still differ). A different fingerprint means reload.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Fingerprint(Vec<(PathBuf, u64, Option<SystemTime>)>);
+pub struct Fingerprint(Vec<(PathBuf, Option<SystemTime>, u64)>);
 
 impl Fingerprint {
     pub fn of(dir: &Path) -> std::io::Result<Self> {
+        use std::hash::{Hash as _, Hasher as _};
         let mut entries = Vec::new();
         for path in manifest_files(dir)? {
-            let meta = fs::metadata(&path)?;
-            entries.push((path, meta.len(), meta.modified().ok()));
+            // A file removed between listing and reading is simply gone.
+            let Ok(content) = fs::read(&path) else {
+                continue;
+            };
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            content.hash(&mut hasher);
+            let modified = fs::metadata(&path).ok().and_then(|m| m.modified().ok());
+            entries.push((path, modified, hasher.finish()));
         }
         Ok(Self(entries))
+    }
+}
+
+/// A watched manifest directory: [`Watch::poll`] reloads it when a file
+/// was added, removed or changed since the last call.
+#[derive(Debug)]
+pub struct Watch {
+    dir: PathBuf,
+    last: Option<Fingerprint>,
+}
+
+impl Watch {
+    #[must_use]
+    pub fn new(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_owned(),
+            last: None,
+        }
+    }
+
+    /// The directory's objects if anything changed, else `None`.
+    pub fn poll(&mut self) -> std::io::Result<Option<(Objects, Vec<Problem>)>> {
+        let now = Fingerprint::of(&self.dir)?;
+        if self.last.as_ref() == Some(&now) {
+            return Ok(None);
+        }
+        let loaded = load_dir(&self.dir)?;
+        self.last = Some(now);
+        Ok(Some(loaded))
     }
 }
