@@ -3,7 +3,7 @@
 use std::{net::Ipv4Addr, path::PathBuf};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use svc_agent::datapath::BpfLogLevel;
+use svc_agent::datapath::{BpfLogLevel, DEFAULT_PIN_DIR};
 use svc_common::{
     ct::DEFAULT_CT_ENTRIES,
     lb::{DEFAULT_MAGLEV_SLOTS, DEFAULT_MAX_AFFINITY},
@@ -27,8 +27,17 @@ pub enum LogFormat {
 
 #[derive(Subcommand)]
 pub enum Command {
-    /// Load the datapath, attach it and run until Ctrl-C (detaching on exit).
+    /// Load the datapath (adopting what an earlier run pinned), attach it,
+    /// and serve the manifests until Ctrl-C. The pinned datapath keeps
+    /// serving after the agent exits.
     Run(RunArgs),
+    /// Remove everything the agent pinned: maps, connection tracking and
+    /// the links that keep the programs attached.
+    Cleanup {
+        /// The bpffs directory `run` pinned under.
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -74,6 +83,13 @@ pub struct RunArgs {
     /// Slots of the shared Maglev array.
     #[arg(long, default_value_t = DEFAULT_MAGLEV_SLOTS)]
     pub maglev_slots: u32,
+    /// bpffs directory for the maps and links, so the datapath outlives the
+    /// agent and a restart adopts it (connections survive).
+    #[arg(long, default_value = DEFAULT_PIN_DIR)]
+    pub pin_dir: PathBuf,
+    /// Pin nothing: the datapath goes away with the agent.
+    #[arg(long)]
+    pub no_pin: bool,
     /// Level of the eBPF programs' own log lines, fixed at load time.
     #[arg(long, value_enum, default_value_t = BpfLogLevel::Off)]
     pub bpf_log_level: BpfLogLevel,

@@ -24,6 +24,12 @@ async fn main() -> Result<()> {
     init_tracing(cli.log_format);
     match cli.command {
         Command::Run(args) => run(args).await,
+        Command::Cleanup { pin_dir } => {
+            Datapath::cleanup(&pin_dir)
+                .with_context(|| format!("removing {}", pin_dir.display()))?;
+            info!(dir = %pin_dir.display(), "removed the pinned datapath");
+            Ok(())
+        }
     }
 }
 
@@ -58,6 +64,7 @@ async fn run(args: RunArgs) -> Result<()> {
             maglev_slots: args.maglev_slots,
             ..Capacities::default()
         },
+        pin_dir: (!args.no_pin).then(|| args.pin_dir.clone()),
         ..LoadOptions::default()
     };
     let mut datapath = Datapath::load(&options).context("loading the datapath")?;
@@ -99,7 +106,14 @@ async fn run(args: RunArgs) -> Result<()> {
         proxy_name: args.service_proxy_name.clone(),
     };
     let mut watch = args.manifests.as_deref().map(Watch::new);
-    let mut applier = Applier::new();
+    let mut applier = if datapath.adopted() {
+        let applier = Applier::adopt(datapath.maps());
+        let (frontends, backends) = applier.sizes();
+        info!(frontends, backends, dir = %args.pin_dir.display(), "adopted the pinned datapath");
+        applier
+    } else {
+        Applier::new()
+    };
     if watch.is_none() {
         info!("no --manifests directory: nothing to serve, counting packets only");
     }
@@ -126,7 +140,11 @@ async fn run(args: RunArgs) -> Result<()> {
             }
             result = signal::ctrl_c() => {
                 result.context("waiting for Ctrl-C")?;
-                info!("shutting down; detaching");
+                if args.no_pin {
+                    info!("shutting down; detaching");
+                } else {
+                    info!(dir = %args.pin_dir.display(), "shutting down; the pinned datapath keeps serving (`svc-agent cleanup` removes it)");
+                }
                 return Ok(());
             }
         }
@@ -148,7 +166,7 @@ impl Attached {
             let is = |patterns: &[String]| patterns.iter().any(|p| ifaces::matches(p, name));
             if is(&args.uplinks) && !self.uplinks.contains(name) {
                 match datapath.attach_uplink(name) {
-                    Ok(_) => {
+                    Ok(()) => {
                         info!(iface = %name, "attached to uplink");
                         self.uplinks.insert(name.clone());
                     }
@@ -159,7 +177,7 @@ impl Attached {
                 && !self.uplinks.contains(name)
             {
                 match datapath.attach_pod(name) {
-                    Ok(_) => {
+                    Ok(()) => {
                         info!(iface = %name, "attached to pod interface");
                         self.pods.insert(name.clone());
                     }

@@ -70,6 +70,31 @@ impl Applier {
         }
     }
 
+    /// An applier that carries on from what the maps hold (pinned by an
+    /// earlier run): its next [`Applier::apply`] writes only the
+    /// differences, so flows and tables in use are left alone.
+    #[must_use]
+    pub fn adopt(maps: &Maps) -> Self {
+        let mut applier = Self::new();
+        for (id, spec) in maps.installed_backends() {
+            applier
+                .backends
+                .insert(spec.addr, InstalledBackend { id, spec });
+            applier.next_id = applier.next_id.max(id + 1);
+        }
+        let used: BTreeSet<BackendId> = applier.backends.values().map(|b| b.id).collect();
+        applier.free_ids = (1..applier.next_id)
+            .filter(|id| !used.contains(id))
+            .collect();
+        for (frontend, policy, ids) in maps.installed_frontends() {
+            applier
+                .frontends
+                .insert(frontend, InstalledFrontend { policy, ids });
+        }
+        applier.node_addrs = maps.installed_node_addrs();
+        applier
+    }
+
     /// Number of frontends and backends installed.
     #[must_use]
     pub fn sizes(&self) -> (usize, usize) {
@@ -84,9 +109,12 @@ impl Applier {
 
     pub fn apply(&mut self, maps: &mut Maps, desired: &Desired) -> Report {
         let mut report = Report::default();
-        if self.node_addrs != desired.node_addrs {
-            match maps.set_node_addrs(&desired.node_addrs) {
-                Ok(()) => self.node_addrs.clone_from(&desired.node_addrs),
+        let mut node_addrs = desired.node_addrs.clone();
+        node_addrs.sort_unstable();
+        node_addrs.dedup();
+        if self.node_addrs != node_addrs {
+            match maps.set_node_addrs(&node_addrs) {
+                Ok(()) => self.node_addrs = node_addrs,
                 Err(err) => report.errors.push(format!("node addresses: {err}")),
             }
         }

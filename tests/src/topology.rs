@@ -17,6 +17,7 @@
 use std::{
     collections::HashMap,
     net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    path::PathBuf,
     sync::atomic::{AtomicU32, Ordering},
     time::Duration,
 };
@@ -179,19 +180,25 @@ pub fn connect_from(from: SocketAddrV4, to: SocketAddrV4) -> std::io::Result<Tcp
     Ok(stream)
 }
 
-/// A node: its namespace, uplink, pods and loaded datapath.
+/// A node: its namespace, uplink, pods and loaded datapath (the agent's
+/// half of it: stopping the agent drops it).
 pub struct Node {
     pub name: &'static str,
     pub ns: NetNs,
     pub addr: Ipv4Addr,
     pub pods: Vec<Pod>,
-    pub datapath: Datapath,
+    datapath: Option<Datapath>,
+    options: LoadOptions,
+    host_sockets: bool,
     index: u8,
     bridge: bool,
 }
 
+static NEXT_PIN_DIR: AtomicU32 = AtomicU32::new(0);
+
 impl Node {
-    fn new(name: &'static str, index: u8, lan: &NetNs, bridge: bool, host_sockets: bool) -> Self {
+    fn new(name: &'static str, index: u8, lan: &NetNs, bridge: bool, options: Options) -> Self {
+        let host_sockets = options.host_sockets_on_node1 && index == 1;
         let ns = NetNs::new(name);
         let addr = Ipv4Addr::new(172, 16, 0, 10 + index);
         veth(&ns, "eth0", lan, &format!("n{index}"));
@@ -227,7 +234,14 @@ impl Node {
         if host_sockets {
             config.host_netns_cookie = ns.run(|| current_netns_cookie().expect("netns cookie"));
         }
-        let mut datapath = Datapath::load(&LoadOptions {
+        let pin_dir = options.pinned.then(|| {
+            PathBuf::from(format!(
+                "/sys/fs/bpf/svc-test-{}-{}-{name}",
+                std::process::id(),
+                NEXT_PIN_DIR.fetch_add(1, Ordering::Relaxed)
+            ))
+        });
+        let options = LoadOptions {
             config,
             capacities: Capacities {
                 ct_entries: 65_536,
@@ -236,28 +250,77 @@ impl Node {
                 backends: 1024,
                 ..Capacities::default()
             },
+            pin_dir,
             ..LoadOptions::default()
-        })
-        .expect("the datapath must load");
-        datapath
-            .maps_mut()
-            .set_node_addrs(&[addr])
-            .expect("node addresses");
-        ns.run(|| datapath.attach_uplink("eth0").expect("attach uplink"));
-        if host_sockets {
-            datapath
-                .attach_host_sockets()
-                .expect("attach the host socket hooks");
-        }
-        Self {
+        };
+        let mut node = Self {
             name,
             ns,
             addr,
             pods: Vec::new(),
-            datapath,
+            datapath: None,
+            options,
+            host_sockets,
             index,
             bridge,
+        };
+        assert!(
+            !node.start_agent(),
+            "{name}: a fresh datapath adopts nothing"
+        );
+        node.datapath_mut()
+            .maps_mut()
+            .set_node_addrs(&[addr])
+            .expect("node addresses");
+        node
+    }
+
+    /// The running agent's datapath.
+    ///
+    /// # Panics
+    ///
+    /// If the agent is stopped.
+    #[must_use]
+    pub fn datapath(&self) -> &Datapath {
+        self.datapath
+            .as_ref()
+            .unwrap_or_else(|| panic!("{}: the agent is stopped", self.name))
+    }
+
+    pub fn datapath_mut(&mut self) -> &mut Datapath {
+        let name = self.name;
+        self.datapath
+            .as_mut()
+            .unwrap_or_else(|| panic!("{name}: the agent is stopped"))
+    }
+
+    /// Stops the agent: its datapath is dropped. Pinned, the programs and
+    /// maps stay in the kernel and keep serving.
+    pub fn stop_agent(&mut self) {
+        self.datapath = None;
+    }
+
+    /// Starts the agent: loads the datapath and attaches it to the uplink
+    /// and every pod veth. Returns whether it adopted pinned maps.
+    pub fn start_agent(&mut self) -> bool {
+        let mut datapath = Datapath::load(&self.options).expect("the datapath must load");
+        self.ns
+            .run(|| datapath.attach_uplink("eth0").expect("attach uplink"));
+        for pod in &self.pods {
+            self.ns.run(|| {
+                datapath
+                    .attach_pod(&pod.host_iface)
+                    .expect("attach to the pod veth");
+            });
         }
+        if self.host_sockets {
+            datapath
+                .attach_host_sockets()
+                .expect("attach the host socket hooks");
+        }
+        let adopted = datapath.adopted();
+        self.datapath = Some(datapath);
+        adopted
     }
 
     /// Adds a pod with address `10.244.<node>.<host>`.
@@ -281,7 +344,7 @@ impl Node {
             ns.ip(&["route", "add", &format!("{gateway}"), "dev", "eth0"]);
         }
         ns.ip(&["route", "add", "default", "via", &gateway.to_string()]);
-        let datapath = &mut self.datapath;
+        let datapath = self.datapath.as_mut().expect("the agent runs");
         self.ns.run(|| {
             datapath
                 .attach_pod(&host_iface)
@@ -336,6 +399,18 @@ impl External {
 pub struct Options {
     /// Attach the host socket hooks on node1.
     pub host_sockets_on_node1: bool,
+    /// Pin each node's maps and links under its own bpffs directory, so
+    /// the datapath outlives the agent (removed with the cluster).
+    pub pinned: bool,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.datapath = None;
+        if let Some(dir) = &self.options.pin_dir {
+            let _ = Datapath::cleanup(dir);
+        }
+    }
 }
 
 /// Two nodes, a lan and an external client.
@@ -354,8 +429,8 @@ impl Cluster {
         let lan = NetNs::new("lan");
         lan.ip(&["link", "add", "br0", "type", "bridge"]);
         lan.ip(&["link", "set", "br0", "up"]);
-        let node1 = Node::new("node1", 1, &lan, false, options.host_sockets_on_node1);
-        let node2 = Node::new("node2", 2, &lan, true, false);
+        let node1 = Node::new("node1", 1, &lan, false, options);
+        let node2 = Node::new("node2", 2, &lan, true, options);
         let ext_ns = NetNs::new("ext");
         veth(&ext_ns, "eth0", &lan, "ext");
         lan.ip(&["link", "set", "ext", "master", "br0"]);
@@ -420,7 +495,8 @@ impl Cluster {
             .map(|&(addr, _)| self.backend_id(addr))
             .collect();
         for (index, node) in self.nodes.iter_mut().enumerate() {
-            let maps = node.datapath.maps_mut();
+            let node_name = node.name;
+            let maps = node.datapath_mut().maps_mut();
             let mut node_ids = Vec::new();
             for (&(addr, home), &id) in resolved.iter().zip(&ids) {
                 let local = home == index;
@@ -439,7 +515,7 @@ impl Cluster {
             }
             for frontend in frontends {
                 maps.upsert_service(frontend, &policy, &node_ids)
-                    .unwrap_or_else(|err| panic!("{}: {frontend:?}: {err}", node.name));
+                    .unwrap_or_else(|err| panic!("{node_name}: {frontend:?}: {err}"));
             }
         }
         ids
@@ -449,7 +525,7 @@ impl Cluster {
     /// using it), ending its flows.
     pub fn remove_backend(&mut self, id: BackendId) {
         for node in &mut self.nodes {
-            node.datapath
+            node.datapath_mut()
                 .maps_mut()
                 .remove_backend(id)
                 .unwrap_or_else(|err| panic!("{}: remove backend {id}: {err}", node.name));

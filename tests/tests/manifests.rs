@@ -11,6 +11,7 @@ use std::{
     io::ErrorKind,
     net::{Ipv4Addr, SocketAddrV4, TcpStream},
     path::PathBuf,
+    sync::atomic::{AtomicU32, Ordering},
     time::Duration,
 };
 
@@ -35,7 +36,12 @@ struct Agents {
 
 impl Agents {
     fn new(cluster: &Cluster) -> Self {
-        let dir = std::env::temp_dir().join(format!("svc-manifests-{}", std::process::id()));
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "svc-manifests-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).expect("manifest directory");
         let per_node = cluster
@@ -85,7 +91,10 @@ impl Agents {
                 "{:?}",
                 translation.problems
             );
-            let report = applier.apply(datapath_node.datapath.maps_mut(), &translation.desired);
+            let report = applier.apply(
+                datapath_node.datapath_mut().maps_mut(),
+                &translation.desired,
+            );
             assert!(report.errors.is_empty(), "{:?}", report.errors);
         }
     }
@@ -134,7 +143,11 @@ fn answers(cluster: &Cluster, to: SocketAddrV4, count: usize) -> HashMap<String,
 }
 
 fn cluster() -> Cluster {
-    let mut cluster = Cluster::new(Options::default());
+    cluster_with(Options::default())
+}
+
+fn cluster_with(options: Options) -> Cluster {
+    let mut cluster = Cluster::new(options);
     cluster.nodes[0].add_pod("z", 5);
     for (node, name, host) in [(0, "a", 2), (1, "b", 2)] {
         cluster.nodes[node].add_pod(name, host).serve_tcp(8080);
@@ -207,7 +220,7 @@ subsets:
     agents.remove("web.yaml");
     agents.sync(&mut cluster);
     for node in &cluster.nodes {
-        let maps = node.datapath.maps();
+        let maps = node.datapath().maps();
         let frontend = svc_agent::datapath::Frontend::Address {
             addr: CLUSTER_IP,
             port: 80,
@@ -304,4 +317,99 @@ fn the_applier_writes_only_what_changed_and_shares_backends() {
         svc_common::lb::DEFAULT_MAGLEV_SLOTS,
         "every block freed"
     );
+}
+
+/// Echoes a line over an established connection, panicking with `when`.
+fn echo(stream: &mut TcpStream, when: &str) {
+    use std::io::{Read as _, Write as _};
+    stream.write_all(b"ping\n").expect("write");
+    let mut buf = [0u8; 5];
+    stream
+        .read_exact(&mut buf)
+        .unwrap_or_else(|err| panic!("{when}: the established connection broke: {err}"));
+    assert_eq!(&buf, b"ping\n", "{when}");
+}
+
+#[test]
+fn established_connections_survive_an_agent_restart() {
+    let mut cluster = cluster_with(Options {
+        pinned: true,
+        ..Options::default()
+    });
+    let mut agents = Agents::new(&cluster);
+    agents.write(
+        "web.yaml",
+        &web(&[("10.244.1.2", "node1"), ("10.244.2.2", "node2")]),
+    );
+    agents.sync(&mut cluster);
+    let to = SocketAddrV4::new(CLUSTER_IP, 80);
+    let mut streams: Vec<TcpStream> = (0..6)
+        .map(|i| {
+            let stream = cluster
+                .pod("z")
+                .connect(to)
+                .unwrap_or_else(|err| panic!("connection {i}: {err}"));
+            read_answer(&stream, TIMEOUT).expect("answer");
+            stream
+        })
+        .collect();
+    let ct_before = cluster.nodes[0]
+        .datapath()
+        .maps()
+        .ct_entries()
+        .expect("CT")
+        .len();
+
+    // The agents stop: the pinned programs and maps keep serving.
+    for node in &mut cluster.nodes {
+        node.stop_agent();
+    }
+    for (i, stream) in streams.iter_mut().enumerate() {
+        echo(stream, &format!("connection {i} with the agents stopped"));
+    }
+    let seen = answers(&cluster, to, 10);
+    assert!(
+        !seen.is_empty(),
+        "new connections work with the agents stopped"
+    );
+
+    // They start again, adopt the pinned maps, resync: nothing to write.
+    for node in &mut cluster.nodes {
+        assert!(node.start_agent(), "{}: adopts the pinned maps", node.name);
+    }
+    for ((_, node_info, applier), node) in agents.per_node.iter_mut().zip(&mut cluster.nodes) {
+        *applier = Applier::adopt(node.datapath().maps());
+        let (objects, _) = svc_agent::source::manifests::load_dir(&agents.dir).expect("manifests");
+        let translation = translate(
+            &objects.services,
+            &objects.slices,
+            node_info,
+            &Settings::default(),
+        );
+        let report = applier.apply(node.datapath_mut().maps_mut(), &translation.desired);
+        assert!(
+            !report.changed() && report.errors.is_empty(),
+            "{}: an unchanged cluster writes nothing after a restart: {report:?}",
+            node.name
+        );
+    }
+    let ct_after = cluster.nodes[0]
+        .datapath()
+        .maps()
+        .ct_entries()
+        .expect("CT")
+        .len();
+    assert!(
+        ct_after >= ct_before,
+        "connection tracking kept across the restart ({ct_before} entries before, {ct_after} after)"
+    );
+    for (i, stream) in streams.iter_mut().enumerate() {
+        echo(stream, &format!("connection {i} after the restart"));
+    }
+
+    // And the restarted agents still follow the files.
+    agents.write("web.yaml", &web(&[("10.244.2.2", "node2")]));
+    agents.sync(&mut cluster);
+    let seen = answers(&cluster, to, 10);
+    assert_eq!(seen.keys().collect::<Vec<_>>(), vec!["b"], "{seen:?}");
 }

@@ -184,6 +184,7 @@ fn service_ports_map_to_their_own_target_ports() {
 fn a_process_on_the_node_reaches_a_cluster_ip() {
     let mut cluster = cluster(Options {
         host_sockets_on_node1: true,
+        ..Options::default()
     });
     cluster.apply(
         &[tcp(CLUSTER_IP, 80)],
@@ -197,7 +198,7 @@ fn a_process_on_the_node_reaches_a_cluster_ip() {
     );
     cluster.apply(&[tcp(CLUSTER_IP_2, 80)], ServicePolicy::default(), &[]);
     let node = &cluster.nodes[0];
-    let before = node.datapath.stats().expect("counters");
+    let before = node.datapath().stats().expect("counters");
 
     let mut names = Vec::new();
     for i in 0..20 {
@@ -240,7 +241,7 @@ fn a_process_on_the_node_reaches_a_cluster_ip() {
         "refused at once, not timed out"
     );
 
-    let moved = node.datapath.stats().expect("counters").since(&before);
+    let moved = node.datapath().stats().expect("counters").since(&before);
     let packets = |counter| {
         moved
             .iter()
@@ -331,7 +332,7 @@ fn node_port_with_traffic_policy_local_keeps_the_source_and_uses_only_local_back
         .expect_err("node2 has no local endpoint and must not forward");
     assert_eq!(err.kind(), ErrorKind::TimedOut, "dropped silently: {err}");
     let dropped = cluster.nodes[1]
-        .datapath
+        .datapath()
         .stats()
         .expect("counters")
         .get(Counter::DropNoBackend);
@@ -424,7 +425,7 @@ fn session_affinity_pins_a_client_until_its_timeout() {
     // After the timeout the next connection follows Maglev again: pick a
     // source port that Maglev sends elsewhere.
     thread::sleep(Duration::from_millis(1500));
-    let maps = cluster.nodes[0].datapath.maps();
+    let maps = cluster.nodes[0].datapath().maps();
     let port = port_avoiding(maps, frontend, client, affine_id, 45_000);
     let expected = predict(
         maps,

@@ -9,7 +9,9 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader, include_bytes_aligned,
     programs::{
-        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, tc::SchedClassifierLinkId,
+        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType,
+        links::{FdLink, PinnedLink},
+        tc::SchedClassifierLink,
     },
 };
 use aya_log::EbpfLogger;
@@ -43,7 +45,11 @@ pub const SOCK_PROGRAMS: [&str; 4] = [
     "svc_getpeername4",
 ];
 
-/// Maps the agent relies on; loading fails if the object lacks one.
+/// Default bpffs directory of `svc-agent run`.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/svc-proxy";
+
+/// Maps the agent relies on (and pins); loading fails if the object lacks
+/// one.
 const REQUIRED_MAPS: &[&str] = &[
     STATS_MAP,
     SERVICES_MAP,
@@ -104,6 +110,10 @@ pub struct LoadOptions {
     pub capacities: Capacities,
     /// Minimum Maglev slots per backend (the table is the next prime up).
     pub maglev_slots_per_backend: u32,
+    /// A bpffs directory to pin the maps and tc links in. The datapath
+    /// then outlives the agent: a later load adopts the maps (connection
+    /// tracking included) and takes the links over in place.
+    pub pin_dir: Option<PathBuf>,
 }
 
 impl Default for LoadOptions {
@@ -113,6 +123,7 @@ impl Default for LoadOptions {
             config: DatapathConfig::DEFAULT,
             capacities: Capacities::default(),
             maglev_slots_per_backend: DEFAULT_SLOTS_PER_BACKEND,
+            pin_dir: None,
         }
     }
 }
@@ -121,6 +132,12 @@ impl Default for LoadOptions {
 pub struct Datapath {
     ebpf: Ebpf,
     maps: Maps,
+    pin_dir: Option<PathBuf>,
+    /// Whether the maps came from an earlier run's pins.
+    adopted: bool,
+    // Held so the pins' links stay ours until drop; the pins keep them
+    // attached after.
+    pinned_links: Vec<PinnedLink>,
 }
 
 impl Datapath {
@@ -135,11 +152,26 @@ impl Datapath {
         }
         let level = options.bpf_log_level as u8;
         let caps = options.capacities;
+        let mut adopted = false;
+        if let Some(dir) = &options.pin_dir {
+            ensure_bpffs()?;
+            fs::create_dir_all(dir.join("links")).map_err(|source| Error::Pin {
+                path: dir.clone(),
+                source,
+            })?;
+            adopted = dir.join(SERVICES_MAP).exists();
+        }
         let mut config = options.config;
         if config.ns_per_tick == 0 {
             config.ns_per_tick = super::tick_ns().unwrap_or(0);
         }
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        if let Some(dir) = &options.pin_dir {
+            for &name in REQUIRED_MAPS {
+                loader.map_pin_path(name, dir.join(name));
+            }
+        }
+        let mut ebpf = loader
             .override_global(aya_log::LEVEL, &level, true)
             .override_global(CONFIG_GLOBAL, &config, true)
             .map_max_entries(CT_MAP, caps.ct_entries)
@@ -166,8 +198,36 @@ impl Datapath {
                 .load()
                 .map_err(|source| Error::Program { name, source })?;
         }
-        let maps = Maps::take(&mut ebpf, options.maglev_slots_per_backend)?;
-        Ok(Self { ebpf, maps })
+        let mut maps = Maps::take(&mut ebpf, options.maglev_slots_per_backend)?;
+        if adopted {
+            maps.adopt()?;
+        }
+        Ok(Self {
+            ebpf,
+            maps,
+            pin_dir: options.pin_dir.clone(),
+            adopted,
+            pinned_links: Vec::new(),
+        })
+    }
+
+    /// Whether the maps were adopted from an earlier run's pins.
+    #[must_use]
+    pub const fn adopted(&self) -> bool {
+        self.adopted
+    }
+
+    /// Removes everything pinned under `dir`: the maps are freed and the
+    /// links detach once no program holds them.
+    pub fn cleanup(dir: &Path) -> Result<()> {
+        match fs::remove_dir_all(dir) {
+            Ok(()) => Ok(()),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(Error::Pin {
+                path: dir.to_owned(),
+                source,
+            }),
+        }
     }
 
     /// Takes the eBPF log ring buffer; poll the returned logger to forward
@@ -178,16 +238,16 @@ impl Datapath {
 
     /// Attaches the pod program at ingress of a pod veth's host side, in
     /// the caller's network namespace. The link lives as long as `self`.
-    pub fn attach_pod(&mut self, iface: &str) -> Result<SchedClassifierLinkId> {
+    pub fn attach_pod(&mut self, iface: &str) -> Result<()> {
         self.attach_tc(FROM_POD_PROGRAM, iface)
     }
 
     /// Attaches the uplink program at ingress of a node uplink.
-    pub fn attach_uplink(&mut self, iface: &str) -> Result<SchedClassifierLinkId> {
+    pub fn attach_uplink(&mut self, iface: &str) -> Result<()> {
         self.attach_tc(FROM_UPLINK_PROGRAM, iface)
     }
 
-    fn attach_tc(&mut self, program: &'static str, iface: &str) -> Result<SchedClassifierLinkId> {
+    fn attach_tc(&mut self, program: &'static str, iface: &str) -> Result<()> {
         // Translated packets may carry a node address as their source
         // (masquerade, hairpin): the kernel must accept them on ingress,
         // also where a bridge is the device they enter the stack by (the
@@ -195,13 +255,49 @@ impl Datapath {
         set_iface_sysctl(iface, "accept_local", "1")?;
         set_iface_sysctl("all", "accept_local", "1")?;
         set_iface_sysctl(iface, "rp_filter", "0")?;
-        classifier_mut(&mut self.ebpf, program)?
+        let attach_error = |source| Error::Attach {
+            program,
+            iface: iface.to_owned(),
+            source,
+        };
+        let classifier = classifier_mut(&mut self.ebpf, program)?;
+        let Some(dir) = &self.pin_dir else {
+            classifier
+                .attach(iface, TcAttachType::Ingress)
+                .map_err(attach_error)?;
+            return Ok(());
+        };
+        let path = dir.join("links").join(format!("tc-ingress-{iface}"));
+        if path.exists() {
+            // An earlier run's link: swap our program in, atomically, so
+            // not one packet goes untranslated.
+            let taken = PinnedLink::from_pin(&path)
+                .map(FdLink::from)
+                .and_then(SchedClassifierLink::try_from);
+            if let Ok(link) = taken
+                && classifier.attach_to_link(link).is_ok()
+            {
+                return Ok(());
+            }
+            // Its interface went away and came back: the link is dead.
+            let _ = fs::remove_file(&path);
+        }
+        let id = classifier
             .attach(iface, TcAttachType::Ingress)
-            .map_err(|source| Error::Attach {
-                program,
-                iface: iface.to_owned(),
-                source,
-            })
+            .map_err(attach_error)?;
+        let link = classifier.take_link(id).map_err(attach_error)?;
+        let pinned = FdLink::try_from(link)
+            .map_err(|err| Error::Pin {
+                path: path.clone(),
+                source: std::io::Error::other(err),
+            })?
+            .pin(&path)
+            .map_err(|err| Error::Pin {
+                path: path.clone(),
+                source: std::io::Error::other(err),
+            })?;
+        self.pinned_links.push(pinned);
+        Ok(())
     }
 
     /// Attaches the socket programs to the cgroup v2 hierarchy's root, so
@@ -269,6 +365,46 @@ fn sock_program_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mu
 fn set_iface_sysctl(iface: &str, key: &str, value: &str) -> Result<()> {
     let path = Path::new("/proc/sys/net/ipv4/conf").join(iface).join(key);
     fs::write(&path, value).map_err(|source| Error::Sysctl { path, source })
+}
+
+/// Where bpffs lives.
+const BPFFS: &str = "/sys/fs/bpf";
+const BPF_FS_MAGIC: libc::c_long = 0xcafe_4a11;
+
+/// Mounts bpffs at `/sys/fs/bpf` unless it is there already (a fresh
+/// machine may not have it mounted).
+fn ensure_bpffs() -> Result<()> {
+    let path = std::ffi::CString::new(BPFFS).map_err(|_| Error::Pin {
+        path: PathBuf::from(BPFFS),
+        source: std::io::ErrorKind::InvalidInput.into(),
+    })?;
+    let pin_error = |source| Error::Pin {
+        path: PathBuf::from(BPFFS),
+        source,
+    };
+    // SAFETY: a zeroed statfs is a valid out-parameter.
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a valid buffer.
+    if unsafe { libc::statfs(path.as_ptr(), &raw mut stat) } != 0 {
+        return Err(pin_error(std::io::Error::last_os_error()));
+    }
+    if stat.f_type == BPF_FS_MAGIC {
+        return Ok(());
+    }
+    // SAFETY: NUL-terminated strings that outlive the call; no data.
+    let rc = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            path.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(pin_error(std::io::Error::last_os_error()));
+    }
+    Ok(())
 }
 
 /// Where the agent mounts cgroup v2 when its mount namespace has none.

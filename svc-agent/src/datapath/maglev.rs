@@ -63,6 +63,26 @@ impl SlotAllocator {
         self.free.insert(offset, len);
     }
 
+    /// Marks `block` as owned (adopting the tables of a previous run).
+    /// `false` if any of its slots is already owned or out of range.
+    pub fn reserve(&mut self, block: Block) -> bool {
+        let end = block.offset + block.len;
+        let Some((&start, &run)) = self.free.range(..=block.offset).next_back() else {
+            return false;
+        };
+        if start + run < end {
+            return false;
+        }
+        self.free.remove(&start);
+        if block.offset > start {
+            self.free.insert(start, block.offset - start);
+        }
+        if start + run > end {
+            self.free.insert(end, start + run - end);
+        }
+        true
+    }
+
     /// Slots not owned by any block.
     #[must_use]
     pub fn free_slots(&self) -> u32 {
@@ -195,5 +215,31 @@ mod tests {
             }),
             "freed runs merge back into one"
         );
+    }
+
+    #[test]
+    fn reserving_adopted_blocks_splits_the_free_runs() {
+        let mut slots = SlotAllocator::new(1000);
+        assert!(slots.reserve(Block {
+            offset: 100,
+            len: 251
+        }));
+        assert!(
+            !slots.reserve(Block {
+                offset: 300,
+                len: 10
+            }),
+            "overlaps"
+        );
+        assert!(
+            !slots.reserve(Block {
+                offset: 990,
+                len: 20
+            }),
+            "past the end"
+        );
+        assert_eq!(slots.free_slots(), 749);
+        assert_eq!(slots.allocate(100).map(|b| b.offset), Some(0));
+        assert_eq!(slots.allocate(101).map(|b| b.offset), Some(351));
     }
 }

@@ -84,6 +84,29 @@ impl Frontend {
     }
 }
 
+impl Frontend {
+    /// The frontend a map key stands for; `None` for a key no frontend
+    /// writes (an unknown scope or protocol).
+    #[must_use]
+    pub fn from_key(key: &ServiceKey) -> Option<Self> {
+        let protocol = match key.protocol {
+            proto::TCP => Protocol::Tcp,
+            proto::UDP => Protocol::Udp,
+            _ => return None,
+        };
+        let port = u16::from_be(key.port);
+        match key.scope {
+            SCOPE_ADDR => Some(Self::Address {
+                addr: Ipv4Addr::from(key.addr.to_ne_bytes()),
+                port,
+                protocol,
+            }),
+            SCOPE_NODEPORT => Some(Self::NodePort { port, protocol }),
+            _ => None,
+        }
+    }
+}
+
 /// How a frontend treats its traffic.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ServicePolicy {
@@ -107,7 +130,30 @@ pub struct BackendSpec {
     pub terminating: bool,
 }
 
+impl ServicePolicy {
+    fn from_value(value: &ServiceValue) -> Self {
+        Self {
+            masquerade_external: value.flags & SVC_F_SNAT_EXTERNAL != 0,
+            local_only: value.flags & SVC_F_LOCAL_ONLY != 0,
+            affinity_timeout_secs: (value.flags & SVC_F_AFFINITY != 0)
+                .then_some(value.affinity_timeout_secs),
+            drop_when_empty: value.on_empty == EMPTY_DROP,
+        }
+    }
+}
+
 impl BackendSpec {
+    fn from_value(value: Backend) -> Self {
+        Self {
+            addr: SocketAddrV4::new(
+                Ipv4Addr::from(value.addr.to_ne_bytes()),
+                u16::from_be(value.port),
+            ),
+            local: value.flags & BACKEND_F_LOCAL != 0,
+            terminating: value.flags & BACKEND_F_TERMINATING != 0,
+        }
+    }
+
     fn value(self) -> Backend {
         let mut flags = 0;
         if self.local {
@@ -201,6 +247,99 @@ impl Maps {
             free_ids: Vec::new(),
             next_id: 0,
         })
+    }
+
+    /// Rebuilds the bookkeeping from the maps' contents: maps pinned by a
+    /// previous run keep their services, backends, tables and connection
+    /// tracking, and this run carries on from them.
+    pub(super) fn adopt(&mut self) -> Result<()> {
+        for entry in self.node_addrs.keys() {
+            let addr = entry.map_err(map_error(NODE_ADDRS_MAP))?;
+            self.node_addr_set
+                .insert(Ipv4Addr::from(addr.to_ne_bytes()));
+        }
+        for (id, backend) in self.backends.iter().enumerate() {
+            let backend = backend.map_err(map_error(BACKENDS_MAP))?;
+            if backend.addr != 0 {
+                let id = BackendId::try_from(id).unwrap_or(BackendId::MAX);
+                self.backend_values.insert(id, backend);
+            }
+        }
+        let entries: Vec<(ServiceKey, ServiceValue)> = self
+            .services
+            .iter()
+            .collect::<std::result::Result<_, _>>()
+            .map_err(map_error(SERVICES_MAP))?;
+        let mut used_ids = HashSet::new();
+        for (key, value) in entries {
+            let block = (value.maglev_size > 0).then_some(Block {
+                offset: value.maglev_offset,
+                len: value.maglev_size,
+            });
+            if let Some(block) = block
+                && !self.slots.reserve(block)
+            {
+                return Err(Error::Adopt(format!(
+                    "frontend {key:?}: its Maglev block {block:?} overlaps another or lies outside the map"
+                )));
+            }
+            let mut backends: Vec<BackendId> = block
+                .map(|block| {
+                    (block.offset..block.offset + block.len)
+                        .filter_map(|slot| self.maglev.slot(slot))
+                        .collect()
+                })
+                .unwrap_or_default();
+            backends.sort_unstable();
+            backends.dedup();
+            used_ids.insert(value.id);
+            self.installed.insert(
+                key,
+                Installed {
+                    value,
+                    block,
+                    backends,
+                },
+            );
+        }
+        self.next_id = used_ids.iter().max().map_or(0, |max| max + 1);
+        self.free_ids = (0..self.next_id)
+            .filter(|id| !used_ids.contains(id))
+            .collect();
+        Ok(())
+    }
+
+    /// Every installed frontend: its policy and the backends its table
+    /// names.
+    #[must_use]
+    pub fn installed_frontends(&self) -> Vec<(Frontend, ServicePolicy, Vec<BackendId>)> {
+        self.installed
+            .iter()
+            .filter_map(|(key, installed)| {
+                Some((
+                    Frontend::from_key(key)?,
+                    ServicePolicy::from_value(&installed.value),
+                    installed.backends.clone(),
+                ))
+            })
+            .collect()
+    }
+
+    /// Every installed backend.
+    #[must_use]
+    pub fn installed_backends(&self) -> Vec<(BackendId, BackendSpec)> {
+        self.backend_values
+            .iter()
+            .map(|(id, value)| (*id, BackendSpec::from_value(*value)))
+            .collect()
+    }
+
+    /// The node addresses installed.
+    #[must_use]
+    pub fn installed_node_addrs(&self) -> Vec<Ipv4Addr> {
+        let mut addrs: Vec<Ipv4Addr> = self.node_addr_set.iter().copied().collect();
+        addrs.sort_unstable();
+        addrs
     }
 
     /// Sets the node's own addresses (where node ports answer).

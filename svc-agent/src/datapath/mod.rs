@@ -12,8 +12,8 @@ use std::path::PathBuf;
 
 pub use clock::tick_ns;
 pub use loader::{
-    BpfLogLevel, Capacities, Datapath, EBPF_OBJECT, FROM_POD_PROGRAM, FROM_UPLINK_PROGRAM,
-    LoadOptions, SOCK_PROGRAMS, cgroup2_mount, current_netns_cookie,
+    BpfLogLevel, Capacities, DEFAULT_PIN_DIR, Datapath, EBPF_OBJECT, FROM_POD_PROGRAM,
+    FROM_UPLINK_PROGRAM, LoadOptions, SOCK_PROGRAMS, cgroup2_mount, current_netns_cookie,
 };
 pub use maglev::{Block, SlotAllocator};
 pub use maps::{BackendSpec, Frontend, Maps, Protocol, ServicePolicy};
@@ -82,6 +82,14 @@ pub enum Error {
     ServicesFull { capacity: u32 },
     #[error("no room for a Maglev table of {needed} slots ({free} free slots, fragmented or used)")]
     MaglevFull { needed: u32, free: u32 },
+    #[error("adopting the pinned maps: {0}; `svc-agent cleanup` starts afresh")]
+    Adopt(String),
+    #[error("pinning under {path}: {source}")]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
