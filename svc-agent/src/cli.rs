@@ -3,7 +3,10 @@
 use std::{net::Ipv4Addr, path::PathBuf};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use svc_agent::datapath::{BpfLogLevel, DEFAULT_PIN_DIR};
+use svc_agent::{
+    datapath::{BpfLogLevel, DEFAULT_PIN_DIR},
+    inspect::DEFAULT_STATE_FILE,
+};
 use svc_common::{
     ct::DEFAULT_CT_ENTRIES,
     lb::{DEFAULT_MAGLEV_SLOTS, DEFAULT_MAX_AFFINITY},
@@ -31,6 +34,31 @@ pub enum Command {
     /// and serve the manifests until Ctrl-C. The pinned datapath keeps
     /// serving after the agent exits.
     Run(RunArgs),
+    /// List the frontends in the pinned maps: service, address, type,
+    /// backends, affinity, traffic.
+    Services(InspectArgs),
+    /// The backends of a service (`namespace/name`) and their traffic.
+    Backends {
+        /// `namespace/name` of the service.
+        service: String,
+        #[command(flatten)]
+        inspect: InspectArgs,
+    },
+    /// Connection-tracking entries, optionally only those mentioning a
+    /// string (an address, `addr:port`, ...).
+    Conntrack {
+        #[arg(long)]
+        filter: Option<String>,
+        #[command(flatten)]
+        inspect: InspectArgs,
+    },
+    /// A frontend's Maglev table: its size and each backend's share.
+    Maglev {
+        /// `ADDR:PORT/PROTO` or `*:NODEPORT/PROTO`.
+        frontend: String,
+        #[command(flatten)]
+        inspect: InspectArgs,
+    },
     /// Remove everything the agent pinned: maps, connection tracking and
     /// the links that keep the programs attached.
     Cleanup {
@@ -40,8 +68,35 @@ pub enum Command {
     },
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Args)]
+pub struct InspectArgs {
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    /// The bpffs directory `run` pinned under.
+    #[arg(long, default_value = DEFAULT_PIN_DIR)]
+    pub pin_dir: PathBuf,
+    /// Where `run` records its frontends' service names.
+    #[arg(long, default_value = DEFAULT_STATE_FILE)]
+    pub state_file: PathBuf,
+}
+
 #[derive(Args)]
 pub struct RunArgs {
+    /// Run in this network namespace (a name `ip netns` knows) instead of
+    /// the caller's; the mount namespace, and so bpffs, stay the caller's.
+    #[arg(long, value_name = "NAME")]
+    pub netns: Option<String>,
+    /// Where to record the frontends' service names for the inspection
+    /// commands.
+    #[arg(long, default_value = DEFAULT_STATE_FILE)]
+    pub state_file: PathBuf,
     /// Directory of Service, EndpointSlice and Endpoints manifests (the YAML
     /// `kubectl apply -f` takes) to serve; watched for changes.
     #[arg(long, value_name = "DIR")]

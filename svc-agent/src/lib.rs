@@ -3,6 +3,7 @@
 //! drive the same library.
 
 pub mod datapath;
+pub mod inspect;
 pub mod model;
 pub mod source;
 pub mod sync;

@@ -1,6 +1,7 @@
 //! `svc-agent`: the per-node service proxy agent.
 
 mod cli;
+mod inspect_cmd;
 
 use std::{collections::BTreeSet, time::Duration};
 
@@ -18,12 +19,27 @@ use tracing::{info, warn};
 
 use crate::cli::{Cli, Command, LogFormat, RunArgs};
 
-#[tokio::main]
-async fn main() -> Result<()> {
+fn main() -> Result<()> {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
     match cli.command {
-        Command::Run(args) => run(args).await,
+        Command::Run(args) => {
+            if let Some(netns) = &args.netns {
+                // Before any thread exists: the runtime's threads inherit it.
+                enter_netns(netns)?;
+            }
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?
+                .block_on(run(args))
+        }
+        Command::Services(args) => inspect_cmd::services(&args),
+        Command::Backends { service, inspect } => inspect_cmd::backends(&service, &inspect),
+        Command::Conntrack { filter, inspect } => {
+            inspect_cmd::conntrack(filter.as_deref(), &inspect)
+        }
+        Command::Maglev { frontend, inspect } => inspect_cmd::maglev(&frontend, &inspect),
         Command::Cleanup { pin_dir } => {
             Datapath::cleanup(&pin_dir)
                 .with_context(|| format!("removing {}", pin_dir.display()))?;
@@ -128,7 +144,7 @@ async fn run(args: RunArgs) -> Result<()> {
             _ = poll.tick() => {
                 attached.rescan(&mut datapath, &args);
                 if let Some(watch) = watch.as_mut() {
-                    sync_manifests(watch, &node, &settings, &mut applier, &mut datapath);
+                    sync_manifests(&args.state_file, watch, &node, &settings, &mut applier, &mut datapath);
                 }
             }
             _ = ticker.tick() => {
@@ -195,6 +211,7 @@ impl Attached {
 
 /// Reloads the manifests if they changed, and brings the maps in line.
 fn sync_manifests(
+    state_file: &std::path::Path,
     watch: &mut Watch,
     node: &NodeInfo,
     settings: &Settings,
@@ -219,6 +236,9 @@ fn sync_manifests(
         }
     }
     let report = applier.apply(datapath.maps_mut(), &translation.desired);
+    if let Err(err) = svc_agent::inspect::write_state(state_file, &translation.desired) {
+        warn!(error = %err, "recording frontend names for the inspection commands failed");
+    }
     for error in &report.errors {
         warn!("{error}");
     }
@@ -232,6 +252,22 @@ fn sync_manifests(
         backends_removed = report.backends_removed,
         "manifests applied"
     );
+}
+
+/// Moves this (still single-threaded) process into the network namespace
+/// `ip netns` knows as `name`, keeping its mount namespace (and so the
+/// host's bpffs and cgroup mounts).
+fn enter_netns(name: &str) -> Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let path = std::path::Path::new("/run/netns").join(name);
+    let file = std::fs::File::open(&path)
+        .with_context(|| format!("opening network namespace {}", path.display()))?;
+    // SAFETY: a valid namespace fd; the process has one thread.
+    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("entering network namespace {name}"));
+    }
+    Ok(())
 }
 
 fn hostname() -> String {

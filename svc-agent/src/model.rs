@@ -72,10 +72,32 @@ pub struct Endpoint {
     pub terminating: bool,
 }
 
+/// Which of a service's addresses a frontend is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum FrontendKind {
+    ClusterIp,
+    ExternalIp,
+    LoadBalancerIp,
+    NodePort,
+}
+
+impl FrontendKind {
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::ClusterIp => "ClusterIP",
+            Self::ExternalIp => "ExternalIP",
+            Self::LoadBalancerIp => "LoadBalancerIP",
+            Self::NodePort => "NodePort",
+        }
+    }
+}
+
 /// One frontend's desired state.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FrontendSpec {
     pub service: ServicePortRef,
+    pub kind: FrontendKind,
     pub policy: ServicePolicy,
     pub endpoints: BTreeSet<Endpoint>,
 }
@@ -277,7 +299,7 @@ fn translate_service(
     let mut external_v4 = Vec::new();
     for ip in spec.external_ips.iter().flatten() {
         match parse_ip(ip) {
-            Ok(Some(addr)) => external_v4.push(addr),
+            Ok(Some(addr)) => external_v4.push((addr, FrontendKind::ExternalIp)),
             Ok(None) => out.note(&object, format!("external IP {ip} is IPv6: not served yet")),
             Err(err) => out.warn(&object, format!("external IP {ip:?}: {err}")),
         }
@@ -290,7 +312,7 @@ fn translate_service(
             .and_then(|lb| lb.ingress.as_ref());
         for ip in ingress.into_iter().flatten().filter_map(|i| i.ip.as_ref()) {
             match parse_ip(ip) {
-                Ok(Some(addr)) => external_v4.push(addr),
+                Ok(Some(addr)) => external_v4.push((addr, FrontendKind::LoadBalancerIp)),
                 Ok(None) => out.note(&object, format!("ingress IP {ip} is IPv6: not served yet")),
                 Err(err) => out.warn(&object, format!("load balancer ingress IP {ip:?}: {err}")),
             }
@@ -381,6 +403,7 @@ fn translate_service(
                 out,
                 &object,
                 frontend,
+                FrontendKind::ClusterIp,
                 &port_ref,
                 internal,
                 internal_endpoints,
@@ -394,7 +417,7 @@ fn translate_service(
             drop_when_empty: external_local && any_endpoints,
         };
         let external_endpoints = if external_local { &local } else { &all };
-        for &addr in &external_v4 {
+        for &(addr, frontend_kind) in &external_v4 {
             let frontend = Frontend::Address {
                 addr,
                 port: number,
@@ -404,6 +427,7 @@ fn translate_service(
                 out,
                 &object,
                 frontend,
+                frontend_kind,
                 &port_ref,
                 external,
                 external_endpoints,
@@ -422,6 +446,7 @@ fn translate_service(
                         out,
                         &object,
                         frontend,
+                        FrontendKind::NodePort,
                         &port_ref,
                         external,
                         external_endpoints,
@@ -437,6 +462,7 @@ fn insert(
     out: &mut Translation,
     object: &str,
     frontend: Frontend,
+    kind: FrontendKind,
     service: &ServicePortRef,
     policy: ServicePolicy,
     endpoints: &BTreeSet<Endpoint>,
@@ -453,6 +479,7 @@ fn insert(
         frontend,
         FrontendSpec {
             service: service.clone(),
+            kind,
             policy,
             endpoints: endpoints.clone(),
         },

@@ -272,6 +272,7 @@ fn the_applier_writes_only_what_changed_and_shares_backends() {
             name: "s".to_owned(),
             port: String::new(),
         },
+        kind: svc_agent::model::FrontendKind::ClusterIp,
         policy: svc_agent::datapath::ServicePolicy::default(),
         endpoints: endpoints.iter().copied().collect(),
     };

@@ -25,6 +25,9 @@ use crate::cmd;
 const NODE_NS: &str = "svc-sbx-node";
 const EXT_NS: &str = "svc-sbx-ext";
 const NODE_NAME: &str = "sandbox-node";
+/// Where the sandbox's agent pins its datapath and records its names.
+const PIN_DIR: &str = "/sys/fs/bpf/svc-sandbox";
+const STATE_FILE: &str = "/run/svc-proxy/sandbox-frontends.json";
 const UPLINK: &str = "sbx-uplink";
 const NODE_ADDR: Ipv4Addr = Ipv4Addr::new(172, 31, 0, 1);
 const EXT_ADDR: Ipv4Addr = Ipv4Addr::new(172, 31, 0, 2);
@@ -237,22 +240,17 @@ pub fn sandbox() -> Result<()> {
     unsafe { libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t) };
 
     let manifests = cmd::workspace_root().join("examples/sandbox");
-    let mut run = Command::new("ip");
-    run.args(["netns", "exec", NODE_NS])
-        .arg(&agent)
-        .args([
-            "run",
-            "--stats-interval-secs",
-            "30",
-            "--node-name",
-            NODE_NAME,
-        ])
+    let mut run = Command::new(&agent);
+    run.args(["run", "--netns", NODE_NS])
+        .args(["--pin-dir", PIN_DIR, "--state-file", STATE_FILE])
+        .args(["--stats-interval-secs", "30", "--node-name", NODE_NAME])
         .args(["--node-addr", &NODE_ADDR.to_string(), "--uplink", UPLINK])
         .args(["--pod-iface", "sbx-pod*", "--manifests"])
         .arg(&manifests);
     let mut child = run.spawn().context("starting svc-agent")?;
 
     let first = &pods[0];
+    let agent_cmd = agent.display();
     println!(
         "\nsandbox: node namespace {NODE_NS} ({NODE_ADDR}), pods {} and {} serving HTTP on :{SERVER_PORT},\n\
          external client namespace {EXT_NS} ({EXT_ADDR}). Services: {}/*.yaml (edit them: the agent follows).\n\
@@ -261,7 +259,9 @@ pub fn sandbox() -> Result<()> {
          ip netns exec {NODE_NS} curl -s http://10.96.0.10/    # ClusterIP from the node\n  \
          ip netns exec {EXT_NS} curl -s http://{NODE_ADDR}:30080/  # NodePort from outside\n  \
          ip netns exec {EXT_NS} curl -s http://172.31.1.10/     # externalIP from outside\n  \
-         ip netns exec {} curl -s http://10.96.0.11/        # session affinity: always one pod\n\
+         ip netns exec {} curl -s http://10.96.0.11/        # session affinity: always one pod\n  \
+         {agent_cmd} services --pin-dir {PIN_DIR} --state-file {STATE_FILE}\n  \
+         {agent_cmd} conntrack --pin-dir {PIN_DIR}\n\
          Ctrl-C stops the agent and removes the sandbox.\n",
         first.addr,
         pods[1].addr,
@@ -270,6 +270,15 @@ pub fn sandbox() -> Result<()> {
         first.ns,
     );
     let status = child.wait().context("waiting for svc-agent")?;
+    // The agent leaves its datapath pinned (that is how it survives
+    // restarts); the sandbox takes it away with the namespaces.
+    let cleanup = Command::new(&agent)
+        .args(["cleanup", "--pin-dir", PIN_DIR])
+        .status();
+    if !cleanup.is_ok_and(|status| status.success()) {
+        eprintln!("sandbox: could not remove {PIN_DIR}");
+    }
+    let _ = std::fs::remove_file(STATE_FILE);
     drop(sandbox);
     if !status.success() && !INTERRUPTED.load(Ordering::SeqCst) {
         bail!("svc-agent exited with {status}");

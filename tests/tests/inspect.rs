@@ -1,0 +1,153 @@
+//! The inspection commands' reading side: a pinned datapath, services
+//! applied through the agent's pipeline, a packet through the program, and
+//! what `svc-agent services | backends | conntrack | maglev` would print.
+
+use std::{net::Ipv4Addr, path::PathBuf};
+
+use aya::programs::{TestRun as _, TestRunOptions};
+use svc_agent::{
+    datapath::{Datapath, FROM_POD_PROGRAM, LoadOptions},
+    inspect::{PinnedMaps, parse_frontend, write_state},
+    model::{NodeInfo, Settings, translate},
+    source::manifests::{Parsed, finish, parse},
+    sync::Applier,
+};
+use tests::{
+    packet::{self, TcpFlags},
+    require_root,
+};
+
+const MANIFESTS: &str = "
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.10
+  sessionAffinity: ClientIP
+  ports: [{name: http, port: 80, nodePort: 30080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints:
+  - {addresses: [10.244.1.2], nodeName: node1}
+  - {addresses: [10.244.2.2], nodeName: node2}
+";
+
+struct Dirs {
+    pin: PathBuf,
+    state: PathBuf,
+}
+
+impl Drop for Dirs {
+    fn drop(&mut self) {
+        let _ = Datapath::cleanup(&self.pin);
+        let _ = std::fs::remove_file(&self.state);
+    }
+}
+
+#[test]
+fn pinned_maps_read_back_as_the_agent_wrote_them() {
+    require_root();
+    let id = std::process::id();
+    let dirs = Dirs {
+        pin: PathBuf::from(format!("/sys/fs/bpf/svc-test-inspect-{id}")),
+        state: std::env::temp_dir().join(format!("svc-test-inspect-{id}.json")),
+    };
+    let mut datapath = Datapath::load(&LoadOptions {
+        pin_dir: Some(dirs.pin.clone()),
+        ..LoadOptions::default()
+    })
+    .expect("the datapath must load");
+    let mut parsed = Parsed::default();
+    let mut problems = Vec::new();
+    parse(MANIFESTS, "inline", &mut parsed, &mut problems);
+    assert!(problems.is_empty(), "{problems:?}");
+    let objects = finish(parsed);
+    let node = NodeInfo {
+        name: "node1".to_owned(),
+        addrs: vec![Ipv4Addr::new(192, 168, 1, 10)],
+    };
+    let translation = translate(
+        &objects.services,
+        &objects.slices,
+        &node,
+        &Settings::default(),
+    );
+    let report = Applier::new().apply(datapath.maps_mut(), &translation.desired);
+    assert!(report.errors.is_empty(), "{report:?}");
+    write_state(&dirs.state, &translation.desired).expect("state file");
+
+    // One SYN to the ClusterIP: a flow, counted.
+    let syn = packet::tcp4(
+        (Ipv4Addr::new(10, 244, 1, 5), 40_000),
+        (Ipv4Addr::new(10, 96, 0, 10), 80),
+        TcpFlags::Syn,
+        &[],
+    );
+    let program = datapath.tc_program(FROM_POD_PROGRAM).expect("program");
+    let mut out = vec![0u8; 128];
+    let result = program
+        .test_run(TestRunOptions {
+            data_in: Some(&syn),
+            data_out: Some(&mut out),
+            ..TestRunOptions::default()
+        })
+        .expect("test run");
+    assert_eq!(result.return_value, 0);
+
+    let maps = PinnedMaps::open(&dirs.pin).expect("the pinned maps open by path");
+    let services = maps.services(&dirs.state).expect("services");
+    let labels: Vec<(&str, &str, &str)> = services
+        .iter()
+        .map(|r| (r.service.as_str(), r.kind.as_str(), r.frontend.as_str()))
+        .collect();
+    assert_eq!(
+        labels,
+        vec![
+            ("shop/web:http", "NodePort", "*:30080/TCP"),
+            ("shop/web:http", "ClusterIP", "10.96.0.10:80/TCP"),
+        ]
+    );
+    let cluster_ip = &services[1];
+    assert_eq!(
+        cluster_ip.backends,
+        vec!["10.244.1.2:8080", "10.244.2.2:8080"]
+    );
+    assert_eq!(cluster_ip.affinity_timeout_secs, Some(10_800));
+    assert_eq!(
+        cluster_ip.packets, 1,
+        "the SYN is counted under its frontend"
+    );
+    assert_eq!(services[0].flags, vec!["masquerade-external"]);
+
+    let frontend = parse_frontend("10.96.0.10:80/TCP").expect("label");
+    let table = maps.maglev(&frontend).expect("maglev").expect("installed");
+    assert_eq!(table.size, 251);
+    assert_eq!(
+        table.slots.iter().map(|(_, slots)| slots).sum::<u32>(),
+        table.size
+    );
+    let backends = maps.backends_of(&frontend).expect("backends");
+    assert_eq!(
+        backends.iter().map(|(_, _, c)| c.packets).sum::<u64>(),
+        1,
+        "the SYN is counted under the backend it went to"
+    );
+
+    let flows = maps.conntrack(Some("10.244.1.5:40000")).expect("conntrack");
+    assert_eq!(flows.len(), 2, "both directions of the flow: {flows:?}");
+    assert!(
+        flows
+            .iter()
+            .any(|f| f.direction == "original" && f.to == "10.96.0.10:80")
+    );
+    assert!(
+        maps.conntrack(Some("203.0.113.1"))
+            .expect("conntrack")
+            .is_empty()
+    );
+}
