@@ -89,6 +89,9 @@ pub struct InspectArgs {
 
 #[derive(Args)]
 pub struct RunArgs {
+    /// Where to serve Prometheus `/metrics`, `/healthz` and `/readyz`.
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    pub metrics_addr: std::net::SocketAddr,
     /// Run in this network namespace (a name `ip netns` knows) instead of
     /// the caller's; the mount namespace, and so bpffs, stay the caller's.
     #[arg(long, value_name = "NAME")]

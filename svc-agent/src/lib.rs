@@ -4,6 +4,7 @@
 
 pub mod datapath;
 pub mod inspect;
+pub mod metrics;
 pub mod model;
 pub mod source;
 pub mod sync;

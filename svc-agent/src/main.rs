@@ -1,14 +1,22 @@
 //! `svc-agent`: the per-node service proxy agent.
 
 mod cli;
+mod http;
 mod inspect_cmd;
 
-use std::{collections::BTreeSet, time::Duration};
+use std::{
+    collections::BTreeSet,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context as _, Result};
 use clap::Parser as _;
 use svc_agent::{
-    datapath::{Capacities, Datapath, LoadOptions, StatsSnapshot, current_netns_cookie, ifaces},
+    datapath::{
+        Capacities, Datapath, Frontend, LoadOptions, StatsSnapshot, current_netns_cookie, ifaces,
+    },
+    metrics,
     model::{NodeInfo, Settings, translate},
     source::manifests::Watch,
     sync::Applier,
@@ -59,7 +67,8 @@ fn init_tracing(format: LogFormat) {
     }
 }
 
-async fn run(args: RunArgs) -> Result<()> {
+/// Loads the datapath as the flags say (adopting pinned maps).
+fn load_datapath(args: &RunArgs) -> Result<Datapath> {
     let mut config = DatapathConfig::DEFAULT;
     if let Some(addr) = args
         .masquerade_addr
@@ -83,7 +92,11 @@ async fn run(args: RunArgs) -> Result<()> {
         pin_dir: (!args.no_pin).then(|| args.pin_dir.clone()),
         ..LoadOptions::default()
     };
-    let mut datapath = Datapath::load(&options).context("loading the datapath")?;
+    Datapath::load(&options).context("loading the datapath")
+}
+
+/// Forwards the eBPF programs' log lines to `tracing`.
+fn spawn_logger(datapath: &mut Datapath) -> Result<()> {
     let logger = datapath.logger().context("starting the eBPF logger")?;
     // SAFETY: the logger owns its ring buffer's fd, which stays open and
     // unchanged until the AsyncFd drops the logger.
@@ -104,6 +117,12 @@ async fn run(args: RunArgs) -> Result<()> {
             }
         }
     });
+    Ok(())
+}
+
+async fn run(args: RunArgs) -> Result<()> {
+    let mut datapath = load_datapath(&args)?;
+    spawn_logger(&mut datapath)?;
 
     if !args.no_host_sockets {
         let cgroup = datapath
@@ -133,6 +152,18 @@ async fn run(args: RunArgs) -> Result<()> {
     if watch.is_none() {
         info!("no --manifests directory: nothing to serve, counting packets only");
     }
+    let page = Arc::new(Mutex::new(Page {
+        text: String::new(),
+        ready: watch.is_none(),
+    }));
+    let listener = tokio::net::TcpListener::bind(args.metrics_addr)
+        .await
+        .with_context(|| format!("serving metrics on {}", args.metrics_addr))?;
+    info!(addr = %args.metrics_addr, "serving /metrics, /healthz and /readyz");
+    tokio::spawn(http::serve(listener, Arc::clone(&page)));
+    let mut snapshot = metrics::Snapshot::default();
+    let mut names: Vec<(Frontend, String)> = Vec::new();
+    let mut render_every = time::interval(Duration::from_secs(2));
 
     let mut last = StatsSnapshot::default();
     let mut ticker = time::interval(Duration::from_secs(args.stats_interval_secs.max(1)));
@@ -143,9 +174,20 @@ async fn run(args: RunArgs) -> Result<()> {
         tokio::select! {
             _ = poll.tick() => {
                 attached.rescan(&mut datapath, &args);
-                if let Some(watch) = watch.as_mut() {
-                    sync_manifests(&args.state_file, watch, &node, &settings, &mut applier, &mut datapath);
+                if let Some(watch) = watch.as_mut()
+                    && let Some(synced) = sync_manifests(&args.state_file, watch, &node, &settings, &mut applier, &mut datapath)
+                {
+                    snapshot.syncs += 1;
+                    snapshot.sync_errors += synced.errors;
+                    snapshot.input_problems += synced.problems;
+                    snapshot.sync_latency.observe(synced.latency);
+                    names = synced.names;
+                    publish(&page, &mut snapshot, &applier, &datapath, &names, true);
                 }
+            }
+            _ = render_every.tick() => {
+                let ready = lock(&page).ready;
+                publish(&page, &mut snapshot, &applier, &datapath, &names, ready);
             }
             _ = ticker.tick() => {
                 let now = datapath.stats().context("reading counters")?;
@@ -209,6 +251,14 @@ impl Attached {
     }
 }
 
+/// What one sync did, for the metrics.
+struct Synced {
+    latency: Duration,
+    errors: u64,
+    problems: u64,
+    names: Vec<(Frontend, String)>,
+}
+
 /// Reloads the manifests if they changed, and brings the maps in line.
 fn sync_manifests(
     state_file: &std::path::Path,
@@ -217,14 +267,15 @@ fn sync_manifests(
     settings: &Settings,
     applier: &mut Applier,
     datapath: &mut Datapath,
-) {
+) -> Option<Synced> {
+    let started = Instant::now();
     let (objects, problems) = match watch.poll() {
         Ok(Some(loaded)) => loaded,
-        Ok(None) => return,
+        Ok(None) => return None,
         Err(err) => {
             // The datapath keeps serving what it last had.
             warn!(error = %err, "reading the manifest directory failed");
-            return;
+            return None;
         }
     };
     let translation = translate(&objects.services, &objects.slices, node, settings);
@@ -252,6 +303,67 @@ fn sync_manifests(
         backends_removed = report.backends_removed,
         "manifests applied"
     );
+    Some(Synced {
+        latency: started.elapsed(),
+        errors: report.errors.len() as u64,
+        problems: problems
+            .iter()
+            .chain(&translation.problems)
+            .filter(|p| p.warning)
+            .count() as u64,
+        names: translation
+            .desired
+            .frontends
+            .iter()
+            .map(|(frontend, spec)| (*frontend, spec.service.to_string()))
+            .collect(),
+    })
+}
+
+/// The page the HTTP side serves.
+struct Page {
+    text: String,
+    ready: bool,
+}
+
+fn lock(page: &Mutex<Page>) -> std::sync::MutexGuard<'_, Page> {
+    // A panicked holder left a whole page or none: still serve it.
+    page.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Renders the metrics from the maps and hands the page over.
+fn publish(
+    page: &Mutex<Page>,
+    snapshot: &mut metrics::Snapshot,
+    applier: &Applier,
+    datapath: &Datapath,
+    names: &[(Frontend, String)],
+    ready: bool,
+) {
+    (snapshot.frontends, snapshot.backends) = applier.sizes();
+    if let Ok(stats) = datapath.stats() {
+        snapshot.datapath = stats;
+    }
+    let maps = datapath.maps();
+    snapshot.fill = maps.fill();
+    snapshot.traffic = names
+        .iter()
+        .filter_map(|(frontend, service)| {
+            let id = maps.service(frontend)?.id;
+            let counters = maps.service_counters(id).ok()?;
+            Some(metrics::FrontendTraffic {
+                frontend: svc_agent::inspect::frontend_label(frontend),
+                service: service.clone(),
+                packets: counters.packets,
+                bytes: counters.bytes,
+            })
+        })
+        .collect();
+    let text = metrics::render(snapshot);
+    let mut page = lock(page);
+    page.text = text;
+    page.ready = ready;
 }
 
 /// Moves this (still single-threaded) process into the network namespace

@@ -555,6 +555,29 @@ impl Maps {
         self.maglev.slot(index)
     }
 
+    /// How full the maps the agent writes are: (map, used, capacity).
+    #[must_use]
+    pub fn fill(&self) -> Vec<(&'static str, u64, u64)> {
+        let maglev_capacity = u64::from(self.slots.capacity());
+        vec![
+            (
+                SERVICES_MAP,
+                self.installed.len() as u64,
+                u64::from(self.service_stats.len()),
+            ),
+            (
+                BACKENDS_MAP,
+                self.backend_values.len() as u64,
+                u64::from(self.backends.len()),
+            ),
+            (
+                MAGLEV_MAP,
+                maglev_capacity - u64::from(self.slots.free_slots()),
+                maglev_capacity,
+            ),
+        ]
+    }
+
     /// Slots of the Maglev array not owned by a table.
     #[must_use]
     pub fn maglev_free_slots(&self) -> u32 {

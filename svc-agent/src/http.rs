@@ -1,0 +1,77 @@
+//! A minimal HTTP/1.0 server for `/metrics`, `/healthz` and `/readyz`:
+//! enough for Prometheus and kubelet probes, nothing else.
+
+use std::sync::{Arc, Mutex};
+
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream},
+    time::{Duration, timeout},
+};
+use tracing::debug;
+
+use crate::Page;
+
+/// How long a client may take to send its request head.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest request head read.
+const MAX_REQUEST: usize = 4096;
+
+pub async fn serve(listener: TcpListener, page: Arc<Mutex<Page>>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let page = Arc::clone(&page);
+                tokio::spawn(async move {
+                    if let Err(err) = respond(stream, &page).await {
+                        debug!(error = %err, "metrics request failed");
+                    }
+                });
+            }
+            Err(err) => {
+                debug!(error = %err, "accepting a metrics connection failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn respond(mut stream: TcpStream, page: &Mutex<Page>) -> std::io::Result<()> {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    let read_head = async {
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_REQUEST {
+            let n = stream.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            head.extend_from_slice(&buf[..n]);
+        }
+        Ok::<_, std::io::Error>(())
+    };
+    timeout(REQUEST_TIMEOUT, read_head)
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+    let line = String::from_utf8_lossy(&head);
+    let path = line.split_whitespace().nth(1).unwrap_or("");
+    let (status, content_type, body) = {
+        let page = crate::lock(page);
+        match path {
+            "/metrics" => ("200 OK", "text/plain; version=0.0.4", page.text.clone()),
+            "/healthz" => ("200 OK", "text/plain", "ok\n".to_owned()),
+            "/readyz" if page.ready => ("200 OK", "text/plain", "ready\n".to_owned()),
+            "/readyz" => (
+                "503 Service Unavailable",
+                "text/plain",
+                "not synced yet\n".to_owned(),
+            ),
+            _ => ("404 Not Found", "text/plain", "not found\n".to_owned()),
+        }
+    };
+    let response = format!(
+        "HTTP/1.0 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(response.as_bytes()).await?;
+    stream.shutdown().await
+}

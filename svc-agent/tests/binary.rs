@@ -1,0 +1,214 @@
+//! The `svc-agent` binary end to end (root): `run` in a network namespace
+//! on a manifest directory, its `/readyz` and `/metrics`, a file edit
+//! followed, the inspection commands on its pins, and a clean exit.
+
+use std::{
+    fmt::Write as _,
+    fs::{self, File},
+    io::{Read as _, Write as IoWrite},
+    net::TcpStream,
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+    process::{Child, Command},
+    thread,
+    time::{Duration, Instant},
+};
+
+const AGENT: &str = env!("CARGO_BIN_EXE_svc-agent");
+const METRICS: &str = "127.0.0.1:9464";
+
+fn web(ports: &[u16]) -> String {
+    let mut text = String::from(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  clusterIP: 10.96.0.10\n  ports:\n",
+    );
+    for port in ports {
+        let _ = writeln!(text, "    - {{name: p{port}, port: {port}}}");
+    }
+    text
+}
+
+struct Fixture {
+    netns: String,
+    dir: PathBuf,
+    pins: PathBuf,
+    state: PathBuf,
+    agent: Option<Child>,
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        if let Some(mut agent) = self.agent.take() {
+            let _ = agent.kill();
+            let _ = agent.wait();
+        }
+        let _ = Command::new(AGENT)
+            .args(["cleanup", "--pin-dir"])
+            .arg(&self.pins)
+            .status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .status();
+        let _ = fs::remove_dir_all(&self.dir);
+        let _ = fs::remove_file(&self.state);
+    }
+}
+
+/// An HTTP GET to the agent, from inside its network namespace.
+fn get(netns: &str, path: &str) -> Option<(u16, String)> {
+    let ns = format!("/run/netns/{netns}");
+    let path = path.to_owned();
+    thread::spawn(move || {
+        let file = File::open(&ns).expect("netns");
+        // SAFETY: a valid namespace fd; only this thread moves.
+        assert_eq!(
+            unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) },
+            0
+        );
+        let mut stream = TcpStream::connect(METRICS).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        IoWrite::write_all(
+            &mut stream,
+            format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes(),
+        )
+        .ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).ok()?;
+        let status = response.split_whitespace().nth(1)?.parse().ok()?;
+        let body = response.split_once("\r\n\r\n")?.1.to_owned();
+        Some((status, body))
+    })
+    .join()
+    .expect("HTTP thread")
+}
+
+/// Polls `check` every 50 ms for at most `limit`.
+fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if check() {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+fn metric(netns: &str, line_start: &str) -> Option<String> {
+    let (_, body) = get(netns, "/metrics")?;
+    body.lines()
+        .find(|line| line.starts_with(line_start))
+        .map(str::to_owned)
+}
+
+fn inspect(args: &[&str], pins: &Path, state: &Path) -> serde_json::Value {
+    let out = Command::new(AGENT)
+        .args(args)
+        .args(["-o", "json", "--pin-dir"])
+        .arg(pins)
+        .arg("--state-file")
+        .arg(state)
+        .output()
+        .expect("run svc-agent");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON output")
+}
+
+#[test]
+fn run_serves_manifests_metrics_and_inspection() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "this test needs root: run `cargo xtask test` as root"
+    );
+    let id = std::process::id();
+    let mut fixture = Fixture {
+        netns: format!("svcbin-{id}"),
+        dir: std::env::temp_dir().join(format!("svcbin-manifests-{id}")),
+        pins: PathBuf::from(format!("/sys/fs/bpf/svcbin-{id}")),
+        state: std::env::temp_dir().join(format!("svcbin-state-{id}.json")),
+        agent: None,
+    };
+    assert!(
+        Command::new("ip")
+            .args(["netns", "add", &fixture.netns])
+            .status()
+            .expect("ip")
+            .success()
+    );
+    assert!(
+        Command::new("ip")
+            .args(["-n", &fixture.netns, "link", "set", "lo", "up"])
+            .status()
+            .expect("ip")
+            .success()
+    );
+    fs::create_dir_all(&fixture.dir).expect("manifest dir");
+    fs::write(fixture.dir.join("web.yaml"), web(&[80])).expect("manifest");
+
+    fixture.agent = Some(
+        Command::new(AGENT)
+            .args([
+                "run",
+                "--netns",
+                &fixture.netns,
+                "--no-host-sockets",
+                "--node-name",
+                "n1",
+            ])
+            .arg("--manifests")
+            .arg(&fixture.dir)
+            .arg("--pin-dir")
+            .arg(&fixture.pins)
+            .arg("--state-file")
+            .arg(&fixture.state)
+            .spawn()
+            .expect("start svc-agent"),
+    );
+    let netns = fixture.netns.clone();
+    assert!(
+        eventually(Duration::from_secs(15), || get(&netns, "/readyz")
+            .is_some_and(|(s, _)| s == 200)),
+        "the agent never became ready"
+    );
+    assert_eq!(get(&netns, "/healthz").map(|(s, _)| s), Some(200));
+    assert_eq!(get(&netns, "/nope").map(|(s, _)| s), Some(404));
+    assert_eq!(
+        metric(&netns, "svc_frontends ").as_deref(),
+        Some("svc_frontends 1")
+    );
+    assert!(
+        metric(&netns, "svc_sync_latency_seconds_count ")
+            .is_some_and(|l| l != "svc_sync_latency_seconds_count 0")
+    );
+
+    let services = inspect(&["services"], &fixture.pins, &fixture.state);
+    assert_eq!(services[0]["service"], "default/web:p80", "{services}");
+    assert_eq!(services[0]["frontend"], "10.96.0.10:80/TCP");
+
+    // An edit is followed.
+    fs::write(fixture.dir.join("web.yaml"), web(&[80, 81])).expect("manifest");
+    assert!(
+        eventually(Duration::from_secs(3), || metric(&netns, "svc_frontends ")
+            .as_deref()
+            == Some("svc_frontends 2")),
+        "the edit was not applied"
+    );
+
+    // Ctrl-C: a clean exit, leaving the pinned datapath behind.
+    let mut agent = fixture.agent.take().expect("running");
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(i32::try_from(agent.id()).expect("pid"), libc::SIGINT) };
+    let status = agent.wait().expect("wait");
+    assert!(status.success(), "svc-agent exited with {status}");
+    assert!(
+        fixture.pins.join("SVC_SERVICES_V1").exists(),
+        "the datapath stays pinned"
+    );
+    let after = inspect(&["services"], &fixture.pins, &fixture.state);
+    assert_eq!(after.as_array().map(Vec::len), Some(2), "{after}");
+}
