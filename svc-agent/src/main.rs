@@ -269,16 +269,17 @@ fn sync_manifests(
     datapath: &mut Datapath,
 ) -> Option<Synced> {
     let started = Instant::now();
-    let (objects, problems) = match watch.poll() {
-        Ok(Some(loaded)) => loaded,
-        Ok(None) => return None,
+    match watch.poll() {
+        Ok(true) => {}
+        Ok(false) => return None,
         Err(err) => {
             // The datapath keeps serving what it last had.
             warn!(error = %err, "reading the manifest directory failed");
             return None;
         }
-    };
-    let translation = translate(&objects.services, &objects.slices, node, settings);
+    }
+    let translation = translate(watch.services(), watch.slices(), node, settings);
+    let problems: Vec<_> = watch.problems().cloned().collect();
     for problem in problems.iter().chain(&translation.problems) {
         if problem.warning {
             warn!(object = %problem.object, "{}", problem.message);

@@ -3,7 +3,7 @@
 //! rule is tested on YAML fixtures (`tests` below and `fixtures/`).
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     fmt,
     net::{Ipv4Addr, SocketAddrV4},
 };
@@ -134,17 +134,17 @@ pub struct Translation {
 }
 
 impl Translation {
-    fn warn(&mut self, object: &str, message: impl Into<String>) {
+    fn warn(&mut self, object: &ObjectRef<'_>, message: impl Into<String>) {
         self.problems.push(Problem {
-            object: object.to_owned(),
+            object: object.to_string(),
             message: message.into(),
             warning: true,
         });
     }
 
-    fn note(&mut self, object: &str, message: impl Into<String>) {
+    fn note(&mut self, object: &ObjectRef<'_>, message: impl Into<String>) {
         self.problems.push(Problem {
-            object: object.to_owned(),
+            object: object.to_string(),
             message: message.into(),
             warning: false,
         });
@@ -153,9 +153,9 @@ impl Translation {
 
 /// Translates services and slices into the desired datapath state.
 #[must_use]
-pub fn translate(
-    services: &[Service],
-    slices: &[EndpointSlice],
+pub fn translate<'a>(
+    services: impl IntoIterator<Item = &'a Service>,
+    slices: impl IntoIterator<Item = &'a EndpointSlice>,
     node: &NodeInfo,
     settings: &Settings,
 ) -> Translation {
@@ -164,14 +164,14 @@ pub fn translate(
     let slices_by_service = index_slices(slices, &mut out);
     // Sorted, so that when two services claim one frontend the same one
     // wins on every node and every run.
-    let mut sorted: Vec<&Service> = services.iter().collect();
+    let mut sorted: Vec<&Service> = services.into_iter().collect();
     sorted.sort_by(|a, b| {
         (&a.metadata.namespace, &a.metadata.name).cmp(&(&b.metadata.namespace, &b.metadata.name))
     });
     for service in sorted {
         let key = (
-            service.metadata.namespace.clone().unwrap_or_default(),
-            service.metadata.name.clone().unwrap_or_default(),
+            service.metadata.namespace.as_deref().unwrap_or_default(),
+            service.metadata.name.as_deref().unwrap_or_default(),
         );
         let slices = slices_by_service.get(&key).map_or(&[][..], Vec::as_slice);
         translate_service(service, slices, node, settings, &mut out);
@@ -179,22 +179,47 @@ pub fn translate(
     out
 }
 
-fn object_name(kind: &str, namespace: Option<&String>, name: Option<&String>) -> String {
-    format!(
-        "{kind} {}/{}",
-        namespace.map_or("", String::as_str),
-        name.map_or("<unnamed>", String::as_str)
-    )
+/// `Kind namespace/name`, formatted only when a problem names it.
+struct ObjectRef<'a> {
+    kind: &'static str,
+    namespace: Option<&'a String>,
+    name: Option<&'a String>,
+}
+
+impl<'a> ObjectRef<'a> {
+    const fn new(
+        kind: &'static str,
+        namespace: Option<&'a String>,
+        name: Option<&'a String>,
+    ) -> Self {
+        Self {
+            kind,
+            namespace,
+            name,
+        }
+    }
+}
+
+impl fmt::Display for ObjectRef<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} {}/{}",
+            self.kind,
+            self.namespace.map_or("", String::as_str),
+            self.name.map_or("<unnamed>", String::as_str)
+        )
+    }
 }
 
 /// Slices by (namespace, service name); IPv4 slices only.
 fn index_slices<'a>(
-    slices: &'a [EndpointSlice],
+    slices: impl IntoIterator<Item = &'a EndpointSlice>,
     out: &mut Translation,
-) -> BTreeMap<(String, String), Vec<&'a EndpointSlice>> {
-    let mut index: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
+) -> HashMap<(&'a str, &'a str), Vec<&'a EndpointSlice>> {
+    let mut index: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
     for slice in slices {
-        let object = object_name(
+        let object = ObjectRef::new(
             "EndpointSlice",
             slice.metadata.namespace.as_ref(),
             slice.metadata.name.as_ref(),
@@ -223,8 +248,8 @@ fn index_slices<'a>(
         }
         index
             .entry((
-                slice.metadata.namespace.clone().unwrap_or_default(),
-                service.clone(),
+                slice.metadata.namespace.as_deref().unwrap_or_default(),
+                service.as_str(),
             ))
             .or_default()
             .push(slice);
@@ -259,7 +284,7 @@ fn translate_service(
     out: &mut Translation,
 ) {
     let meta = &service.metadata;
-    let object = object_name("Service", meta.namespace.as_ref(), meta.name.as_ref());
+    let object = ObjectRef::new("Service", meta.namespace.as_ref(), meta.name.as_ref());
     let labels = meta.labels.as_ref();
     if let Some(proxy) = labels.and_then(|labels| labels.get(SERVICE_PROXY_NAME_LABEL))
         && settings.proxy_name.as_deref() != Some(proxy.as_str())
@@ -460,7 +485,7 @@ fn translate_service(
 
 fn insert(
     out: &mut Translation,
-    object: &str,
+    object: &ObjectRef<'_>,
     frontend: Frontend,
     kind: FrontendKind,
     service: &ServicePortRef,
@@ -504,14 +529,14 @@ fn endpoints_for(
     protocol: Protocol,
     slices: &[&EndpointSlice],
     node: &NodeInfo,
-    object: &str,
+    object: &ObjectRef<'_>,
     out: &mut Translation,
 ) -> BTreeSet<Endpoint> {
     let name = port.name.clone().unwrap_or_default();
     let mut ready = BTreeSet::new();
     let mut terminating = BTreeSet::new();
     for slice in slices {
-        let slice_object = object_name(
+        let slice_object = ObjectRef::new(
             "EndpointSlice",
             slice.metadata.namespace.as_ref(),
             slice.metadata.name.as_ref(),

@@ -5,7 +5,7 @@
 //! removed (ending its flows) only after no table names it any more.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::{Ipv4Addr, SocketAddrV4},
 };
 
@@ -120,7 +120,8 @@ impl Applier {
         }
 
         // Backends first, so every table can name them.
-        let mut wanted: BTreeMap<SocketAddrV4, BackendSpec> = BTreeMap::new();
+        let mut wanted: HashMap<SocketAddrV4, BackendSpec> =
+            HashMap::with_capacity(self.backends.len());
         for spec in desired.frontends.values() {
             for endpoint in &spec.endpoints {
                 let entry = wanted.entry(endpoint.addr).or_insert(BackendSpec {
@@ -178,7 +179,7 @@ impl Applier {
         }
 
         // Backends no table names any more.
-        let named: BTreeSet<BackendId> = self
+        let named: HashSet<BackendId> = self
             .frontends
             .values()
             .flat_map(|f| f.ids.iter().copied())

@@ -75,17 +75,14 @@ impl Agents {
         for ((watch, node, applier), datapath_node) in
             self.per_node.iter_mut().zip(&mut cluster.nodes)
         {
-            let (objects, problems) = watch
-                .poll()
-                .expect("the directory is readable")
-                .expect("the edit is seen");
-            assert!(problems.is_empty(), "{problems:?}");
-            let translation = translate(
-                &objects.services,
-                &objects.slices,
-                node,
-                &Settings::default(),
+            assert!(
+                watch.poll().expect("the directory is readable"),
+                "the edit is seen"
             );
+            let problems: Vec<_> = watch.problems().collect();
+            assert!(problems.is_empty(), "{problems:?}");
+            let translation =
+                translate(watch.services(), watch.slices(), node, &Settings::default());
             assert!(
                 translation.problems.iter().all(|p| !p.warning),
                 "{:?}",

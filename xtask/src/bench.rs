@@ -45,6 +45,53 @@ pub fn datapath(repeat: u32, services: &[u32]) -> Result<()> {
     Ok(())
 }
 
+#[derive(Deserialize)]
+struct ControlPlaneSample {
+    case: String,
+    services: u32,
+    value: f64,
+    unit: String,
+}
+
+/// `cargo xtask bench control-plane`.
+pub fn control_plane() -> Result<()> {
+    let root = cmd::workspace_root();
+    let json = root.join("target/bench/control-plane.json");
+    let markdown = root.join("target/bench/control-plane.md");
+    cmd::run(&mut cmd::cargo([
+        "build",
+        "--release",
+        "--package",
+        "tests",
+        "--bin",
+        "bench-control-plane",
+    ]))?;
+    cmd::run(
+        std::process::Command::new(root.join("target/release/bench-control-plane"))
+            .arg("--out")
+            .arg(&json),
+    )?;
+    let text = fs::read_to_string(&json).with_context(|| format!("reading {}", json.display()))?;
+    let samples: Vec<ControlPlaneSample> =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", json.display()))?;
+    let mut table = format!(
+        "Machine: {}; kernel {}.\n\n| case | services | value |\n|---|---:|---:|\n",
+        cpu_model(),
+        kernel()
+    );
+    for sample in samples {
+        let _ = writeln!(
+            table,
+            "| {} | {} | {:.3} {} |",
+            sample.case, sample.services, sample.value, sample.unit
+        );
+    }
+    fs::write(&markdown, &table).with_context(|| format!("writing {}", markdown.display()))?;
+    println!("{table}");
+    eprintln!("wrote {} and {}", json.display(), markdown.display());
+    Ok(())
+}
+
 fn render(json: &Path) -> Result<String> {
     let text = fs::read_to_string(json).with_context(|| format!("reading {}", json.display()))?;
     let samples: Vec<Sample> =

@@ -128,10 +128,8 @@ fn default_namespace(meta: &mut ObjectMeta) {
     }
 }
 
-/// Parsed manifests as the translation sees them: namespaces defaulted,
-/// Endpoints mirrored into slices for services without a selector.
-#[must_use]
-pub fn finish(mut parsed: Parsed) -> Objects {
+/// Defaults what an API server would: the namespace.
+fn default_namespaces(parsed: &mut Parsed) {
     for service in &mut parsed.objects.services {
         default_namespace(&mut service.metadata);
     }
@@ -141,10 +139,16 @@ pub fn finish(mut parsed: Parsed) -> Objects {
     for endpoints in &mut parsed.endpoints {
         default_namespace(&mut endpoints.metadata);
     }
-    let selectorless: BTreeSet<(String, String)> = parsed
-        .objects
-        .services
-        .iter()
+}
+
+/// The slices the mirroring controller would make from `endpoints`: for
+/// services without a selector, unless the Endpoints opt out.
+fn mirrored_slices<'a>(
+    services: impl IntoIterator<Item = &'a Service>,
+    endpoints: impl IntoIterator<Item = &'a Endpoints>,
+) -> Vec<EndpointSlice> {
+    let selectorless: BTreeSet<(&str, &str)> = services
+        .into_iter()
         .filter(|s| {
             s.spec
                 .as_ref()
@@ -152,15 +156,16 @@ pub fn finish(mut parsed: Parsed) -> Objects {
         })
         .map(|s| {
             (
-                s.metadata.namespace.clone().unwrap_or_default(),
-                s.metadata.name.clone().unwrap_or_default(),
+                s.metadata.namespace.as_deref().unwrap_or_default(),
+                s.metadata.name.as_deref().unwrap_or_default(),
             )
         })
         .collect();
-    for endpoints in &parsed.endpoints {
+    let mut slices = Vec::new();
+    for endpoints in endpoints {
         let key = (
-            endpoints.metadata.namespace.clone().unwrap_or_default(),
-            endpoints.metadata.name.clone().unwrap_or_default(),
+            endpoints.metadata.namespace.as_deref().unwrap_or_default(),
+            endpoints.metadata.name.as_deref().unwrap_or_default(),
         );
         let skip = endpoints
             .metadata
@@ -169,9 +174,19 @@ pub fn finish(mut parsed: Parsed) -> Objects {
             .and_then(|labels| labels.get(SKIP_MIRROR_LABEL))
             .is_some_and(|value| value == "true");
         if !skip && selectorless.contains(&key) {
-            parsed.objects.slices.extend(mirror(endpoints));
+            slices.extend(mirror(endpoints));
         }
     }
+    slices
+}
+
+/// Parsed manifests as the translation sees them: namespaces defaulted,
+/// Endpoints mirrored into slices for services without a selector.
+#[must_use]
+pub fn finish(mut parsed: Parsed) -> Objects {
+    default_namespaces(&mut parsed);
+    let mirrored = mirrored_slices(&parsed.objects.services, &parsed.endpoints);
+    parsed.objects.slices.extend(mirrored);
     parsed.objects
 }
 
@@ -274,36 +289,34 @@ pub fn load_dir(dir: &Path) -> std::io::Result<(Objects, Vec<Problem>)> {
     Ok((finish(parsed), problems))
 }
 
-/// What the directory looked like: each manifest's path, modification
-/// time and a hash of its content (two edits within one timestamp tick
-/// still differ). A different fingerprint means reload.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Fingerprint(Vec<(PathBuf, Option<SystemTime>, u64)>);
-
-impl Fingerprint {
-    pub fn of(dir: &Path) -> std::io::Result<Self> {
-        use std::hash::{Hash as _, Hasher as _};
-        let mut entries = Vec::new();
-        for path in manifest_files(dir)? {
-            // A file removed between listing and reading is simply gone.
-            let Ok(content) = fs::read(&path) else {
-                continue;
-            };
-            let mut hasher = std::collections::hash_map::DefaultHasher::new();
-            content.hash(&mut hasher);
-            let modified = fs::metadata(&path).ok().and_then(|m| m.modified().ok());
-            entries.push((path, modified, hasher.finish()));
-        }
-        Ok(Self(entries))
-    }
+/// One manifest file as last read.
+#[derive(Debug)]
+struct CachedFile {
+    modified: Option<SystemTime>,
+    len: u64,
+    hash: u64,
+    parsed: Parsed,
+    problems: Vec<Problem>,
 }
 
-/// A watched manifest directory: [`Watch::poll`] reloads it when a file
-/// was added, removed or changed since the last call.
+fn content_hash(content: &[u8]) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    content.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// A watched manifest directory: [`Watch::poll`] says whether a file was
+/// added, removed or changed since the last call; the objects are then
+/// read from the watch itself, without copies. A file is read again only
+/// when its size or modification time changed, and parsed again only when
+/// its content did.
 #[derive(Debug)]
 pub struct Watch {
     dir: PathBuf,
-    last: Option<Fingerprint>,
+    files: BTreeMap<PathBuf, CachedFile>,
+    mirrored: Vec<EndpointSlice>,
+    primed: bool,
 }
 
 impl Watch {
@@ -311,18 +324,92 @@ impl Watch {
     pub fn new(dir: &Path) -> Self {
         Self {
             dir: dir.to_owned(),
-            last: None,
+            files: BTreeMap::new(),
+            mirrored: Vec::new(),
+            primed: false,
         }
     }
 
-    /// The directory's objects if anything changed, else `None`.
-    pub fn poll(&mut self) -> std::io::Result<Option<(Objects, Vec<Problem>)>> {
-        let now = Fingerprint::of(&self.dir)?;
-        if self.last.as_ref() == Some(&now) {
-            return Ok(None);
+    /// Rescans the directory; `true` when anything changed.
+    pub fn poll(&mut self) -> std::io::Result<bool> {
+        let paths = manifest_files(&self.dir)?;
+        let before = self.files.len();
+        self.files.retain(|path, _| paths.contains(path));
+        let mut changed = !self.primed || self.files.len() != before;
+        for path in paths {
+            let meta = fs::metadata(&path).ok();
+            let modified = meta.as_ref().and_then(|m| m.modified().ok());
+            let len = meta.as_ref().map_or(0, fs::Metadata::len);
+            if let Some(cached) = self.files.get(&path)
+                && cached.modified == modified
+                && cached.len == len
+            {
+                continue;
+            }
+            let origin = path.display().to_string();
+            let (hash, parsed, problems) = match fs::read(&path) {
+                Ok(content) => {
+                    let hash = content_hash(&content);
+                    if let Some(cached) = self.files.get_mut(&path)
+                        && cached.hash == hash
+                    {
+                        (cached.modified, cached.len) = (modified, len);
+                        continue;
+                    }
+                    let mut parsed = Parsed::default();
+                    let mut problems = Vec::new();
+                    match String::from_utf8(content) {
+                        Ok(text) => parse(&text, &origin, &mut parsed, &mut problems),
+                        Err(_) => problems.push(problem(origin, "not UTF-8".to_owned())),
+                    }
+                    default_namespaces(&mut parsed);
+                    (hash, parsed, problems)
+                }
+                // Removed between listing and reading: gone next poll.
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(err) => (
+                    0,
+                    Parsed::default(),
+                    vec![problem(origin, format!("unreadable: {err}"))],
+                ),
+            };
+            self.files.insert(
+                path,
+                CachedFile {
+                    modified,
+                    len,
+                    hash,
+                    parsed,
+                    problems,
+                },
+            );
+            changed = true;
         }
-        let loaded = load_dir(&self.dir)?;
-        self.last = Some(now);
-        Ok(Some(loaded))
+        self.primed = true;
+        if changed {
+            self.mirrored = mirrored_slices(
+                self.files.values().flat_map(|f| &f.parsed.objects.services),
+                self.files.values().flat_map(|f| &f.parsed.endpoints),
+            );
+        }
+        Ok(changed)
+    }
+
+    /// Every Service in the directory.
+    pub fn services(&self) -> impl Iterator<Item = &Service> {
+        self.files.values().flat_map(|f| &f.parsed.objects.services)
+    }
+
+    /// Every EndpointSlice, written out or mirrored from Endpoints.
+    pub fn slices(&self) -> impl Iterator<Item = &EndpointSlice> {
+        self.files
+            .values()
+            .flat_map(|f| &f.parsed.objects.slices)
+            .chain(&self.mirrored)
+    }
+
+    /// What could not be read or parsed.
+    pub fn problems(&self) -> impl Iterator<Item = &Problem> {
+        self.files.values().flat_map(|f| &f.problems)
     }
 }

@@ -1,0 +1,229 @@
+//! `cargo xtask bench control-plane`: the agent's pipeline (manifest watch
+//! → translation → applying to the maps), in process, on N services with
+//! 10 endpoints each. Measures the time to program them from cold, the
+//! latency from one EndpointSlice edit to the maps updated with 10,000
+//! services installed (p50 and p99 over 200 edits), and the process's
+//! resident memory. Writes `{"case", "services", "value", "unit"}` objects
+//! to the JSON file given with `--out`.
+
+use std::{
+    fmt::Write as _,
+    fs,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use svc_agent::{
+    datapath::{Capacities, Datapath, LoadOptions},
+    model::{NodeInfo, Settings, translate},
+    source::manifests::Watch,
+    sync::Applier,
+};
+
+const COLD_COUNTS: [u32; 3] = [1_000, 10_000, 50_000];
+const CHANGE_SERVICES: u32 = 10_000;
+const CHANGES: usize = 200;
+const ENDPOINTS: u32 = 10;
+/// Services per manifest file.
+const PER_FILE: u32 = 100;
+
+fn cluster_ip(i: u32) -> Ipv4Addr {
+    let [_, b, c, d] = (i + 1).to_be_bytes();
+    Ipv4Addr::new(10, 96 + b, c, d)
+}
+
+fn endpoint(i: u32, k: u32, generation: u32) -> Ipv4Addr {
+    // Unique per service and endpoint; a new generation moves one.
+    let index = (i * ENDPOINTS + k) + generation * 7_919;
+    let [_, high, mid, low] = index.to_be_bytes();
+    Ipv4Addr::new(10, 128 + (high & 0x3f), mid, low)
+}
+
+/// One file's services and slices; `bumped` gives service `bumped`'s
+/// first endpoint a new address.
+fn file_text(first: u32, count: u32, bumped: Option<(u32, u32)>) -> String {
+    let mut text = String::new();
+    for i in first..first + count {
+        let _ = write!(
+            text,
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: bench}}\n\
+             spec:\n  clusterIP: {}\n  ports: [{{name: http, port: 80, targetPort: 8080}}]\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata: {{name: s{i}-1, namespace: bench, labels: {{kubernetes.io/service-name: s{i}}}}}\n\
+             addressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints:\n",
+            cluster_ip(i)
+        );
+        for k in 0..ENDPOINTS {
+            let generation = match bumped {
+                Some((service, generation)) if service == i && k == 0 => generation,
+                _ => 0,
+            };
+            let node = if k % 2 == 0 { "node-1" } else { "node-2" };
+            let _ = writeln!(
+                text,
+                "  - {{addresses: [{}], nodeName: {node}}}",
+                endpoint(i, k, generation)
+            );
+        }
+        text.push_str("---\n");
+    }
+    text
+}
+
+fn write_manifests(dir: &Path, services: u32) {
+    let _ = fs::remove_dir_all(dir);
+    fs::create_dir_all(dir).expect("manifest directory");
+    for first in (0..services).step_by(PER_FILE as usize) {
+        let count = PER_FILE.min(services - first);
+        fs::write(
+            dir.join(format!("f{first:06}.yaml")),
+            file_text(first, count, None),
+        )
+        .expect("write manifests");
+    }
+}
+
+fn load(services: u32) -> Datapath {
+    Datapath::load(&LoadOptions {
+        capacities: Capacities {
+            ct_entries: 65_536,
+            services: (services * 2).next_power_of_two(),
+            backends: services * ENDPOINTS + 1_024,
+            maglev_slots: services * 1_021 + 4_096,
+            ..Capacities::default()
+        },
+        ..LoadOptions::default()
+    })
+    .expect("the datapath must load")
+}
+
+struct Agent {
+    watch: Watch,
+    applier: Applier,
+    node: NodeInfo,
+}
+
+impl Agent {
+    fn new(dir: &Path) -> Self {
+        Self {
+            watch: Watch::new(dir),
+            applier: Applier::new(),
+            node: NodeInfo {
+                name: "node-1".to_owned(),
+                addrs: vec![Ipv4Addr::new(192, 168, 1, 10)],
+            },
+        }
+    }
+
+    /// One poll of the agent's loop; panics unless it applied a change
+    /// without errors.
+    fn sync(&mut self, datapath: &mut Datapath) {
+        assert!(
+            self.watch.poll().expect("directory readable"),
+            "a change is seen"
+        );
+        assert_eq!(self.watch.problems().count(), 0);
+        let translation = translate(
+            self.watch.services(),
+            self.watch.slices(),
+            &self.node,
+            &Settings::default(),
+        );
+        let report = self
+            .applier
+            .apply(datapath.maps_mut(), &translation.desired);
+        assert!(
+            report.errors.is_empty(),
+            "{:?}",
+            &report.errors[..report.errors.len().min(3)]
+        );
+    }
+}
+
+fn rss_mib() -> f64 {
+    let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kib: f64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(f64::NAN);
+    kib / 1024.0
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_precision_loss,
+        reason = "an index into a short list"
+    )]
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index]
+}
+
+fn main() {
+    tests::require_root();
+    let mut out = String::from("target/bench/control-plane.json");
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--out" => out = args.next().expect("--out takes a path"),
+            other => panic!("unknown argument {other}; use --out PATH"),
+        }
+    }
+    let dir = std::env::temp_dir().join(format!("svc-bench-cp-{}", std::process::id()));
+    let mut samples: Vec<(String, u32, f64, &str)> = Vec::new();
+
+    for services in COLD_COUNTS {
+        write_manifests(&dir, services);
+        let mut datapath = load(services);
+        let mut agent = Agent::new(&dir);
+        let started = Instant::now();
+        agent.sync(&mut datapath);
+        let cold = started.elapsed().as_secs_f64();
+        eprintln!("{services} services programmed from cold in {cold:.3} s");
+        samples.push(("cold_program".to_owned(), services, cold, "s"));
+
+        if services == CHANGE_SERVICES {
+            samples.push(("rss".to_owned(), services, rss_mib(), "MiB"));
+            let mut latencies = Vec::with_capacity(CHANGES);
+            for change in 0..CHANGES {
+                #[expect(clippy::cast_possible_truncation, reason = "CHANGES is small")]
+                let generation = change as u32 + 1;
+                let service = (generation * 37) % services;
+                let first = service - service % PER_FILE;
+                fs::write(
+                    dir.join(format!("f{first:06}.yaml")),
+                    file_text(first, PER_FILE, Some((service, generation))),
+                )
+                .expect("edit a slice");
+                let started = Instant::now();
+                agent.sync(&mut datapath);
+                latencies.push(started.elapsed());
+            }
+            latencies.sort_unstable();
+            for (case, p) in [("change_p50", 0.5), ("change_p99", 0.99)] {
+                let ms = percentile(&latencies, p).as_secs_f64() * 1e3;
+                eprintln!("{case}: {ms:.1} ms with {services} services");
+                samples.push((case.to_owned(), services, ms, "ms"));
+            }
+        }
+    }
+    let _ = fs::remove_dir_all(&dir);
+    let mut json = String::from("[\n");
+    for (i, (case, services, value, unit)) in samples.iter().enumerate() {
+        let comma = if i + 1 < samples.len() { "," } else { "" };
+        let _ = writeln!(
+            json,
+            r#"  {{"case": "{case}", "services": {services}, "value": {value:.3}, "unit": "{unit}"}}{comma}"#
+        );
+    }
+    json.push_str("]\n");
+    let out = PathBuf::from(out);
+    if let Some(parent) = out.parent() {
+        fs::create_dir_all(parent).expect("output directory");
+    }
+    fs::write(&out, json).expect("write results");
+    eprintln!("wrote {}", out.display());
+}
