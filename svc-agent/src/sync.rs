@@ -1,11 +1,13 @@
 //! Bringing the maps to the desired state: a diff against what this agent
-//! installed, writing only what changed. Backends shared by several
-//! frontends are stored once (reference-counted by the frontends naming
-//! them); a frontend's table is replaced in one update, and a backend is
-//! removed (ending its flows) only after no table names it any more.
+//! installed, writing only what changed. A frontend whose policy and
+//! endpoints are unchanged costs one comparison; only changed frontends
+//! touch backends. Backends shared by several frontends are stored once,
+//! reference-counted by the frontends naming them; a frontend's table is
+//! replaced in one update, and a backend is removed (ending its flows)
+//! only after no table names it any more.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::{Ipv4Addr, SocketAddrV4},
 };
 
@@ -13,7 +15,7 @@ use svc_common::lb::BackendId;
 
 use crate::{
     datapath::{BackendSpec, Frontend, Maps, ServicePolicy},
-    model::Desired,
+    model::{Desired, Endpoint},
 };
 
 /// What one [`Applier::apply`] did.
@@ -42,13 +44,15 @@ impl Report {
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct InstalledFrontend {
     policy: ServicePolicy,
-    ids: Vec<BackendId>,
+    endpoints: BTreeSet<Endpoint>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct InstalledBackend {
     id: BackendId,
     spec: BackendSpec,
+    /// Frontends naming it.
+    refs: usize,
 }
 
 /// The agent's record of what it wrote.
@@ -59,6 +63,14 @@ pub struct Applier {
     node_addrs: Vec<Ipv4Addr>,
     free_ids: Vec<BackendId>,
     next_id: BackendId,
+}
+
+fn spec_of(endpoint: Endpoint) -> BackendSpec {
+    BackendSpec {
+        addr: endpoint.addr,
+        local: endpoint.local,
+        terminating: endpoint.terminating,
+    }
 }
 
 impl Applier {
@@ -76,20 +88,36 @@ impl Applier {
     #[must_use]
     pub fn adopt(maps: &Maps) -> Self {
         let mut applier = Self::new();
+        let mut by_id = HashMap::new();
         for (id, spec) in maps.installed_backends() {
             applier
                 .backends
-                .insert(spec.addr, InstalledBackend { id, spec });
+                .insert(spec.addr, InstalledBackend { id, spec, refs: 0 });
+            by_id.insert(id, spec);
             applier.next_id = applier.next_id.max(id + 1);
         }
-        let used: BTreeSet<BackendId> = applier.backends.values().map(|b| b.id).collect();
+        let used: BTreeSet<BackendId> = by_id.keys().copied().collect();
         applier.free_ids = (1..applier.next_id)
             .filter(|id| !used.contains(id))
             .collect();
         for (frontend, policy, ids) in maps.installed_frontends() {
+            let endpoints = ids
+                .iter()
+                .filter_map(|id| by_id.get(id))
+                .map(|spec| Endpoint {
+                    addr: spec.addr,
+                    local: spec.local,
+                    terminating: spec.terminating,
+                })
+                .collect::<BTreeSet<_>>();
+            for endpoint in &endpoints {
+                if let Some(backend) = applier.backends.get_mut(&endpoint.addr) {
+                    backend.refs += 1;
+                }
+            }
             applier
                 .frontends
-                .insert(frontend, InstalledFrontend { policy, ids });
+                .insert(frontend, InstalledFrontend { policy, endpoints });
         }
         applier.node_addrs = maps.installed_node_addrs();
         applier
@@ -119,47 +147,18 @@ impl Applier {
             }
         }
 
-        // Backends first, so every table can name them.
-        let mut wanted: HashMap<SocketAddrV4, BackendSpec> =
-            HashMap::with_capacity(self.backends.len());
-        for spec in desired.frontends.values() {
-            for endpoint in &spec.endpoints {
-                let entry = wanted.entry(endpoint.addr).or_insert(BackendSpec {
-                    addr: endpoint.addr,
-                    local: endpoint.local,
-                    terminating: endpoint.terminating,
-                });
-                // Terminating only if every service sees it so.
-                entry.terminating &= endpoint.terminating;
-            }
-        }
-        for (addr, spec) in &wanted {
-            self.write_backend(maps, *addr, *spec, &mut report);
-        }
-
         for (frontend, spec) in &desired.frontends {
-            let mut ids: Vec<BackendId> = spec
-                .endpoints
-                .iter()
-                .filter_map(|endpoint| self.backends.get(&endpoint.addr).map(|b| b.id))
-                .collect();
-            ids.sort_unstable();
-            ids.dedup();
-            let want = InstalledFrontend {
-                policy: spec.policy,
-                ids,
-            };
-            if self.frontends.get(frontend) == Some(&want) {
-                continue;
-            }
-            match maps.upsert_service(frontend, &want.policy, &want.ids) {
-                Ok(_) => {
-                    self.frontends.insert(*frontend, want);
-                    report.frontends_written += 1;
-                }
-                Err(err) => report
-                    .errors
-                    .push(format!("{frontend:?} of {}: {err}", spec.service)),
+            let unchanged = self
+                .frontends
+                .get(frontend)
+                .is_some_and(|i| i.policy == spec.policy && i.endpoints == spec.endpoints);
+            if !unchanged {
+                let want = InstalledFrontend {
+                    policy: spec.policy,
+                    endpoints: spec.endpoints.clone(),
+                };
+                let service = spec.service.to_string();
+                self.write_frontend(maps, *frontend, want, &service, &mut report);
             }
         }
         let stale: Vec<Frontend> = self
@@ -171,23 +170,108 @@ impl Applier {
         for frontend in stale {
             match maps.remove_service(&frontend) {
                 Ok(()) => {
-                    self.frontends.remove(&frontend);
+                    if let Some(old) = self.frontends.remove(&frontend) {
+                        self.release(&old.endpoints);
+                    }
                     report.frontends_removed += 1;
                 }
                 Err(err) => report.errors.push(format!("removing {frontend:?}: {err}")),
             }
         }
+        self.remove_unreferenced(maps, &mut report);
+        report
+    }
 
-        // Backends no table names any more.
-        let named: HashSet<BackendId> = self
-            .frontends
-            .values()
-            .flat_map(|f| f.ids.iter().copied())
-            .collect();
+    /// Writes one frontend: its backends first, then its table.
+    fn write_frontend(
+        &mut self,
+        maps: &mut Maps,
+        frontend: Frontend,
+        want: InstalledFrontend,
+        service: &str,
+        report: &mut Report,
+    ) {
+        let mut ids = Vec::with_capacity(want.endpoints.len());
+        let mut taken = Vec::with_capacity(want.endpoints.len());
+        for endpoint in &want.endpoints {
+            if let Some(id) = self.hold_backend(maps, spec_of(*endpoint), report) {
+                ids.push(id);
+                taken.push(endpoint.addr);
+            }
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        match maps.upsert_service(&frontend, &want.policy, &ids) {
+            Ok(_) => {
+                if let Some(old) = self.frontends.insert(frontend, want) {
+                    self.release(&old.endpoints);
+                }
+                report.frontends_written += 1;
+            }
+            Err(err) => {
+                for addr in taken {
+                    if let Some(backend) = self.backends.get_mut(&addr) {
+                        backend.refs -= 1;
+                    }
+                }
+                report
+                    .errors
+                    .push(format!("{frontend:?} of {service}: {err}"));
+            }
+        }
+    }
+
+    /// Takes a reference on the backend at `spec.addr`, writing it if it is
+    /// new or its flags changed.
+    fn hold_backend(
+        &mut self,
+        maps: &mut Maps,
+        spec: BackendSpec,
+        report: &mut Report,
+    ) -> Option<BackendId> {
+        if let Some(installed) = self.backends.get_mut(&spec.addr) {
+            if installed.spec != spec {
+                match maps.set_backend(installed.id, &spec) {
+                    Ok(()) => installed.spec = spec,
+                    Err(err) => report.errors.push(format!("backend {}: {err}", spec.addr)),
+                }
+            }
+            installed.refs += 1;
+            return Some(installed.id);
+        }
+        let id = self.free_ids.pop().unwrap_or_else(|| {
+            self.next_id += 1;
+            self.next_id - 1
+        });
+        match maps.set_backend(id, &spec) {
+            Ok(()) => {
+                self.backends
+                    .insert(spec.addr, InstalledBackend { id, spec, refs: 1 });
+                report.backends_added += 1;
+                Some(id)
+            }
+            Err(err) => {
+                self.free_ids.push(id);
+                report.errors.push(format!("backend {}: {err}", spec.addr));
+                None
+            }
+        }
+    }
+
+    fn release(&mut self, endpoints: &BTreeSet<Endpoint>) {
+        for endpoint in endpoints {
+            if let Some(backend) = self.backends.get_mut(&endpoint.addr) {
+                backend.refs = backend.refs.saturating_sub(1);
+            }
+        }
+    }
+
+    /// Removes backends no table names any more (ending their flows).
+    fn remove_unreferenced(&mut self, maps: &mut Maps, report: &mut Report) {
         let unused: Vec<(SocketAddrV4, BackendId)> = self
             .backends
             .iter()
-            .filter(|(addr, b)| !wanted.contains_key(addr) && !named.contains(&b.id))
+            .filter(|(_, b)| b.refs == 0)
             .map(|(addr, b)| (*addr, b.id))
             .collect();
         for (addr, id) in unused {
@@ -200,42 +284,6 @@ impl Applier {
                 Err(err) => report
                     .errors
                     .push(format!("removing backend {addr}: {err}")),
-            }
-        }
-        report
-    }
-
-    fn write_backend(
-        &mut self,
-        maps: &mut Maps,
-        addr: SocketAddrV4,
-        spec: BackendSpec,
-        report: &mut Report,
-    ) {
-        if let Some(installed) = self.backends.get(&addr) {
-            if installed.spec != spec {
-                match maps.set_backend(installed.id, &spec) {
-                    Ok(()) => {
-                        let id = installed.id;
-                        self.backends.insert(addr, InstalledBackend { id, spec });
-                    }
-                    Err(err) => report.errors.push(format!("backend {addr}: {err}")),
-                }
-            }
-            return;
-        }
-        let id = self.free_ids.pop().unwrap_or_else(|| {
-            self.next_id += 1;
-            self.next_id - 1
-        });
-        match maps.set_backend(id, &spec) {
-            Ok(()) => {
-                self.backends.insert(addr, InstalledBackend { id, spec });
-                report.backends_added += 1;
-            }
-            Err(err) => {
-                self.free_ids.push(id);
-                report.errors.push(format!("backend {addr}: {err}"));
             }
         }
     }
