@@ -8,7 +8,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use aya::programs::{TestRun as _, TestRunOptions};
 use svc_agent::datapath::{
     BackendSpec, Capacities, Datapath, FROM_POD_PROGRAM, FROM_UPLINK_PROGRAM, Frontend,
-    LoadOptions, Maps, Protocol, ServicePolicy,
+    LoadOptions, Maps, ServicePolicy,
 };
 use svc_common::{
     config::DatapathConfig,
@@ -189,29 +189,6 @@ fn backend_addr(id: BackendId) -> (Ipv4Addr, u16) {
     (*addr, *port)
 }
 
-fn tcp(addr: Ipv4Addr, port: u16) -> Frontend {
-    Frontend::Address {
-        addr,
-        port,
-        protocol: Protocol::Tcp,
-    }
-}
-
-fn udp(addr: Ipv4Addr, port: u16) -> Frontend {
-    Frontend::Address {
-        addr,
-        port,
-        protocol: Protocol::Udp,
-    }
-}
-
-fn node_port(port: u16) -> Frontend {
-    Frontend::NodePort {
-        port,
-        protocol: Protocol::Tcp,
-    }
-}
-
 fn config() -> DatapathConfig {
     DatapathConfig {
         masq_addr: u32::from_ne_bytes(NODE.octets()),
@@ -266,17 +243,17 @@ fn install(maps: &mut Maps) {
         ..ServicePolicy::default()
     };
     let services: [(Frontend, ServicePolicy, &[BackendId]); 11] = [
-        (tcp(CLUSTER, 80), cluster, &[1, 2, 3]),
-        (udp(CLUSTER, 53), cluster, &[1, 2, 3]),
-        (tcp(EMPTY_SVC, 80), cluster, &[]),
-        (udp(EMPTY_SVC, 80), cluster, &[]),
-        (tcp(SVC_C, 80), cluster, &[1]),
-        (tcp(SVC_D, 80), cluster, &[1]),
-        (tcp(AFFINITY_SVC, 80), affinity, &[1, 2, 3]),
-        (node_port(NODE_PORT), external, &[3]),
-        (node_port(NODE_PORT_LOCAL), local, &[]),
-        (tcp(LB_IP, 443), external, &[4]),
-        (tcp(EXTERNAL_IP, 80), local, &[1]),
+        (Frontend::tcp(CLUSTER, 80), cluster, &[1, 2, 3]),
+        (Frontend::udp(CLUSTER, 53), cluster, &[1, 2, 3]),
+        (Frontend::tcp(EMPTY_SVC, 80), cluster, &[]),
+        (Frontend::udp(EMPTY_SVC, 80), cluster, &[]),
+        (Frontend::tcp(SVC_C, 80), cluster, &[1]),
+        (Frontend::tcp(SVC_D, 80), cluster, &[1]),
+        (Frontend::tcp(AFFINITY_SVC, 80), affinity, &[1, 2, 3]),
+        (Frontend::node_port_tcp(NODE_PORT), external, &[3]),
+        (Frontend::node_port_tcp(NODE_PORT_LOCAL), local, &[]),
+        (Frontend::tcp(LB_IP, 443), external, &[4]),
+        (Frontend::tcp(EXTERNAL_IP, 80), local, &[1]),
     ];
     for (frontend, policy, backends) in services {
         maps.upsert_service(&frontend, &policy, backends)
@@ -397,7 +374,7 @@ fn translation_steps() -> Vec<fn(&Maps) -> Step> {
     const C3: (Ipv4Addr, u16) = (Ipv4Addr::new(10, 1, 0, 9), 40_000);
     vec![
         |maps| {
-            let backend = predict(maps, tcp(CLUSTER, 80), CLIENT, (CLUSTER, 80));
+            let backend = predict(maps, Frontend::tcp(CLUSTER, 80), CLIENT, (CLUSTER, 80));
             step(
                 "pod SYN to a ClusterIP: DNAT to the Maglev pick",
                 POD,
@@ -407,7 +384,7 @@ fn translation_steps() -> Vec<fn(&Maps) -> Step> {
             )
         },
         |maps| {
-            let backend = predict(maps, tcp(CLUSTER, 80), CLIENT, (CLUSTER, 80));
+            let backend = predict(maps, Frontend::tcp(CLUSTER, 80), CLIENT, (CLUSTER, 80));
             step(
                 "ACK with data of the same flow: same backend",
                 POD,
@@ -417,7 +394,7 @@ fn translation_steps() -> Vec<fn(&Maps) -> Step> {
             )
         },
         |maps| {
-            let backend = predict(maps, tcp(CLUSTER, 80), CLIENT, (CLUSTER, 80));
+            let backend = predict(maps, Frontend::tcp(CLUSTER, 80), CLIENT, (CLUSTER, 80));
             step(
                 "the backend's SYN-ACK: reverse-translated to the ClusterIP",
                 POD,
@@ -427,7 +404,7 @@ fn translation_steps() -> Vec<fn(&Maps) -> Step> {
             )
         },
         |maps| {
-            let backend = predict(maps, tcp(CLUSTER, 80), CLIENT, (CLUSTER, 80));
+            let backend = predict(maps, Frontend::tcp(CLUSTER, 80), CLIENT, (CLUSTER, 80));
             step(
                 "FIN of that flow: still translated, the flow now closing",
                 POD,
@@ -437,7 +414,7 @@ fn translation_steps() -> Vec<fn(&Maps) -> Step> {
             )
         },
         |maps| {
-            let backend = predict(maps, tcp(CLUSTER, 80), CLIENT, (CLUSTER, 80));
+            let backend = predict(maps, Frontend::tcp(CLUSTER, 80), CLIENT, (CLUSTER, 80));
             step(
                 "a SYN reusing the closed flow's port starts a new flow",
                 POD,
@@ -447,7 +424,7 @@ fn translation_steps() -> Vec<fn(&Maps) -> Step> {
             )
         },
         |maps| {
-            let backend = predict(maps, udp(CLUSTER, 53), CLIENT, (CLUSTER, 53));
+            let backend = predict(maps, Frontend::udp(CLUSTER, 53), CLIENT, (CLUSTER, 53));
             step(
                 "pod UDP to a ClusterIP",
                 POD,
@@ -457,7 +434,7 @@ fn translation_steps() -> Vec<fn(&Maps) -> Step> {
             )
         },
         |maps| {
-            let backend = predict(maps, udp(CLUSTER, 53), CLIENT, (CLUSTER, 53));
+            let backend = predict(maps, Frontend::udp(CLUSTER, 53), CLIENT, (CLUSTER, 53));
             step(
                 "the UDP reply: reverse-translated",
                 UPLINK,
@@ -468,7 +445,7 @@ fn translation_steps() -> Vec<fn(&Maps) -> Step> {
         },
         |maps| {
             let src = (CLIENT.0, 40_002);
-            let backend = predict(maps, udp(CLUSTER, 53), src, (CLUSTER, 53));
+            let backend = predict(maps, Frontend::udp(CLUSTER, 53), src, (CLUSTER, 53));
             let mut input = packet::udp4(src, (CLUSTER, 53), b"query");
             packet::clear_udp_checksum(&mut input);
             let mut output = packet::udp4(src, backend, b"query");
@@ -483,7 +460,7 @@ fn translation_steps() -> Vec<fn(&Maps) -> Step> {
         },
         |maps| {
             let src = (CLIENT.0, 40_003);
-            let backend = predict(maps, udp(CLUSTER, 53), src, (CLUSTER, 53));
+            let backend = predict(maps, Frontend::udp(CLUSTER, 53), src, (CLUSTER, 53));
             let options = [1, 1, 1, 0, 0x94, 4, 0, 0];
             step(
                 "UDP behind IP options: ports found after them",
@@ -619,7 +596,12 @@ fn translation_steps() -> Vec<fn(&Maps) -> Step> {
             )
         },
         |maps| {
-            let backend = predict(maps, tcp(AFFINITY_SVC, 80), C3, (AFFINITY_SVC, 80));
+            let backend = predict(
+                maps,
+                Frontend::tcp(AFFINITY_SVC, 80),
+                C3,
+                (AFFINITY_SVC, 80),
+            );
             step(
                 "session affinity, first connection: the Maglev pick",
                 POD,
@@ -629,13 +611,18 @@ fn translation_steps() -> Vec<fn(&Maps) -> Step> {
             )
         },
         |maps| {
-            let first = predict(maps, tcp(AFFINITY_SVC, 80), C3, (AFFINITY_SVC, 80));
+            let first = predict(
+                maps,
+                Frontend::tcp(AFFINITY_SVC, 80),
+                C3,
+                (AFFINITY_SVC, 80),
+            );
             // A source port Maglev alone would send elsewhere.
             let port = (41_000..42_000)
                 .find(|&port| {
                     predict(
                         maps,
-                        tcp(AFFINITY_SVC, 80),
+                        Frontend::tcp(AFFINITY_SVC, 80),
                         (C3.0, port),
                         (AFFINITY_SVC, 80),
                     ) != first

@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use svc_agent::datapath::{Frontend, Maps, Protocol, ServicePolicy};
+use svc_agent::datapath::{Frontend, Maps, ServicePolicy};
 use svc_common::{hash::flow_hash, proto, stats::Counter};
 use tests::{
     servers::{Answer, read_answer},
@@ -22,29 +22,6 @@ const CLUSTER_IP_2: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
 const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(172, 16, 1, 50);
 const LB_IP: Ipv4Addr = Ipv4Addr::new(172, 16, 1, 60);
 const NODE_PORT: u16 = 30_080;
-
-fn tcp(addr: Ipv4Addr, port: u16) -> Frontend {
-    Frontend::Address {
-        addr,
-        port,
-        protocol: Protocol::Tcp,
-    }
-}
-
-fn udp(addr: Ipv4Addr, port: u16) -> Frontend {
-    Frontend::Address {
-        addr,
-        port,
-        protocol: Protocol::Udp,
-    }
-}
-
-fn node_port(port: u16) -> Frontend {
-    Frontend::NodePort {
-        port,
-        protocol: Protocol::Tcp,
-    }
-}
 
 fn masquerading() -> ServicePolicy {
     ServicePolicy {
@@ -94,9 +71,13 @@ fn peer_ip(answer: &Answer) -> Ipv4Addr {
 fn pods_reach_a_cluster_ip_over_tcp_and_udp_spread_over_local_and_remote_backends() {
     let mut cluster = cluster(Options::default());
     let backends = [("a", 8080), ("b", 8080), ("c", 8080)];
-    cluster.apply(&[tcp(CLUSTER_IP, 80)], ServicePolicy::default(), &backends);
     cluster.apply(
-        &[udp(CLUSTER_IP, 53)],
+        &[Frontend::tcp(CLUSTER_IP, 80)],
+        ServicePolicy::default(),
+        &backends,
+    );
+    cluster.apply(
+        &[Frontend::udp(CLUSTER_IP, 53)],
         ServicePolicy::default(),
         &[("a", 5353), ("b", 5353), ("c", 5353)],
     );
@@ -154,17 +135,17 @@ fn pods_reach_a_cluster_ip_over_tcp_and_udp_spread_over_local_and_remote_backend
 fn service_ports_map_to_their_own_target_ports() {
     let mut cluster = cluster(Options::default());
     cluster.apply(
-        &[tcp(CLUSTER_IP, 80)],
+        &[Frontend::tcp(CLUSTER_IP, 80)],
         ServicePolicy::default(),
         &[("b", 8080)],
     );
     cluster.apply(
-        &[tcp(CLUSTER_IP, 81)],
+        &[Frontend::tcp(CLUSTER_IP, 81)],
         ServicePolicy::default(),
         &[("b", 9090)],
     );
     cluster.apply(
-        &[udp(CLUSTER_IP, 80)],
+        &[Frontend::udp(CLUSTER_IP, 80)],
         ServicePolicy::default(),
         &[("b", 5353)],
     );
@@ -187,16 +168,20 @@ fn a_process_on_the_node_reaches_a_cluster_ip() {
         ..Options::default()
     });
     cluster.apply(
-        &[tcp(CLUSTER_IP, 80)],
+        &[Frontend::tcp(CLUSTER_IP, 80)],
         ServicePolicy::default(),
         &[("a", 8080), ("b", 8080)],
     );
     cluster.apply(
-        &[udp(CLUSTER_IP, 53)],
+        &[Frontend::udp(CLUSTER_IP, 53)],
         ServicePolicy::default(),
         &[("a", 5353), ("b", 5353)],
     );
-    cluster.apply(&[tcp(CLUSTER_IP_2, 80)], ServicePolicy::default(), &[]);
+    cluster.apply(
+        &[Frontend::tcp(CLUSTER_IP_2, 80)],
+        ServicePolicy::default(),
+        &[],
+    );
     let node = &cluster.nodes[0];
     let before = node.datapath().stats().expect("counters");
 
@@ -276,7 +261,7 @@ fn ask_from_outside(cluster: &Cluster, to: SocketAddrV4, tries: usize) -> Vec<An
 fn node_port_with_traffic_policy_cluster_masquerades_and_works_from_either_node() {
     let mut cluster = cluster(Options::default());
     cluster.apply(
-        &[node_port(NODE_PORT)],
+        &[Frontend::node_port_tcp(NODE_PORT)],
         masquerading(),
         &[("a", 8080), ("b", 8080)],
     );
@@ -309,7 +294,7 @@ fn node_port_with_traffic_policy_local_keeps_the_source_and_uses_only_local_back
         ..ServicePolicy::default()
     };
     // Only a (node1) backs the service.
-    cluster.apply(&[node_port(NODE_PORT)], local, &[("a", 8080)]);
+    cluster.apply(&[Frontend::node_port_tcp(NODE_PORT)], local, &[("a", 8080)]);
     let node1 = cluster.nodes[0].addr;
     for answer in ask_from_outside(&cluster, addr(node1, NODE_PORT), 10) {
         assert_eq!(answer.name, "a");
@@ -343,7 +328,7 @@ fn node_port_with_traffic_policy_local_keeps_the_source_and_uses_only_local_back
 fn external_ips_and_load_balancer_ips_behave_like_node_ports() {
     let mut cluster = cluster(Options::default());
     cluster.apply(
-        &[tcp(EXTERNAL_IP, 80), tcp(LB_IP, 80)],
+        &[Frontend::tcp(EXTERNAL_IP, 80), Frontend::tcp(LB_IP, 80)],
         masquerading(),
         &[("a", 8080), ("b", 8080)],
     );
@@ -367,7 +352,11 @@ fn external_ips_and_load_balancer_ips_behave_like_node_ports() {
         drop_when_empty: true,
         ..ServicePolicy::default()
     };
-    cluster.apply(&[tcp(LB_IP, 80)], local, &[("a", 8080), ("b", 8080)]);
+    cluster.apply(
+        &[Frontend::tcp(LB_IP, 80)],
+        local,
+        &[("a", 8080), ("b", 8080)],
+    );
     for answer in ask_from_outside(&cluster, addr(LB_IP, 80), 10) {
         assert_eq!(answer.name, "a", "only node1's own backend");
         assert_eq!(peer_ip(&answer), cluster.external.addr);
@@ -404,7 +393,7 @@ fn session_affinity_pins_a_client_until_its_timeout() {
         affinity_timeout_secs: Some(1),
         ..ServicePolicy::default()
     };
-    let frontend = tcp(CLUSTER_IP, 80);
+    let frontend = Frontend::tcp(CLUSTER_IP, 80);
     let ids = cluster.apply(
         &[frontend],
         affinity,
@@ -450,7 +439,7 @@ fn session_affinity_pins_a_client_until_its_timeout() {
 #[test]
 fn established_connections_survive_backend_changes_and_removed_backends_get_nothing_new() {
     let mut cluster = cluster(Options::default());
-    let frontend = tcp(CLUSTER_IP, 80);
+    let frontend = Frontend::tcp(CLUSTER_IP, 80);
     let ids = cluster.apply(
         &[frontend],
         ServicePolicy::default(),
@@ -510,11 +499,11 @@ fn established_connections_survive_backend_changes_and_removed_backends_get_noth
 fn a_service_without_endpoints_refuses_at_once() {
     let mut cluster = cluster(Options::default());
     cluster.apply(
-        &[tcp(CLUSTER_IP, 80), udp(CLUSTER_IP, 53)],
+        &[Frontend::tcp(CLUSTER_IP, 80), Frontend::udp(CLUSTER_IP, 53)],
         ServicePolicy::default(),
         &[],
     );
-    cluster.apply(&[node_port(NODE_PORT)], masquerading(), &[]);
+    cluster.apply(&[Frontend::node_port_tcp(NODE_PORT)], masquerading(), &[]);
     let client = cluster.pod("z");
     let err = client
         .connect(addr(CLUSTER_IP, 80))
@@ -552,12 +541,12 @@ fn a_service_without_endpoints_refuses_at_once() {
 fn a_pod_reaching_itself_through_its_service_gets_a_working_connection() {
     let mut cluster = cluster(Options::default());
     cluster.apply(
-        &[tcp(CLUSTER_IP, 80)],
+        &[Frontend::tcp(CLUSTER_IP, 80)],
         ServicePolicy::default(),
         &[("a", 8080)],
     );
     cluster.apply(
-        &[udp(CLUSTER_IP, 53)],
+        &[Frontend::udp(CLUSTER_IP, 53)],
         ServicePolicy::default(),
         &[("a", 5353)],
     );
@@ -583,12 +572,18 @@ fn a_pod_reaching_itself_through_its_service_gets_a_working_connection() {
 fn one_backend_behind_two_services_answers_each_client_from_what_it_used() {
     let mut cluster = cluster(Options::default());
     cluster.apply(
-        &[udp(CLUSTER_IP, 53), udp(CLUSTER_IP_2, 53)],
+        &[
+            Frontend::udp(CLUSTER_IP, 53),
+            Frontend::udp(CLUSTER_IP_2, 53),
+        ],
         ServicePolicy::default(),
         &[("b", 5353)],
     );
     cluster.apply(
-        &[tcp(CLUSTER_IP, 80), node_port(NODE_PORT)],
+        &[
+            Frontend::tcp(CLUSTER_IP, 80),
+            Frontend::node_port_tcp(NODE_PORT),
+        ],
         masquerading(),
         &[("b", 8080)],
     );
@@ -625,7 +620,7 @@ fn one_backend_behind_two_services_answers_each_client_from_what_it_used() {
 fn flows_to_a_removed_backend_move_on_udp_and_are_reset_on_tcp() {
     let mut cluster = cluster(Options::default());
     let ids = cluster.apply(
-        &[udp(CLUSTER_IP, 53)],
+        &[Frontend::udp(CLUSTER_IP, 53)],
         ServicePolicy::default(),
         &[("a", 5353), ("b", 5353)],
     );
@@ -637,7 +632,7 @@ fn flows_to_a_removed_backend_move_on_udp_and_are_reset_on_tcp() {
         (ids[1], "a")
     };
     cluster.apply(
-        &[udp(CLUSTER_IP, 53)],
+        &[Frontend::udp(CLUSTER_IP, 53)],
         ServicePolicy::default(),
         &[(stays, 5353)],
     );
@@ -648,7 +643,7 @@ fn flows_to_a_removed_backend_move_on_udp_and_are_reset_on_tcp() {
     assert_eq!(from, SocketAddr::from(addr(CLUSTER_IP, 53)));
 
     let tcp_ids = cluster.apply(
-        &[tcp(CLUSTER_IP, 80)],
+        &[Frontend::tcp(CLUSTER_IP, 80)],
         ServicePolicy::default(),
         &[("a", 8080), ("b", 8080)],
     );
@@ -663,7 +658,7 @@ fn flows_to_a_removed_backend_move_on_udp_and_are_reset_on_tcp() {
         (tcp_ids[1], "a")
     };
     cluster.apply(
-        &[tcp(CLUSTER_IP, 80)],
+        &[Frontend::tcp(CLUSTER_IP, 80)],
         ServicePolicy::default(),
         &[(stays, 8080)],
     );

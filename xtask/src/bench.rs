@@ -9,6 +9,20 @@ use serde::Deserialize;
 
 use crate::cmd;
 
+/// Builds a benchmark binary of the `tests` crate (release) and returns
+/// its path.
+fn build_bench_binary(name: &str) -> Result<std::path::PathBuf> {
+    cmd::run(&mut cmd::cargo([
+        "build",
+        "--release",
+        "--package",
+        "tests",
+        "--bin",
+        name,
+    ]))?;
+    Ok(cmd::workspace_root().join("target/release").join(name))
+}
+
 #[derive(Deserialize)]
 struct Sample {
     case: String,
@@ -20,15 +34,7 @@ pub fn datapath(repeat: u32, services: &[u32]) -> Result<()> {
     let root = cmd::workspace_root();
     let json = root.join("target/bench/datapath.json");
     let markdown = root.join("target/bench/datapath.md");
-    cmd::run(&mut cmd::cargo([
-        "build",
-        "--release",
-        "--package",
-        "tests",
-        "--bin",
-        "bench-datapath",
-    ]))?;
-    let mut bench = std::process::Command::new(root.join("target/release/bench-datapath"));
+    let mut bench = std::process::Command::new(build_bench_binary("bench-datapath")?);
     bench
         .arg("--out")
         .arg(&json)
@@ -58,16 +64,8 @@ pub fn control_plane() -> Result<()> {
     let root = cmd::workspace_root();
     let json = root.join("target/bench/control-plane.json");
     let markdown = root.join("target/bench/control-plane.md");
-    cmd::run(&mut cmd::cargo([
-        "build",
-        "--release",
-        "--package",
-        "tests",
-        "--bin",
-        "bench-control-plane",
-    ]))?;
     cmd::run(
-        std::process::Command::new(root.join("target/release/bench-control-plane"))
+        std::process::Command::new(build_bench_binary("bench-control-plane")?)
             .arg("--out")
             .arg(&json),
     )?;

@@ -60,6 +60,35 @@ pub enum Frontend {
 }
 
 impl Frontend {
+    /// A TCP service port on an address.
+    #[must_use]
+    pub const fn tcp(addr: Ipv4Addr, port: u16) -> Self {
+        Self::Address {
+            addr,
+            port,
+            protocol: Protocol::Tcp,
+        }
+    }
+
+    /// A UDP service port on an address.
+    #[must_use]
+    pub const fn udp(addr: Ipv4Addr, port: u16) -> Self {
+        Self::Address {
+            addr,
+            port,
+            protocol: Protocol::Udp,
+        }
+    }
+
+    /// A TCP node port.
+    #[must_use]
+    pub const fn node_port_tcp(port: u16) -> Self {
+        Self::NodePort {
+            port,
+            protocol: Protocol::Tcp,
+        }
+    }
+
     /// The key the datapath looks the frontend up with.
     #[must_use]
     pub fn key(&self) -> ServiceKey {

@@ -86,14 +86,6 @@ fn pool_addr(i: u32) -> SocketAddrV4 {
     SocketAddrV4::new(Ipv4Addr::new(10, 245, hi, lo), 8080)
 }
 
-fn frontend(addr: Ipv4Addr, port: u16) -> Frontend {
-    Frontend::Address {
-        addr,
-        port,
-        protocol: Protocol::Tcp,
-    }
-}
-
 fn filler_addr(i: u32) -> Ipv4Addr {
     let [_, b, c, d] = (i + 1).to_be_bytes();
     Ipv4Addr::new(10, 100 + b, c, d)
@@ -142,7 +134,7 @@ fn install(services: u32, config: DatapathConfig) -> Datapath {
     for (port, other) in [(80, 81), (81, 80)] {
         let mut ids = vec![backend(maps, SocketAddrV4::new(HOT, other), false)];
         ids.extend_from_slice(&pool[..BACKENDS_PER_SERVICE as usize - 1]);
-        maps.upsert_service(&frontend(HOT, port), &ServicePolicy::default(), &ids)
+        maps.upsert_service(&Frontend::tcp(HOT, port), &ServicePolicy::default(), &ids)
             .expect("hot ClusterIP");
     }
     for (index, port) in NODE_PORTS.iter().enumerate() {
@@ -169,7 +161,7 @@ fn install(services: u32, config: DatapathConfig) -> Datapath {
         let ids = &pool[first..first + BACKENDS_PER_SERVICE as usize];
         for port in [80, 81] {
             maps.upsert_service(
-                &frontend(filler_addr(i), port),
+                &Frontend::tcp(filler_addr(i), port),
                 &ServicePolicy::default(),
                 ids,
             )
@@ -182,7 +174,9 @@ fn install(services: u32, config: DatapathConfig) -> Datapath {
 /// A client port whose flows to port 80 and 81 Maglev sends to each other.
 fn cycling_client_port(maps: &Maps) -> u16 {
     let pick = |src_port: u16, port: u16| {
-        let service = maps.service(&frontend(HOT, port)).expect("hot service");
+        let service = maps
+            .service(&Frontend::tcp(HOT, port))
+            .expect("hot service");
         let hash = flow_hash(
             u32::from_ne_bytes(CLIENT.octets()),
             u32::from_ne_bytes(HOT.octets()),
