@@ -411,3 +411,34 @@ fn established_connections_survive_an_agent_restart() {
     let seen = answers(&cluster, to, 10);
     assert_eq!(seen.keys().collect::<Vec<_>>(), vec!["b"], "{seen:?}");
 }
+
+#[test]
+fn host_sockets_stay_translated_while_the_agent_restarts() {
+    let mut cluster = cluster_with(Options {
+        pinned: true,
+        host_sockets_on_node1: true,
+    });
+    let mut agents = Agents::new(&cluster);
+    agents.write(
+        "web.yaml",
+        &web(&[("10.244.1.2", "node1"), ("10.244.2.2", "node2")]),
+    );
+    agents.sync(&mut cluster);
+    let to = SocketAddrV4::new(CLUSTER_IP, 80);
+    let from_node = |cluster: &Cluster, when: &str| {
+        let stream = cluster.nodes[0]
+            .ns
+            .run(|| TcpStream::connect_timeout(&to.into(), TIMEOUT))
+            .unwrap_or_else(|err| panic!("{when}: the node's own connection failed: {err}"));
+        let answer = read_answer(&stream, TIMEOUT).expect("answer");
+        assert!(
+            ["a", "b"].contains(&answer.name.as_str()),
+            "{when}: {answer:?}"
+        );
+    };
+    from_node(&cluster, "agent running");
+    cluster.nodes[0].stop_agent();
+    from_node(&cluster, "agent stopped");
+    assert!(cluster.nodes[0].start_agent(), "adopts the pinned maps");
+    from_node(&cluster, "agent restarted");
+}

@@ -2,7 +2,7 @@
 
 use std::{
     fs,
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd},
     path::{Path, PathBuf},
 };
 
@@ -310,15 +310,46 @@ impl Datapath {
             source,
         })?;
         for name in SOCK_PROGRAMS {
-            sock_program_mut(&mut self.ebpf, name)?
-                // A bpf_link attachment: other programs on the cgroup stay, and
-                // link_create takes no attach flags.
+            let attach_error = |source| Error::Attach {
+                program: name,
+                iface: root.display().to_string(),
+                source,
+            };
+            let pin = self
+                .pin_dir
+                .as_ref()
+                .map(|dir| dir.join("links").join(format!("cgroup-{name}")));
+            let program = sock_program_mut(&mut self.ebpf, name)?;
+            if let Some(pin) = &pin
+                && pin.exists()
+            {
+                // An earlier run's link: swap our program in, so host
+                // sockets stay translated across the restart.
+                let prog_fd = program.fd().map_err(attach_error)?;
+                if link_update(pin, prog_fd.as_fd().as_raw_fd()).is_ok() {
+                    continue;
+                }
+                let _ = fs::remove_file(pin);
+            }
+            // A bpf_link attachment: other programs on the cgroup stay, and
+            // link_create takes no attach flags.
+            let id = program
                 .attach(&cgroup, CgroupAttachMode::Single)
-                .map_err(|source| Error::Attach {
-                    program: name,
-                    iface: root.display().to_string(),
-                    source,
-                })?;
+                .map_err(attach_error)?;
+            if let Some(pin) = pin {
+                let link = program.take_link(id).map_err(attach_error)?;
+                let pinned = FdLink::try_from(link)
+                    .map_err(|err| Error::Pin {
+                        path: pin.clone(),
+                        source: std::io::Error::other(err),
+                    })?
+                    .pin(&pin)
+                    .map_err(|err| Error::Pin {
+                        path: pin.clone(),
+                        source: std::io::Error::other(err),
+                    })?;
+                self.pinned_links.push(pinned);
+            }
         }
         Ok(root)
     }
@@ -365,6 +396,73 @@ fn sock_program_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mu
 fn set_iface_sysctl(iface: &str, key: &str, value: &str) -> Result<()> {
     let path = Path::new("/proc/sys/net/ipv4/conf").join(iface).join(key);
     fs::write(&path, value).map_err(|source| Error::Sysctl { path, source })
+}
+
+/// Points the link pinned at `pin` to program `prog_fd`
+/// (`BPF_LINK_UPDATE`, atomic): aya offers this for tc links only.
+fn link_update(pin: &Path, prog_fd: i32) -> std::io::Result<()> {
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_LINK_UPDATE: libc::c_long = 29;
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+        _pad: u32,
+    }
+    #[repr(C)]
+    struct LinkUpdate {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+    let path = std::ffi::CString::new(pin.as_os_str().as_encoded_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    let get = ObjGet {
+        pathname: path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+        path_fd: 0,
+        _pad: 0,
+    };
+    // SAFETY: bpf(2) with an attribute of the size given, and a path that
+    // outlives the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &raw const get,
+            size_of::<ObjGet>(),
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let link_fd =
+        i32::try_from(fd).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidData))?;
+    // SAFETY: a fresh descriptor we own.
+    let link = unsafe { OwnedFd::from_raw_fd(link_fd) };
+    let update = LinkUpdate {
+        link_fd: u32::try_from(link.as_raw_fd()).unwrap_or(u32::MAX),
+        new_prog_fd: u32::try_from(prog_fd).unwrap_or(u32::MAX),
+        flags: 0,
+        old_prog_fd: 0,
+    };
+    // SAFETY: as above.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_UPDATE,
+            &raw const update,
+            size_of::<LinkUpdate>(),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Where bpffs lives.
