@@ -17,7 +17,7 @@ use svc_agent::{
         Capacities, Datapath, Frontend, LoadOptions, StatsSnapshot, current_netns_cookie, ifaces,
     },
     metrics,
-    model::{NodeInfo, Settings, translate},
+    model::{NodeInfo, Settings, Translator},
     source::manifests::Watch,
     sync::Applier,
 };
@@ -140,6 +140,7 @@ async fn run(args: RunArgs) -> Result<()> {
     let settings = Settings {
         proxy_name: args.service_proxy_name.clone(),
     };
+    let mut translator = Translator::new(node, settings);
     let mut watch = args.manifests.as_deref().map(Watch::new);
     let mut applier = if datapath.adopted() {
         let applier = Applier::adopt(datapath.maps());
@@ -175,7 +176,7 @@ async fn run(args: RunArgs) -> Result<()> {
             _ = poll.tick() => {
                 attached.rescan(&mut datapath, &args);
                 if let Some(watch) = watch.as_mut()
-                    && let Some(synced) = sync_manifests(&args.state_file, watch, &node, &settings, &mut applier, &mut datapath)
+                    && let Some(synced) = sync_manifests(&args.state_file, watch, &mut translator, &mut applier, &mut datapath)
                 {
                     snapshot.syncs += 1;
                     snapshot.sync_errors += synced.errors;
@@ -263,8 +264,7 @@ struct Synced {
 fn sync_manifests(
     state_file: &std::path::Path,
     watch: &mut Watch,
-    node: &NodeInfo,
-    settings: &Settings,
+    translator: &mut Translator,
     applier: &mut Applier,
     datapath: &mut Datapath,
 ) -> Option<Synced> {
@@ -278,17 +278,21 @@ fn sync_manifests(
             return None;
         }
     }
-    let translation = translate(watch.services(), watch.slices(), node, settings);
+    // Only the services whose objects changed are translated again.
+    let dirty = watch.take_dirty();
+    translator.update(dirty, watch);
+    let desired = translator.desired();
+    let translation_problems = translator.problems();
     let problems: Vec<_> = watch.problems().cloned().collect();
-    for problem in problems.iter().chain(&translation.problems) {
+    for problem in problems.iter().chain(&translation_problems) {
         if problem.warning {
             warn!(object = %problem.object, "{}", problem.message);
         } else {
             tracing::debug!(object = %problem.object, "{}", problem.message);
         }
     }
-    let report = applier.apply(datapath.maps_mut(), &translation.desired);
-    if let Err(err) = svc_agent::inspect::write_state(state_file, &translation.desired) {
+    let report = applier.apply(datapath.maps_mut(), desired);
+    if let Err(err) = svc_agent::inspect::write_state(state_file, desired) {
         warn!(error = %err, "recording frontend names for the inspection commands failed");
     }
     for error in &report.errors {
@@ -309,11 +313,10 @@ fn sync_manifests(
         errors: report.errors.len() as u64,
         problems: problems
             .iter()
-            .chain(&translation.problems)
+            .chain(&translation_problems)
             .filter(|p| p.warning)
             .count() as u64,
-        names: translation
-            .desired
+        names: desired
             .frontends
             .iter()
             .map(|(frontend, spec)| (*frontend, spec.service.to_string()))

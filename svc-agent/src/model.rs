@@ -160,23 +160,195 @@ pub fn translate<'a>(
     settings: &Settings,
 ) -> Translation {
     let mut out = Translation::default();
-    out.desired.node_addrs.clone_from(&node.addrs);
     let slices_by_service = index_slices(slices, &mut out);
-    // Sorted, so that when two services claim one frontend the same one
-    // wins on every node and every run.
-    let mut sorted: Vec<&Service> = services.into_iter().collect();
-    sorted.sort_by(|a, b| {
-        (&a.metadata.namespace, &a.metadata.name).cmp(&(&b.metadata.namespace, &b.metadata.name))
-    });
-    for service in sorted {
-        let key = (
-            service.metadata.namespace.as_deref().unwrap_or_default(),
-            service.metadata.name.as_deref().unwrap_or_default(),
-        );
-        let slices = slices_by_service.get(&key).map_or(&[][..], Vec::as_slice);
-        translate_service(service, slices, node, settings, &mut out);
-    }
+    let services: HashMap<(&str, &str), &Service> = services
+        .into_iter()
+        .map(|service| {
+            (
+                (
+                    service.metadata.namespace.as_deref().unwrap_or_default(),
+                    service.metadata.name.as_deref().unwrap_or_default(),
+                ),
+                service,
+            )
+        })
+        .collect();
+    let inputs = Indexed {
+        services: &services,
+        slices: &slices_by_service,
+    };
+    let mut translator = Translator::new(node.clone(), settings.clone());
+    translator.update(
+        services
+            .keys()
+            .map(|(ns, name)| ((*ns).to_owned(), (*name).to_owned())),
+        &inputs,
+    );
+    out.desired = translator.desired().clone();
+    out.problems.extend(translator.problems());
     out
+}
+
+/// A service's identity: (namespace, name).
+pub type ObjectKey = (String, String);
+
+/// Where a [`Translator`] reads a service and its slices.
+pub trait Inputs {
+    fn service(&self, key: &ObjectKey) -> Option<&Service>;
+    /// The slices that serve the service (see [`slice_service`]).
+    fn slices(&self, key: &ObjectKey) -> Vec<&EndpointSlice>;
+}
+
+struct Indexed<'s, 'a> {
+    services: &'s HashMap<(&'a str, &'a str), &'a Service>,
+    slices: &'s HashMap<(&'a str, &'a str), Vec<&'a EndpointSlice>>,
+}
+
+impl Inputs for Indexed<'_, '_> {
+    fn service(&self, key: &ObjectKey) -> Option<&Service> {
+        self.services
+            .get(&(key.0.as_str(), key.1.as_str()))
+            .copied()
+    }
+
+    fn slices(&self, key: &ObjectKey) -> Vec<&EndpointSlice> {
+        self.slices
+            .get(&(key.0.as_str(), key.1.as_str()))
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
+/// What a [`Translator`] remembers of one service.
+#[derive(Debug, Default)]
+struct ServiceRecord {
+    frontends: Vec<Frontend>,
+    problems: Vec<Problem>,
+}
+
+/// The translation kept up to date service by service: [`Translator::update`]
+/// re-derives only the services named, and a frontend two services claim
+/// goes to the first by namespace and name, whatever the order of updates.
+#[derive(Debug)]
+pub struct Translator {
+    node: NodeInfo,
+    settings: Settings,
+    /// Each service's frontends and problems (the specs live in
+    /// `claims`).
+    outputs: HashMap<ObjectKey, ServiceRecord>,
+    /// Every service claiming each frontend; the first one serves it.
+    claims: BTreeMap<Frontend, BTreeMap<ObjectKey, FrontendSpec>>,
+    desired: Desired,
+}
+
+impl Translator {
+    #[must_use]
+    pub fn new(node: NodeInfo, settings: Settings) -> Self {
+        let desired = Desired {
+            frontends: BTreeMap::new(),
+            node_addrs: node.addrs.clone(),
+        };
+        Self {
+            node,
+            settings,
+            outputs: HashMap::new(),
+            claims: BTreeMap::new(),
+            desired,
+        }
+    }
+
+    /// The desired state as of the last update.
+    #[must_use]
+    pub const fn desired(&self) -> &Desired {
+        &self.desired
+    }
+
+    /// Number of services translated.
+    #[must_use]
+    pub fn services(&self) -> usize {
+        self.outputs.len()
+    }
+
+    /// Re-derives the services in `dirty` (added, changed, removed, or
+    /// whose slices changed) from `inputs`.
+    pub fn update(&mut self, dirty: impl IntoIterator<Item = ObjectKey>, inputs: &impl Inputs) {
+        let mut touched = BTreeSet::new();
+        for key in dirty {
+            if let Some(old) = self.outputs.remove(&key) {
+                for frontend in old.frontends {
+                    if let Some(claims) = self.claims.get_mut(&frontend) {
+                        claims.remove(&key);
+                    }
+                    touched.insert(frontend);
+                }
+            }
+            let Some(service) = inputs.service(&key) else {
+                continue;
+            };
+            let slices = inputs.slices(&key);
+            let mut output = Translation::default();
+            translate_service(service, &slices, &self.node, &self.settings, &mut output);
+            let mut record = ServiceRecord {
+                frontends: Vec::with_capacity(output.desired.frontends.len()),
+                problems: output.problems,
+            };
+            for (frontend, spec) in output.desired.frontends {
+                self.claims
+                    .entry(frontend)
+                    .or_default()
+                    .insert(key.clone(), spec);
+                touched.insert(frontend);
+                record.frontends.push(frontend);
+            }
+            self.outputs.insert(key, record);
+        }
+        for frontend in touched {
+            let winner = self
+                .claims
+                .get(&frontend)
+                .and_then(|claims| claims.values().next());
+            if let Some(spec) = winner {
+                self.desired.frontends.insert(frontend, spec.clone());
+            } else {
+                self.claims.remove(&frontend);
+                self.desired.frontends.remove(&frontend);
+            }
+        }
+    }
+
+    /// The problems of every service, and the frontends two services
+    /// claim (reported for each one that lost).
+    #[must_use]
+    pub fn problems(&self) -> Vec<Problem> {
+        let mut keys: Vec<&ObjectKey> = self
+            .outputs
+            .iter()
+            .filter(|(_, output)| !output.problems.is_empty())
+            .map(|(key, _)| key)
+            .collect();
+        keys.sort();
+        let mut problems: Vec<Problem> = keys
+            .into_iter()
+            .flat_map(|key| self.outputs[key].problems.iter().cloned())
+            .collect();
+        for (frontend, claims) in &self.claims {
+            let mut claimants = claims.iter();
+            let Some((_, winner)) = claimants.next() else {
+                continue;
+            };
+            for ((namespace, name), spec) in claimants {
+                problems.push(Problem {
+                    object: format!("Service {namespace}/{name}"),
+                    message: format!(
+                        "{frontend:?} is already served by {}; skipped for {}",
+                        winner.service, spec.service
+                    ),
+                    warning: true,
+                });
+            }
+        }
+        problems
+    }
 }
 
 /// `Kind namespace/name`, formatted only when a problem names it.
@@ -212,6 +384,29 @@ impl fmt::Display for ObjectRef<'_> {
     }
 }
 
+/// The service a slice serves, if the translation uses it: labelled with
+/// its service, not a headless service's, and IPv4. Otherwise a note
+/// saying why not (`None` for headless slices, which are simply skipped).
+pub fn slice_service(slice: &EndpointSlice) -> Result<(&str, &str), Option<String>> {
+    let labels = slice.metadata.labels.as_ref();
+    if labels.is_some_and(|labels| labels.contains_key(HEADLESS_LABEL)) {
+        return Err(None);
+    }
+    let Some(service) = labels.and_then(|labels| labels.get(SERVICE_NAME_LABEL)) else {
+        return Err(Some(format!(
+            "no {SERVICE_NAME_LABEL} label: belongs to no service"
+        )));
+    };
+    match slice.address_type.as_str() {
+        "IPv4" => Ok((
+            slice.metadata.namespace.as_deref().unwrap_or_default(),
+            service.as_str(),
+        )),
+        "IPv6" => Err(Some("IPv6 endpoints are not served yet".to_owned())),
+        other => Err(Some(format!("address type {other} is not served"))),
+    }
+}
+
 /// Slices by (namespace, service name); IPv4 slices only.
 fn index_slices<'a>(
     slices: impl IntoIterator<Item = &'a EndpointSlice>,
@@ -219,40 +414,18 @@ fn index_slices<'a>(
 ) -> HashMap<(&'a str, &'a str), Vec<&'a EndpointSlice>> {
     let mut index: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
     for slice in slices {
-        let object = ObjectRef::new(
-            "EndpointSlice",
-            slice.metadata.namespace.as_ref(),
-            slice.metadata.name.as_ref(),
-        );
-        let labels = slice.metadata.labels.as_ref();
-        if labels.is_some_and(|labels| labels.contains_key(HEADLESS_LABEL)) {
-            continue;
-        }
-        let Some(service) = labels.and_then(|labels| labels.get(SERVICE_NAME_LABEL)) else {
-            out.note(
-                &object,
-                format!("no {SERVICE_NAME_LABEL} label: belongs to no service"),
-            );
-            continue;
-        };
-        match slice.address_type.as_str() {
-            "IPv4" => {}
-            "IPv6" => {
-                out.note(&object, "IPv6 endpoints are not served yet");
-                continue;
+        match slice_service(slice) {
+            Ok(key) => index.entry(key).or_default().push(slice),
+            Err(Some(note)) => {
+                let object = ObjectRef::new(
+                    "EndpointSlice",
+                    slice.metadata.namespace.as_ref(),
+                    slice.metadata.name.as_ref(),
+                );
+                out.note(&object, note);
             }
-            other => {
-                out.note(&object, format!("address type {other} is not served"));
-                continue;
-            }
+            Err(None) => {}
         }
-        index
-            .entry((
-                slice.metadata.namespace.as_deref().unwrap_or_default(),
-                service.as_str(),
-            ))
-            .or_default()
-            .push(slice);
     }
     index
 }
@@ -603,6 +776,7 @@ mod tests {
         Objects,
         manifests::{Parsed, finish, parse},
     };
+    use k8s_openapi::api::core::v1::Service;
 
     const NODE1: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 10);
 
@@ -999,6 +1173,78 @@ spec:
                 .iter()
                 .any(|w| w.contains("ns/t") && w.contains("already served"))
         );
+    }
+
+    /// Runs a [`Translator`] over `objects` for the `dirty` services.
+    fn update(translator: &mut Translator, objects: &Objects, dirty: &[&str]) {
+        let mut scratch = Translation::default();
+        let slices = index_slices(&objects.slices, &mut scratch);
+        let services: HashMap<(&str, &str), &Service> = objects
+            .services
+            .iter()
+            .map(|s| {
+                (
+                    (
+                        s.metadata.namespace.as_deref().unwrap_or_default(),
+                        s.metadata.name.as_deref().unwrap_or_default(),
+                    ),
+                    s,
+                )
+            })
+            .collect();
+        let inputs = Indexed {
+            services: &services,
+            slices: &slices,
+        };
+        translator.update(
+            dirty
+                .iter()
+                .map(|name| ("ns".to_owned(), (*name).to_owned())),
+            &inputs,
+        );
+    }
+
+    #[test]
+    fn incremental_updates_agree_with_a_full_translation_whatever_their_order() {
+        let twin = SERVICE
+            .replace("name: s,", "name: t,")
+            .replace("10.96.0.50", "10.96.0.51");
+        let both = objects(&[SERVICE, &twin, &slice(TWO_NODES)]);
+        let node = NodeInfo {
+            name: "node-1".to_owned(),
+            addrs: vec![NODE1],
+        };
+        let full = translate(&both.services, &both.slices, &node, &Settings::default());
+        let mut translator = Translator::new(node.clone(), Settings::default());
+        // The later name first: it holds the node port until `s` comes.
+        update(&mut translator, &both, &["t"]);
+        assert_eq!(
+            translator.desired().frontends[&node_port(30050)]
+                .service
+                .name,
+            "t"
+        );
+        update(&mut translator, &both, &["s"]);
+        assert_eq!(translator.desired(), &full.desired);
+        assert!(
+            translator
+                .problems()
+                .iter()
+                .any(|p| p.object == "Service ns/t" && p.message.contains("already served")),
+            "{:?}",
+            translator.problems()
+        );
+        // `s` goes: the node port passes to `t`, `s`'s own frontends go.
+        let only_t = objects(&[&twin, &slice(TWO_NODES)]);
+        update(&mut translator, &only_t, &["s"]);
+        let expected = translate(
+            &only_t.services,
+            &only_t.slices,
+            &node,
+            &Settings::default(),
+        );
+        assert_eq!(translator.desired(), &expected.desired);
+        assert_eq!(translator.services(), 1);
     }
 
     #[test]

@@ -16,7 +16,7 @@ use std::{
 };
 
 use svc_agent::{
-    model::{NodeInfo, Settings, translate},
+    model::{NodeInfo, Settings, Translator},
     source::manifests::Watch,
     sync::Applier,
 };
@@ -31,7 +31,7 @@ const OUTSIDE_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
 /// One agent per node, reading one shared directory.
 struct Agents {
     dir: PathBuf,
-    per_node: Vec<(Watch, NodeInfo, Applier)>,
+    per_node: Vec<(Watch, Translator, Applier)>,
 }
 
 impl Agents {
@@ -50,10 +50,13 @@ impl Agents {
             .map(|node| {
                 (
                     Watch::new(&dir),
-                    NodeInfo {
-                        name: node.name.to_owned(),
-                        addrs: vec![node.addr],
-                    },
+                    Translator::new(
+                        NodeInfo {
+                            name: node.name.to_owned(),
+                            addrs: vec![node.addr],
+                        },
+                        Settings::default(),
+                    ),
                     Applier::new(),
                 )
             })
@@ -72,7 +75,7 @@ impl Agents {
     /// One poll on every node, as the agent's loop does; panics on any
     /// problem in the manifests or error applying them.
     fn sync(&mut self, cluster: &mut Cluster) {
-        for ((watch, node, applier), datapath_node) in
+        for ((watch, translator, applier), datapath_node) in
             self.per_node.iter_mut().zip(&mut cluster.nodes)
         {
             assert!(
@@ -81,16 +84,12 @@ impl Agents {
             );
             let problems: Vec<_> = watch.problems().collect();
             assert!(problems.is_empty(), "{problems:?}");
-            let translation =
-                translate(watch.services(), watch.slices(), node, &Settings::default());
-            assert!(
-                translation.problems.iter().all(|p| !p.warning),
-                "{:?}",
-                translation.problems
-            );
+            translator.update(watch.take_dirty(), &*watch);
+            let problems = translator.problems();
+            assert!(problems.iter().all(|p| !p.warning), "{problems:?}");
             let report = applier.apply(
                 datapath_node.datapath_mut().maps_mut(),
-                &translation.desired,
+                translator.desired(),
             );
             assert!(report.errors.is_empty(), "{:?}", report.errors);
         }
@@ -375,16 +374,20 @@ fn established_connections_survive_an_agent_restart() {
     for node in &mut cluster.nodes {
         assert!(node.start_agent(), "{}: adopts the pinned maps", node.name);
     }
-    for ((_, node_info, applier), node) in agents.per_node.iter_mut().zip(&mut cluster.nodes) {
+    for ((_, translator, applier), node) in agents.per_node.iter_mut().zip(&mut cluster.nodes) {
         *applier = Applier::adopt(node.datapath().maps());
-        let (objects, _) = svc_agent::source::manifests::load_dir(&agents.dir).expect("manifests");
-        let translation = translate(
-            &objects.services,
-            &objects.slices,
-            node_info,
-            &Settings::default(),
+        // A restarted agent starts from nothing but the files.
+        let mut watch = Watch::new(&agents.dir);
+        assert!(watch.poll().expect("manifests"));
+        *translator = Translator::new(
+            NodeInfo {
+                name: node.name.to_owned(),
+                addrs: vec![node.addr],
+            },
+            Settings::default(),
         );
-        let report = applier.apply(node.datapath_mut().maps_mut(), &translation.desired);
+        translator.update(watch.take_dirty(), &watch);
+        let report = applier.apply(node.datapath_mut().maps_mut(), translator.desired());
         assert!(
             !report.changed() && report.errors.is_empty(),
             "{}: an unchanged cluster writes nothing after a restart: {report:?}",

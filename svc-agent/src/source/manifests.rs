@@ -6,7 +6,7 @@
 //! selector need their EndpointSlices written out.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     fs,
     path::{Path, PathBuf},
     time::SystemTime,
@@ -22,7 +22,7 @@ use k8s_openapi::{
 use serde::Deserialize as _;
 
 use super::Objects;
-use crate::model::{Problem, SERVICE_NAME_LABEL};
+use crate::model::{Inputs, ObjectKey, Problem, SERVICE_NAME_LABEL, slice_service};
 
 /// Label that keeps an Endpoints object from being mirrored.
 pub const SKIP_MIRROR_LABEL: &str = "endpointslice.kubernetes.io/skip-mirror";
@@ -315,8 +315,47 @@ fn content_hash(content: &[u8]) -> u64 {
 pub struct Watch {
     dir: PathBuf,
     files: BTreeMap<PathBuf, CachedFile>,
-    mirrored: Vec<EndpointSlice>,
+    /// Slices mirrored from Endpoints, by service.
+    mirrored: HashMap<ObjectKey, Vec<EndpointSlice>>,
+    /// Which files hold each service, each service's slices, each
+    /// Endpoints object.
+    service_files: HashMap<ObjectKey, BTreeSet<PathBuf>>,
+    slice_files: HashMap<ObjectKey, BTreeSet<PathBuf>>,
+    endpoints_files: HashMap<ObjectKey, BTreeSet<PathBuf>>,
+    /// Services whose inputs changed since [`Watch::take_dirty`].
+    dirty: BTreeSet<ObjectKey>,
     primed: bool,
+}
+
+fn key_of(meta: &ObjectMeta) -> ObjectKey {
+    (
+        meta.namespace.clone().unwrap_or_default(),
+        meta.name.clone().unwrap_or_default(),
+    )
+}
+
+/// The services a file's objects bear on, per index.
+fn file_keys(parsed: &Parsed) -> [Vec<ObjectKey>; 3] {
+    [
+        parsed
+            .objects
+            .services
+            .iter()
+            .map(|s| key_of(&s.metadata))
+            .collect(),
+        parsed
+            .objects
+            .slices
+            .iter()
+            .filter_map(|slice| slice_service(slice).ok())
+            .map(|(ns, name)| (ns.to_owned(), name.to_owned()))
+            .collect(),
+        parsed
+            .endpoints
+            .iter()
+            .map(|e| key_of(&e.metadata))
+            .collect(),
+    ]
 }
 
 impl Watch {
@@ -325,17 +364,65 @@ impl Watch {
         Self {
             dir: dir.to_owned(),
             files: BTreeMap::new(),
-            mirrored: Vec::new(),
+            mirrored: HashMap::new(),
+            service_files: HashMap::new(),
+            slice_files: HashMap::new(),
+            endpoints_files: HashMap::new(),
+            dirty: BTreeSet::new(),
             primed: false,
         }
+    }
+
+    fn indexes(&mut self) -> [&mut HashMap<ObjectKey, BTreeSet<PathBuf>>; 3] {
+        [
+            &mut self.service_files,
+            &mut self.slice_files,
+            &mut self.endpoints_files,
+        ]
+    }
+
+    /// Records (or, with `add` false, forgets) where `parsed`'s objects
+    /// are, marking the services they bear on dirty.
+    fn index(&mut self, path: &Path, parsed: &Parsed, add: bool) {
+        let keys = file_keys(parsed);
+        for (index, keys) in self.indexes().into_iter().zip(&keys) {
+            for key in keys {
+                if add {
+                    index
+                        .entry(key.clone())
+                        .or_default()
+                        .insert(path.to_owned());
+                } else if let Some(files) = index.get_mut(key) {
+                    files.remove(path);
+                    if files.is_empty() {
+                        index.remove(key);
+                    }
+                }
+            }
+        }
+        self.dirty.extend(keys.into_iter().flatten());
+    }
+
+    /// The services whose inputs changed since the last call.
+    pub fn take_dirty(&mut self) -> BTreeSet<ObjectKey> {
+        std::mem::take(&mut self.dirty)
     }
 
     /// Rescans the directory; `true` when anything changed.
     pub fn poll(&mut self) -> std::io::Result<bool> {
         let paths = manifest_files(&self.dir)?;
-        let before = self.files.len();
-        self.files.retain(|path, _| paths.contains(path));
-        let mut changed = !self.primed || self.files.len() != before;
+        let gone: Vec<PathBuf> = self
+            .files
+            .keys()
+            .filter(|path| !paths.contains(path))
+            .cloned()
+            .collect();
+        let mut changed = !self.primed || !gone.is_empty();
+        for path in gone {
+            if let Some(file) = self.files.remove(&path) {
+                self.index(&path, &file.parsed, false);
+            }
+        }
         for path in paths {
             let meta = fs::metadata(&path).ok();
             let modified = meta.as_ref().and_then(|m| m.modified().ok());
@@ -373,6 +460,10 @@ impl Watch {
                     vec![problem(origin, format!("unreadable: {err}"))],
                 ),
             };
+            if let Some(old) = self.files.remove(&path) {
+                self.index(&path, &old.parsed, false);
+            }
+            self.index(&path, &parsed, true);
             self.files.insert(
                 path,
                 CachedFile {
@@ -387,10 +478,15 @@ impl Watch {
         }
         self.primed = true;
         if changed {
-            self.mirrored = mirrored_slices(
-                self.files.values().flat_map(|f| &f.parsed.objects.services),
-                self.files.values().flat_map(|f| &f.parsed.endpoints),
-            );
+            let dirty: Vec<ObjectKey> = self.dirty.iter().cloned().collect();
+            for key in dirty {
+                let mirrored = mirrored_slices(self.service(&key), self.endpoints(&key));
+                if mirrored.is_empty() {
+                    self.mirrored.remove(&key);
+                } else {
+                    self.mirrored.insert(key, mirrored);
+                }
+            }
         }
         Ok(changed)
     }
@@ -405,11 +501,46 @@ impl Watch {
         self.files
             .values()
             .flat_map(|f| &f.parsed.objects.slices)
-            .chain(&self.mirrored)
+            .chain(self.mirrored.values().flatten())
+    }
+
+    fn endpoints(&self, key: &ObjectKey) -> Vec<&Endpoints> {
+        self.endpoints_files
+            .get(key)
+            .into_iter()
+            .flatten()
+            .filter_map(|path| self.files.get(path))
+            .flat_map(|file| &file.parsed.endpoints)
+            .filter(|endpoints| key_of(&endpoints.metadata) == *key)
+            .collect()
     }
 
     /// What could not be read or parsed.
     pub fn problems(&self) -> impl Iterator<Item = &Problem> {
         self.files.values().flat_map(|f| &f.problems)
+    }
+}
+
+impl Inputs for Watch {
+    fn service(&self, key: &ObjectKey) -> Option<&Service> {
+        self.service_files
+            .get(key)?
+            .iter()
+            .filter_map(|path| self.files.get(path))
+            .flat_map(|file| &file.parsed.objects.services)
+            .find(|service| key_of(&service.metadata) == *key)
+    }
+
+    fn slices(&self, key: &ObjectKey) -> Vec<&EndpointSlice> {
+        let wanted = (key.0.as_str(), key.1.as_str());
+        self.slice_files
+            .get(key)
+            .into_iter()
+            .flatten()
+            .filter_map(|path| self.files.get(path))
+            .flat_map(|file| &file.parsed.objects.slices)
+            .chain(self.mirrored.get(key).into_iter().flatten())
+            .filter(|slice| slice_service(slice).ok() == Some(wanted))
+            .collect()
     }
 }

@@ -16,7 +16,7 @@ use std::{
 
 use svc_agent::{
     datapath::{Capacities, Datapath, LoadOptions},
-    model::{NodeInfo, Settings, translate},
+    model::{NodeInfo, Settings, Translator},
     source::manifests::Watch,
     sync::Applier,
 };
@@ -101,7 +101,7 @@ fn load(services: u32) -> Datapath {
 struct Agent {
     watch: Watch,
     applier: Applier,
-    node: NodeInfo,
+    translator: Translator,
 }
 
 impl Agent {
@@ -109,10 +109,13 @@ impl Agent {
         Self {
             watch: Watch::new(dir),
             applier: Applier::new(),
-            node: NodeInfo {
-                name: "node-1".to_owned(),
-                addrs: vec![Ipv4Addr::new(192, 168, 1, 10)],
-            },
+            translator: Translator::new(
+                NodeInfo {
+                    name: "node-1".to_owned(),
+                    addrs: vec![Ipv4Addr::new(192, 168, 1, 10)],
+                },
+                Settings::default(),
+            ),
         }
     }
 
@@ -124,15 +127,10 @@ impl Agent {
             "a change is seen"
         );
         assert_eq!(self.watch.problems().count(), 0);
-        let translation = translate(
-            self.watch.services(),
-            self.watch.slices(),
-            &self.node,
-            &Settings::default(),
-        );
+        self.translator.update(self.watch.take_dirty(), &self.watch);
         let report = self
             .applier
-            .apply(datapath.maps_mut(), &translation.desired);
+            .apply(datapath.maps_mut(), self.translator.desired());
         assert!(
             report.errors.is_empty(),
             "{:?}",
@@ -192,7 +190,12 @@ fn main() {
             // the rest is mostly the Maglev array's pages, mapped to write
             // tables (kernel memory that exists whether mapped or not).
             samples.push(("rss".to_owned(), services, status_mib("VmRSS"), "MiB"));
-            samples.push(("rss_anon".to_owned(), services, status_mib("RssAnon"), "MiB"));
+            samples.push((
+                "rss_anon".to_owned(),
+                services,
+                status_mib("RssAnon"),
+                "MiB",
+            ));
             let mut latencies = Vec::with_capacity(CHANGES);
             for change in 0..CHANGES {
                 #[expect(clippy::cast_possible_truncation, reason = "CHANGES is small")]
