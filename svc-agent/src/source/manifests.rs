@@ -128,6 +128,23 @@ fn default_namespace(meta: &mut ObjectMeta) {
     }
 }
 
+/// Drops what the translation never reads and a watch would keep for
+/// every object: managed fields and annotations (`kubectl apply` leaves a
+/// copy of the whole object in one).
+fn strip(parsed: &mut Parsed) {
+    let metas = parsed
+        .objects
+        .services
+        .iter_mut()
+        .map(|s| &mut s.metadata)
+        .chain(parsed.objects.slices.iter_mut().map(|s| &mut s.metadata))
+        .chain(parsed.endpoints.iter_mut().map(|e| &mut e.metadata));
+    for meta in metas {
+        meta.managed_fields = None;
+        meta.annotations = None;
+    }
+}
+
 /// Defaults what an API server would: the namespace.
 fn default_namespaces(parsed: &mut Parsed) {
     for service in &mut parsed.objects.services {
@@ -450,6 +467,7 @@ impl Watch {
                         Err(_) => problems.push(problem(origin, "not UTF-8".to_owned())),
                     }
                     default_namespaces(&mut parsed);
+                    strip(&mut parsed);
                     (hash, parsed, problems)
                 }
                 // Removed between listing and reading: gone next poll.
@@ -542,5 +560,41 @@ impl Inputs for Watch {
             .chain(self.mirrored.get(key).into_iter().flatten())
             .filter(|slice| slice_service(slice).ok() == Some(wanted))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_watch_keeps_objects_without_managed_fields_and_annotations() {
+        let dir = std::env::temp_dir().join(format!("svc-watch-test-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("temp dir");
+        fs::write(
+            dir.join("get.yaml"),
+            include_str!("../../fixtures/kubectl-get.yaml"),
+        )
+        .expect("fixture");
+        let mut watch = Watch::new(&dir);
+        assert!(
+            watch.poll().expect("readable"),
+            "the first poll sees the file"
+        );
+        let service = watch.services().next().expect("a service");
+        assert!(service.metadata.managed_fields.is_none());
+        assert!(service.metadata.annotations.is_none());
+        assert!(service.metadata.labels.is_some(), "labels are kept");
+        assert_eq!(
+            watch.take_dirty().into_iter().collect::<Vec<_>>(),
+            vec![("prod".to_owned(), "api".to_owned())]
+        );
+        assert!(!watch.poll().expect("readable"), "nothing changed");
+        fs::remove_file(dir.join("get.yaml")).expect("remove");
+        assert!(watch.poll().expect("readable"), "the removal is seen");
+        assert_eq!(watch.take_dirty().len(), 1, "its service is dirty");
+        assert_eq!(watch.services().count(), 0);
+        let _ = fs::remove_dir_all(&dir);
     }
 }
