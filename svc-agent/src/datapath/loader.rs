@@ -286,17 +286,7 @@ impl Datapath {
             .attach(iface, TcAttachType::Ingress)
             .map_err(attach_error)?;
         let link = classifier.take_link(id).map_err(attach_error)?;
-        let pinned = FdLink::try_from(link)
-            .map_err(|err| Error::Pin {
-                path: path.clone(),
-                source: std::io::Error::other(err),
-            })?
-            .pin(&path)
-            .map_err(|err| Error::Pin {
-                path: path.clone(),
-                source: std::io::Error::other(err),
-            })?;
-        self.pinned_links.push(pinned);
+        self.pinned_links.push(pin_link(link, &path)?);
         Ok(())
     }
 
@@ -338,17 +328,7 @@ impl Datapath {
                 .map_err(attach_error)?;
             if let Some(pin) = pin {
                 let link = program.take_link(id).map_err(attach_error)?;
-                let pinned = FdLink::try_from(link)
-                    .map_err(|err| Error::Pin {
-                        path: pin.clone(),
-                        source: std::io::Error::other(err),
-                    })?
-                    .pin(&pin)
-                    .map_err(|err| Error::Pin {
-                        path: pin.clone(),
-                        source: std::io::Error::other(err),
-                    })?;
-                self.pinned_links.push(pinned);
+                self.pinned_links.push(pin_link(link, &pin)?);
             }
         }
         Ok(root)
@@ -396,6 +376,21 @@ fn sock_program_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mu
 fn set_iface_sysctl(iface: &str, key: &str, value: &str) -> Result<()> {
     let path = Path::new("/proc/sys/net/ipv4/conf").join(iface).join(key);
     fs::write(&path, value).map_err(|source| Error::Sysctl { path, source })
+}
+
+/// Pins an attachment's link at `path`, so it outlives this process.
+fn pin_link<L>(link: L, path: &Path) -> Result<PinnedLink>
+where
+    FdLink: TryFrom<L, Error = aya::programs::links::LinkError>,
+{
+    let pin_error = |err: String| Error::Pin {
+        path: path.to_owned(),
+        source: std::io::Error::other(err),
+    };
+    FdLink::try_from(link)
+        .map_err(|err| pin_error(err.to_string()))?
+        .pin(path)
+        .map_err(|err| pin_error(err.to_string()))
 }
 
 /// Points the link pinned at `pin` to program `prog_fd`
