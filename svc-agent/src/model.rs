@@ -591,23 +591,6 @@ fn translate_service(
             drop_when_empty: internal_local && any_endpoints,
         };
         let internal_endpoints = if internal_local { &local } else { &all };
-        for &addr in &cluster_v4 {
-            let frontend = Frontend::Address {
-                addr,
-                port: number,
-                protocol,
-            };
-            insert(
-                out,
-                &object,
-                frontend,
-                FrontendKind::ClusterIp,
-                &port_ref,
-                internal,
-                internal_endpoints,
-            );
-        }
-
         let external = ServicePolicy {
             masquerade_external: !external_local,
             local_only: external_local,
@@ -615,11 +598,20 @@ fn translate_service(
             drop_when_empty: external_local && any_endpoints,
         };
         let external_endpoints = if external_local { &local } else { &all };
-        for &(addr, frontend_kind) in &external_v4 {
+        let addresses = cluster_v4
+            .iter()
+            .map(|&addr| (addr, FrontendKind::ClusterIp))
+            .chain(external_v4.iter().copied());
+        for (addr, frontend_kind) in addresses {
             let frontend = Frontend::Address {
                 addr,
                 port: number,
                 protocol,
+            };
+            let (policy, endpoints) = if frontend_kind == FrontendKind::ClusterIp {
+                (internal, internal_endpoints)
+            } else {
+                (external, external_endpoints)
             };
             insert(
                 out,
@@ -627,8 +619,8 @@ fn translate_service(
                 frontend,
                 frontend_kind,
                 &port_ref,
-                external,
-                external_endpoints,
+                policy,
+                endpoints,
             );
         }
         if matches!(kind, "NodePort" | "LoadBalancer")

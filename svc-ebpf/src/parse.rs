@@ -5,12 +5,9 @@
 use core::mem::size_of;
 
 use aya_ebpf::programs::TcContext;
-use svc_common::stats::Counter;
+use svc_common::{proto, stats::Counter};
 
 pub const ETH_P_IP: u16 = 0x0800;
-pub const IPPROTO_ICMP: u8 = 1;
-pub const IPPROTO_TCP: u8 = 6;
-pub const IPPROTO_UDP: u8 = 17;
 
 /// Fragment offset bits of `Ipv4Hdr::frag_off` (host order after `from_be`).
 const IP_OFFSET_MASK: u16 = 0x1fff;
@@ -162,7 +159,7 @@ pub struct L4 {
 /// Reads the TCP or UDP header of `packet`.
 #[inline(always)]
 pub fn l4(ctx: &TcContext, packet: &Ipv4Packet) -> Result<L4, Counter> {
-    if packet.protocol == IPPROTO_TCP {
+    if packet.protocol == proto::TCP {
         let tcp: *const TcpHdr =
             ptr_at(ctx, packet.l4_offset).ok_or(Counter::MalformedL4Truncated)?;
         // SAFETY: `ptr_at` checked the header lies inside the packet.

@@ -12,6 +12,7 @@ use svc_common::{
     ct::{CT_F_REPLY, CT_F_SNAT, CtEntry, CtKey},
     hash::flow_hash,
     lb::{EMPTY_DROP, SVC_F_SNAT_EXTERNAL, ServiceValue},
+    proto,
     stats::Counter,
 };
 
@@ -19,9 +20,7 @@ use crate::{
     ct, lb,
     maps::{SVC_CT_V1, config},
     nat,
-    parse::{
-        self, ETH_HLEN, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPV4_MIN_HLEN, Ipv4Packet, L3, L4,
-    },
+    parse::{self, ETH_HLEN, IPV4_MIN_HLEN, Ipv4Packet, L3, L4},
     reject::{self, Refusal},
     stats,
 };
@@ -82,9 +81,9 @@ fn translate(ctx: &TcContext, hook: Hook) -> Result<Verdict, i32> {
         Counter::Ipv4Fragment
     } else {
         match packet.protocol {
-            IPPROTO_TCP => Counter::Ipv4Tcp,
-            IPPROTO_UDP => Counter::Ipv4Udp,
-            IPPROTO_ICMP => Counter::Ipv4Icmp,
+            proto::TCP => Counter::Ipv4Tcp,
+            proto::UDP => Counter::Ipv4Udp,
+            proto::ICMP => Counter::Ipv4Icmp,
             _ => Counter::Ipv4Other,
         }
     };

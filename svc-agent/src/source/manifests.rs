@@ -291,21 +291,6 @@ fn manifest_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// Reads and parses every manifest in `dir`. An unreadable directory is an
-/// error; an unreadable or unparsable file is a problem and skipped.
-pub fn load_dir(dir: &Path) -> std::io::Result<(Objects, Vec<Problem>)> {
-    let mut parsed = Parsed::default();
-    let mut problems = Vec::new();
-    for path in manifest_files(dir)? {
-        let origin = path.display().to_string();
-        match fs::read_to_string(&path) {
-            Ok(text) => parse(&text, &origin, &mut parsed, &mut problems),
-            Err(err) => problems.push(problem(origin, format!("unreadable: {err}"))),
-        }
-    }
-    Ok((finish(parsed), problems))
-}
-
 /// One manifest file as last read.
 #[derive(Debug)]
 struct CachedFile {
