@@ -29,10 +29,11 @@ pub enum LogFormat {
 }
 
 #[derive(Subcommand)]
+#[expect(clippy::large_enum_variant, reason = "parsed once, at start")]
 pub enum Command {
     /// Load the datapath (adopting what an earlier run pinned), attach it,
-    /// and serve the manifests until Ctrl-C. The pinned datapath keeps
-    /// serving after the agent exits.
+    /// and serve the cluster's services (or a manifest directory's) until
+    /// Ctrl-C. The pinned datapath keeps serving after the agent exits.
     Run(RunArgs),
     /// List the frontends in the pinned maps: service, address, type,
     /// backends, affinity, traffic.
@@ -102,8 +103,17 @@ pub struct RunArgs {
     pub state_file: PathBuf,
     /// Directory of Service, EndpointSlice and Endpoints manifests (the YAML
     /// `kubectl apply -f` takes) to serve; watched for changes.
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", conflicts_with = "kubeconfig")]
     pub manifests: Option<PathBuf>,
+    /// Kubeconfig to reach the API server with. Without it (and without
+    /// --manifests) the in-cluster service account is used, or `KUBECONFIG`,
+    /// or `~/.kube/config`.
+    #[arg(long, value_name = "PATH")]
+    pub kubeconfig: Option<PathBuf>,
+    /// After a Kubernetes change, wait this long for more before applying,
+    /// so a burst is applied once (never longer than ten times this in all).
+    #[arg(long, default_value_t = 5)]
+    pub debounce_ms: u64,
     /// This node's name, to tell local endpoints (`nodeName`) from remote
     /// ones. Defaults to the host name.
     #[arg(long, env = "NODE_NAME")]
@@ -122,7 +132,9 @@ pub struct RunArgs {
     /// a name or a pattern with `*` (repeatable).
     #[arg(long = "uplink", value_name = "PATTERN")]
     pub uplinks: Vec<String>,
-    /// A node address node ports answer on (repeatable).
+    /// A node address node ports answer on (repeatable). With the
+    /// Kubernetes source, the Node object's `InternalIP` and `ExternalIP`
+    /// addresses when not given.
     #[arg(long = "node-addr", value_name = "IPV4")]
     pub node_addrs: Vec<Ipv4Addr>,
     /// Source address of masqueraded and hairpinned flows; defaults to the

@@ -12,17 +12,22 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use clap::Parser as _;
+use k8s_openapi::api::core::v1::Node;
 use svc_agent::{
     datapath::{
         Capacities, Datapath, Frontend, LoadOptions, StatsSnapshot, current_netns_cookie, ifaces,
     },
     metrics,
-    model::{NodeInfo, Settings, Translator},
-    source::manifests::Watch,
+    model::{NodeInfo, ObjectKey, Problem, Settings, Translator},
+    source::{
+        self,
+        kube::{Change, Dirty, KubeSource},
+        manifests::Watch,
+    },
     sync::Applier,
 };
 use svc_common::config::DatapathConfig;
-use tokio::{io::unix::AsyncFd, signal, time};
+use tokio::{io::unix::AsyncFd, signal, sync::mpsc, time};
 use tracing::{info, warn};
 
 use crate::cli::{Cli, Command, LogFormat, RunArgs};
@@ -120,10 +125,48 @@ fn spawn_logger(datapath: &mut Datapath) -> Result<()> {
     Ok(())
 }
 
-async fn run(args: RunArgs) -> Result<()> {
-    let mut datapath = load_datapath(&args)?;
-    spawn_logger(&mut datapath)?;
+/// Where the objects come from.
+enum Source {
+    Manifests(Watch),
+    Kube {
+        source: KubeSource,
+        changes: mpsc::Receiver<Change>,
+    },
+}
 
+/// Connects to the API server (before the datapath loads, so the node's
+/// address can become the masquerade address).
+async fn connect(args: &mut RunArgs, node_name: &str) -> Result<kube::Client> {
+    let client = source::kube::client(args.kubeconfig.as_deref())
+        .await
+        .context("no --manifests given, and no Kubernetes configuration")?;
+    if args.node_addrs.is_empty() {
+        let nodes: kube::Api<Node> = kube::Api::all(client.clone());
+        // Bounded: a node agent without its Node is better restarted.
+        let mut attempts = 0;
+        let node = loop {
+            match nodes.get(node_name).await {
+                Ok(node) => break node,
+                Err(err) if attempts < 30 => {
+                    attempts += 1;
+                    warn!(node = node_name, error = %err, "reading this node's object; retrying");
+                    time::sleep(Duration::from_secs(2)).await;
+                }
+                Err(err) => {
+                    return Err(err).with_context(|| format!("reading Node {node_name}"));
+                }
+            }
+        };
+        args.node_addrs = source::kube::node_addresses(&node);
+        info!(node = node_name, addrs = ?args.node_addrs, "node addresses from the Node object");
+    }
+    Ok(client)
+}
+
+/// Loads and attaches the datapath.
+fn start_datapath(args: &RunArgs) -> Result<(Datapath, Attached)> {
+    let mut datapath = load_datapath(args)?;
+    spawn_logger(&mut datapath)?;
     if !args.no_host_sockets {
         let cgroup = datapath
             .attach_host_sockets()
@@ -131,17 +174,50 @@ async fn run(args: RunArgs) -> Result<()> {
         info!(cgroup = %cgroup.display(), "translating host sockets");
     }
     let mut attached = Attached::default();
-    attached.rescan(&mut datapath, &args);
+    attached.rescan(&mut datapath, args);
+    Ok((datapath, attached))
+}
 
+/// Serves `/metrics`, `/healthz` and `/readyz` from the returned page.
+async fn serve_http(addr: std::net::SocketAddr) -> Result<Arc<Mutex<Page>>> {
+    let page = Arc::new(Mutex::new(Page {
+        text: String::new(),
+        ready: false,
+    }));
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("serving metrics on {addr}"))?;
+    info!(%addr, "serving /metrics, /healthz and /readyz");
+    tokio::spawn(http::serve(listener, Arc::clone(&page)));
+    Ok(page)
+}
+
+async fn run(mut args: RunArgs) -> Result<()> {
+    let node_name = args.node_name.clone().unwrap_or_else(hostname);
+    let node_addrs_fixed = !args.node_addrs.is_empty();
+    let client = if args.manifests.is_none() {
+        Some(connect(&mut args, &node_name).await?)
+    } else {
+        None
+    };
+    let (mut datapath, mut attached) = start_datapath(&args)?;
     let node = NodeInfo {
-        name: args.node_name.clone().unwrap_or_else(hostname),
+        name: node_name.clone(),
         addrs: args.node_addrs.clone(),
     };
     let settings = Settings {
         proxy_name: args.service_proxy_name.clone(),
     };
     let mut translator = Translator::new(node, settings);
-    let mut watch = args.manifests.as_deref().map(Watch::new);
+    let mut source = match (&args.manifests, &client) {
+        (Some(dir), _) => Source::Manifests(Watch::new(dir)),
+        (None, Some(client)) => {
+            let (source, changes) = KubeSource::start(client, &node_name);
+            info!(node = %node_name, "watching Services, EndpointSlices and this Node");
+            Source::Kube { source, changes }
+        }
+        (None, None) => unreachable!("connect() either succeeded or returned"),
+    };
     let mut applier = if datapath.adopted() {
         let applier = Applier::adopt(datapath.maps());
         let (frontends, backends) = applier.sizes();
@@ -150,45 +226,45 @@ async fn run(args: RunArgs) -> Result<()> {
     } else {
         Applier::new()
     };
-    if watch.is_none() {
-        info!("no --manifests directory: nothing to serve, counting packets only");
-    }
-    let page = Arc::new(Mutex::new(Page {
-        text: String::new(),
-        ready: watch.is_none(),
-    }));
-    let listener = tokio::net::TcpListener::bind(args.metrics_addr)
-        .await
-        .with_context(|| format!("serving metrics on {}", args.metrics_addr))?;
-    info!(addr = %args.metrics_addr, "serving /metrics, /healthz and /readyz");
-    tokio::spawn(http::serve(listener, Arc::clone(&page)));
+    let page = serve_http(args.metrics_addr).await?;
     let mut snapshot = metrics::Snapshot::default();
     let mut names: Vec<(Frontend, String)> = Vec::new();
     let mut render_every = time::interval(Duration::from_secs(2));
+    let mut synced_once = false;
 
     let mut last = StatsSnapshot::default();
     let mut ticker = time::interval(Duration::from_secs(args.stats_interval_secs.max(1)));
     // Manifest changes are picked up within a poll; a burst of edits
     // inside one poll is applied once.
     let mut poll = time::interval(Duration::from_millis(200));
+    let debounce = Duration::from_millis(args.debounce_ms);
+    let mut sync = Sync {
+        state_file: &args.state_file,
+        translator: &mut translator,
+        applier: &mut applier,
+    };
     loop {
-        tokio::select! {
+        let synced = tokio::select! {
             _ = poll.tick() => {
                 attached.rescan(&mut datapath, &args);
-                if let Some(watch) = watch.as_mut()
-                    && let Some(synced) = sync_manifests(&args.state_file, watch, &mut translator, &mut applier, &mut datapath)
-                {
-                    snapshot.syncs += 1;
-                    snapshot.sync_errors += synced.errors;
-                    snapshot.input_problems += synced.problems;
-                    snapshot.sync_latency.observe(synced.latency);
-                    names = synced.names;
-                    publish(&page, &mut snapshot, &applier, &datapath, &names, true);
+                match &mut source {
+                    Source::Manifests(watch) => sync.manifests(watch, &mut datapath),
+                    Source::Kube { .. } => None,
                 }
+            }
+            Some((first, started)) = next_change(&mut source) => {
+                let Source::Kube { source, changes } = &mut source else {
+                    unreachable!("only the Kubernetes source has changes");
+                };
+                let dirty = coalesce(source, changes, first, started, debounce).await;
+                snapshot.watch_errors += dirty.failures.len() as u64;
+                let first = !synced_once;
+                sync.kube(source, dirty, first, !node_addrs_fixed, started, &mut datapath)
             }
             _ = render_every.tick() => {
                 let ready = lock(&page).ready;
-                publish(&page, &mut snapshot, &applier, &datapath, &names, ready);
+                publish(&page, &mut snapshot, sync.applier, &datapath, &names, ready);
+                None
             }
             _ = ticker.tick() => {
                 let now = datapath.stats().context("reading counters")?;
@@ -196,6 +272,7 @@ async fn run(args: RunArgs) -> Result<()> {
                     info!(counter = counter.name(), packets = delta.packets, bytes = delta.bytes, "packets");
                 }
                 last = now;
+                None
             }
             result = signal::ctrl_c() => {
                 result.context("waiting for Ctrl-C")?;
@@ -206,6 +283,52 @@ async fn run(args: RunArgs) -> Result<()> {
                 }
                 return Ok(());
             }
+        };
+        if let Some(synced) = synced {
+            synced_once = true;
+            snapshot.syncs += 1;
+            snapshot.sync_errors += synced.errors;
+            snapshot.input_problems += synced.problems;
+            snapshot.sync_latency.observe(synced.latency);
+            names = synced.names;
+            publish(&page, &mut snapshot, sync.applier, &datapath, &names, true);
+        }
+    }
+}
+
+/// The next Kubernetes change and when it was seen; never resolves for the
+/// manifest source.
+async fn next_change(source: &mut Source) -> Option<(Change, Instant)> {
+    match source {
+        Source::Kube { changes, .. } => changes.recv().await.map(|change| (change, Instant::now())),
+        Source::Manifests(_) => std::future::pending().await,
+    }
+}
+
+/// Folds `first` and the changes that follow within `debounce` of each
+/// other (at most ten debounce periods after `started`) into one batch.
+async fn coalesce(
+    source: &mut KubeSource,
+    changes: &mut mpsc::Receiver<Change>,
+    first: Change,
+    started: Instant,
+    debounce: Duration,
+) -> Dirty {
+    let mut dirty = Dirty::default();
+    source.absorb(first, &mut dirty);
+    let deadline = started + debounce * 10;
+    loop {
+        // What is queued already joins the batch without waiting.
+        while let Ok(change) = changes.try_recv() {
+            source.absorb(change, &mut dirty);
+        }
+        let now = Instant::now();
+        if now >= deadline || debounce.is_zero() {
+            return dirty;
+        }
+        match time::timeout(debounce.min(deadline - now), changes.recv()).await {
+            Ok(Some(change)) => source.absorb(change, &mut dirty),
+            Ok(None) | Err(_) => return dirty,
         }
     }
 }
@@ -260,68 +383,132 @@ struct Synced {
     names: Vec<(Frontend, String)>,
 }
 
-/// Reloads the manifests if they changed, and brings the maps in line.
-fn sync_manifests(
-    state_file: &std::path::Path,
-    watch: &mut Watch,
-    translator: &mut Translator,
-    applier: &mut Applier,
-    datapath: &mut Datapath,
-) -> Option<Synced> {
-    let started = Instant::now();
-    match watch.poll() {
-        Ok(true) => {}
-        Ok(false) => return None,
-        Err(err) => {
-            // The datapath keeps serving what it last had.
-            warn!(error = %err, "reading the manifest directory failed");
+/// Translation and applying, shared by both sources.
+struct Sync<'a> {
+    state_file: &'a std::path::Path,
+    translator: &'a mut Translator,
+    applier: &'a mut Applier,
+}
+
+impl Sync<'_> {
+    /// Reloads the manifests if they changed, and brings the maps in line.
+    fn manifests(&mut self, watch: &mut Watch, datapath: &mut Datapath) -> Option<Synced> {
+        let started = Instant::now();
+        match watch.poll() {
+            Ok(true) => {}
+            Ok(false) => return None,
+            Err(err) => {
+                // The datapath keeps serving what it last had.
+                warn!(error = %err, "reading the manifest directory failed");
+                return None;
+            }
+        }
+        // Only the services whose objects changed are translated again.
+        let dirty = watch.take_dirty();
+        self.translator.update(dirty, watch);
+        let problems: Vec<_> = watch.problems().cloned().collect();
+        Some(self.apply(datapath, &problems, started, "manifests applied"))
+    }
+
+    /// Re-derives what `dirty` names from the stores (everything on the
+    /// first sync and after a relist) and brings the maps in line, once
+    /// every kind has been listed (before that the state is partial).
+    fn kube(
+        &mut self,
+        source: &KubeSource,
+        dirty: Dirty,
+        first: bool,
+        node_addrs_from_node: bool,
+        started: Instant,
+        datapath: &mut Datapath,
+    ) -> Option<Synced> {
+        for (kind, error) in &dirty.failures {
+            warn!(kind = kind.name(), %error, "watch failed; retrying and relisting");
+        }
+        if dirty.node && node_addrs_from_node {
+            self.node_addrs(source);
+        }
+        if !source.ready() {
             return None;
         }
-    }
-    // Only the services whose objects changed are translated again.
-    let dirty = watch.take_dirty();
-    translator.update(dirty, watch);
-    let desired = translator.desired();
-    let translation_problems = translator.problems();
-    let problems: Vec<_> = watch.problems().cloned().collect();
-    for problem in problems.iter().chain(&translation_problems) {
-        if problem.warning {
-            warn!(object = %problem.object, "{}", problem.message);
+        let keys: BTreeSet<ObjectKey> = if dirty.all || first {
+            // A relist may have dropped services whose deletion was never
+            // seen: the translator's own keys are re-derived too.
+            let mut keys: BTreeSet<ObjectKey> = source.service_keys().into_iter().collect();
+            keys.extend(self.translator.service_keys().cloned());
+            keys
+        } else if dirty.services.is_empty() && !dirty.node {
+            return None;
         } else {
-            tracing::debug!(object = %problem.object, "{}", problem.message);
+            dirty.services
+        };
+        let fetched = source.fetch(&keys);
+        self.translator.update(keys, &fetched);
+        Some(self.apply(datapath, &[], started, "cluster state applied"))
+    }
+
+    /// Takes this node's addresses from its Node object.
+    fn node_addrs(&mut self, source: &KubeSource) {
+        let Some(node) = source.node() else {
+            warn!("this node's Node object is gone; keeping its last addresses");
+            return;
+        };
+        let addrs = source::kube::node_addresses(&node);
+        if addrs != self.translator.desired().node_addrs {
+            info!(?addrs, "node addresses changed");
+            self.translator.set_node_addrs(addrs);
         }
     }
-    let report = applier.apply(datapath.maps_mut(), desired);
-    if let Err(err) = svc_agent::inspect::write_state(state_file, desired) {
-        warn!(error = %err, "recording frontend names for the inspection commands failed");
+
+    /// Writes the translator's desired state to the maps.
+    fn apply(
+        &mut self,
+        datapath: &mut Datapath,
+        source_problems: &[Problem],
+        started: Instant,
+        what: &str,
+    ) -> Synced {
+        let desired = self.translator.desired();
+        let translation_problems = self.translator.problems();
+        for problem in source_problems.iter().chain(&translation_problems) {
+            if problem.warning {
+                warn!(object = %problem.object, "{}", problem.message);
+            } else {
+                tracing::debug!(object = %problem.object, "{}", problem.message);
+            }
+        }
+        let report = self.applier.apply(datapath.maps_mut(), desired);
+        if let Err(err) = svc_agent::inspect::write_state(self.state_file, desired) {
+            warn!(error = %err, "recording frontend names for the inspection commands failed");
+        }
+        for error in &report.errors {
+            warn!("{error}");
+        }
+        let (frontends, backends) = self.applier.sizes();
+        info!(
+            frontends,
+            backends,
+            written = report.frontends_written,
+            removed = report.frontends_removed,
+            backends_added = report.backends_added,
+            backends_removed = report.backends_removed,
+            "{what}"
+        );
+        Synced {
+            latency: started.elapsed(),
+            errors: report.errors.len() as u64,
+            problems: source_problems
+                .iter()
+                .chain(&translation_problems)
+                .filter(|p| p.warning)
+                .count() as u64,
+            names: desired
+                .frontends
+                .iter()
+                .map(|(frontend, spec)| (*frontend, spec.service.to_string()))
+                .collect(),
+        }
     }
-    for error in &report.errors {
-        warn!("{error}");
-    }
-    let (frontends, backends) = applier.sizes();
-    info!(
-        frontends,
-        backends,
-        written = report.frontends_written,
-        removed = report.frontends_removed,
-        backends_added = report.backends_added,
-        backends_removed = report.backends_removed,
-        "manifests applied"
-    );
-    Some(Synced {
-        latency: started.elapsed(),
-        errors: report.errors.len() as u64,
-        problems: problems
-            .iter()
-            .chain(&translation_problems)
-            .filter(|p| p.warning)
-            .count() as u64,
-        names: desired
-            .frontends
-            .iter()
-            .map(|(frontend, spec)| (*frontend, spec.service.to_string()))
-            .collect(),
-    })
 }
 
 /// The page the HTTP side serves.

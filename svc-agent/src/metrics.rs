@@ -52,6 +52,8 @@ pub struct Snapshot {
     pub syncs: u64,
     pub sync_errors: u64,
     pub input_problems: u64,
+    /// Kubernetes watch failures (each followed by a retry and a relist).
+    pub watch_errors: u64,
     pub sync_latency: Histogram,
     pub datapath: StatsSnapshot,
     pub traffic: Vec<FrontendTraffic>,
@@ -90,12 +92,18 @@ pub fn render(snapshot: &Snapshot) -> String {
         "counter",
         "Objects or parts of objects skipped as bad input.",
     );
+    metric(
+        "svc_watch_errors_total",
+        "counter",
+        "Kubernetes watch failures; each is retried with backoff and relisted.",
+    );
     let mut body = String::new();
     let _ = writeln!(body, "svc_frontends {}", snapshot.frontends);
     let _ = writeln!(body, "svc_backends {}", snapshot.backends);
     let _ = writeln!(body, "svc_syncs_total {}", snapshot.syncs);
     let _ = writeln!(body, "svc_sync_errors_total {}", snapshot.sync_errors);
     let _ = writeln!(body, "svc_input_problems_total {}", snapshot.input_problems);
+    let _ = writeln!(body, "svc_watch_errors_total {}", snapshot.watch_errors);
     out.push_str(&body);
 
     let _ = writeln!(

@@ -269,6 +269,18 @@ impl Translator {
         self.outputs.len()
     }
 
+    /// The services translated so far.
+    pub fn service_keys(&self) -> impl Iterator<Item = &ObjectKey> {
+        self.outputs.keys()
+    }
+
+    /// Changes the addresses node ports answer on (no service depends on
+    /// them otherwise).
+    pub fn set_node_addrs(&mut self, addrs: Vec<Ipv4Addr>) {
+        self.node.addrs.clone_from(&addrs);
+        self.desired.node_addrs = addrs;
+    }
+
     /// Re-derives the services in `dirty` (added, changed, removed, or
     /// whose slices changed) from `inputs`.
     pub fn update(&mut self, dirty: impl IntoIterator<Item = ObjectKey>, inputs: &impl Inputs) {
@@ -722,7 +734,7 @@ fn endpoints_for(
                 continue;
             }
         };
-        for endpoint in &slice.endpoints {
+        for endpoint in slice.endpoints.iter().flatten() {
             let Some(address) = endpoint.addresses.first() else {
                 continue;
             };

@@ -267,7 +267,7 @@ pub fn mirror(endpoints: &Endpoints) -> Vec<EndpointSlice> {
                     ..ObjectMeta::default()
                 },
                 address_type: family.to_owned(),
-                endpoints: members,
+                endpoints: Some(members),
                 ports: Some(ports.clone()),
             });
         }

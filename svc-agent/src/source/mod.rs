@@ -2,6 +2,7 @@
 //! the same plain lists of objects, which `model::translate` turns into
 //! the desired datapath state.
 
+pub mod kube;
 pub mod manifests;
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};

@@ -1,0 +1,399 @@
+//! The Kubernetes API as the source of truth: a watcher and a reflector
+//! store for Services, EndpointSlices and this node's Node. The watch tasks
+//! only report which services an event touched; the agent rebuilds those
+//! services from the stores (level-triggered), and every relist (`InitDone`)
+//! re-derives everything, so a missed `Delete` is collected there.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    net::Ipv4Addr,
+    path::Path,
+    sync::Arc,
+};
+
+use futures::{Stream, StreamExt as _};
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::{
+    Api, Client, Config, Resource, ResourceExt as _,
+    config::{KubeConfigOptions, Kubeconfig},
+    runtime::{
+        WatchStreamExt as _,
+        reflector::{self, ObjectRef, Store},
+        watcher,
+    },
+};
+use tokio::sync::mpsc;
+
+use crate::model::{Inputs, ObjectKey, slice_service};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("reading kubeconfig {path}: {source}")]
+    Kubeconfig {
+        path: String,
+        source: kube::config::KubeconfigError,
+    },
+    #[error("no Kubernetes configuration (in-cluster or KUBECONFIG): {0}")]
+    Infer(#[from] kube::config::InferConfigError),
+    #[error("building the Kubernetes client: {0}")]
+    Client(#[source] kube::Error),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A client from `kubeconfig`, else the in-cluster configuration or
+/// `KUBECONFIG` (kube's usual inference).
+pub async fn client(kubeconfig: Option<&Path>) -> Result<Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kubeconfig = Kubeconfig::read_from(path).map_err(|source| Error::Kubeconfig {
+                path: path.display().to_string(),
+                source,
+            })?;
+            Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                .await
+                .map_err(|source| Error::Kubeconfig {
+                    path: path.display().to_string(),
+                    source,
+                })?
+        }
+        None => Config::infer().await?,
+    };
+    Client::try_from(config).map_err(Error::Client)
+}
+
+/// Which watch a [`Change`] comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Service,
+    EndpointSlice,
+    Node,
+}
+
+impl Kind {
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Service => "Service",
+            Self::EndpointSlice => "EndpointSlice",
+            Self::Node => "Node",
+        }
+    }
+}
+
+/// What one watch event means to the agent; the objects themselves stay in
+/// the stores.
+#[derive(Debug)]
+pub enum Change {
+    /// A service was added, changed or deleted.
+    Service(ObjectKey),
+    /// A slice (namespace, slice name) was added or changed and now serves
+    /// `service` (`None`: no service the translation reads).
+    Slice {
+        slice: ObjectKey,
+        service: Option<ObjectKey>,
+    },
+    SliceDeleted(ObjectKey),
+    /// This node's object changed.
+    Node,
+    /// A (re)list finished: the store holds exactly what the API server
+    /// has.
+    Listed(Kind),
+    /// The watch failed; it retries with backoff and relists.
+    Failed {
+        kind: Kind,
+        error: String,
+    },
+}
+
+/// What a batch of changes asks of the translation.
+#[derive(Debug, Default)]
+pub struct Dirty {
+    pub services: BTreeSet<ObjectKey>,
+    /// Re-derive every service (after a relist).
+    pub all: bool,
+    /// Read the node's addresses again.
+    pub node: bool,
+    /// Watch failures, for the log and the metrics.
+    pub failures: Vec<(Kind, String)>,
+}
+
+/// The stores, and which service each slice serves.
+pub struct KubeSource {
+    services: Store<Service>,
+    slices: Store<EndpointSlice>,
+    nodes: Store<Node>,
+    node_name: String,
+    /// The service each slice serves, as of the last event for it.
+    slice_owner: HashMap<ObjectKey, ObjectKey>,
+    /// The slices serving each service.
+    by_service: HashMap<ObjectKey, BTreeSet<String>>,
+    listed: BTreeSet<&'static str>,
+}
+
+/// Drops what the agent never reads and what makes objects large.
+fn slim<K: Resource>(object: &mut K) {
+    object.meta_mut().managed_fields = None;
+    object.meta_mut().annotations = None;
+}
+
+impl KubeSource {
+    /// Starts the three watches on `client`; their changes arrive on the
+    /// returned channel. The watches retry with kube's default backoff and
+    /// end only when the receiver is dropped.
+    #[must_use]
+    pub fn start(client: &Client, node_name: &str) -> (Self, mpsc::Receiver<Change>) {
+        let (tx, rx) = mpsc::channel(4096);
+        let (services, writer) = reflector::store();
+        let stream = watcher(
+            Api::<Service>::all(client.clone()),
+            watcher::Config::default(),
+        )
+        .default_backoff()
+        .modify(slim)
+        .reflect(writer);
+        tokio::spawn(forward(stream, Kind::Service, tx.clone(), |service| {
+            Change::Service(key_of(service))
+        }));
+
+        let (slices, writer) = reflector::store();
+        let stream = watcher(
+            Api::<EndpointSlice>::all(client.clone()),
+            watcher::Config::default(),
+        )
+        .default_backoff()
+        .modify(slim)
+        .reflect(writer);
+        tokio::spawn(forward(stream, Kind::EndpointSlice, tx.clone(), |slice| {
+            Change::Slice {
+                slice: key_of(slice),
+                service: served_by(slice),
+            }
+        }));
+
+        let (nodes, writer) = reflector::store();
+        let config = watcher::Config::default().fields(&format!("metadata.name={node_name}"));
+        let stream = watcher(Api::<Node>::all(client.clone()), config)
+            .default_backoff()
+            .modify(slim)
+            .reflect(writer);
+        tokio::spawn(forward(stream, Kind::Node, tx, |_| Change::Node));
+
+        let source = Self {
+            services,
+            slices,
+            nodes,
+            node_name: node_name.to_owned(),
+            slice_owner: HashMap::new(),
+            by_service: HashMap::new(),
+            listed: BTreeSet::new(),
+        };
+        (source, rx)
+    }
+
+    /// Every store has been listed once: the desired state is complete and
+    /// may be applied (before that, applying would remove what an earlier
+    /// agent installed).
+    #[must_use]
+    pub fn ready(&self) -> bool {
+        self.listed.len() == 3
+    }
+
+    /// Folds `change` into `dirty`, keeping the slice index current.
+    pub fn absorb(&mut self, change: Change, dirty: &mut Dirty) {
+        match change {
+            Change::Service(key) => {
+                dirty.services.insert(key);
+            }
+            Change::Slice { slice, service } => {
+                let old = match &service {
+                    Some(service) => self.slice_owner.insert(slice.clone(), service.clone()),
+                    None => self.slice_owner.remove(&slice),
+                };
+                if let Some(old) = old {
+                    self.unindex(&old, &slice.1);
+                    dirty.services.insert(old);
+                }
+                if let Some(service) = service {
+                    self.by_service
+                        .entry(service.clone())
+                        .or_default()
+                        .insert(slice.1);
+                    dirty.services.insert(service);
+                }
+            }
+            Change::SliceDeleted(slice) => {
+                if let Some(old) = self.slice_owner.remove(&slice) {
+                    self.unindex(&old, &slice.1);
+                    dirty.services.insert(old);
+                }
+            }
+            Change::Node => dirty.node = true,
+            Change::Listed(kind) => {
+                self.listed.insert(kind.name());
+                match kind {
+                    Kind::Service => dirty.all = true,
+                    Kind::EndpointSlice => {
+                        self.reindex();
+                        dirty.all = true;
+                    }
+                    Kind::Node => dirty.node = true,
+                }
+            }
+            Change::Failed { kind, error } => dirty.failures.push((kind, error)),
+        }
+    }
+
+    fn unindex(&mut self, service: &ObjectKey, slice: &str) {
+        if let Some(slices) = self.by_service.get_mut(service) {
+            slices.remove(slice);
+            if slices.is_empty() {
+                self.by_service.remove(service);
+            }
+        }
+    }
+
+    /// Rebuilds the slice index from the store after a relist, which may
+    /// have dropped slices whose deletion was never seen.
+    fn reindex(&mut self) {
+        self.slice_owner.clear();
+        self.by_service.clear();
+        for slice in self.slices.state() {
+            if let Some(service) = served_by(&slice) {
+                let key = key_of(slice.as_ref());
+                self.by_service
+                    .entry(service.clone())
+                    .or_default()
+                    .insert(key.1.clone());
+                self.slice_owner.insert(key, service);
+            }
+        }
+    }
+
+    /// Keys of every service in the store.
+    #[must_use]
+    pub fn service_keys(&self) -> Vec<ObjectKey> {
+        self.services
+            .state()
+            .iter()
+            .map(|service| key_of(service.as_ref()))
+            .collect()
+    }
+
+    /// The services `keys` and their slices, as the stores hold them now.
+    #[must_use]
+    pub fn fetch<'k>(&self, keys: impl IntoIterator<Item = &'k ObjectKey>) -> Fetched {
+        let mut fetched = Fetched::default();
+        for key in keys {
+            let reference = ObjectRef::new(&key.1).within(&key.0);
+            if let Some(service) = self.services.get(&reference) {
+                fetched.services.insert(key.clone(), service);
+            }
+            let slices = self
+                .by_service
+                .get(key)
+                .into_iter()
+                .flatten()
+                .filter_map(|name| self.slices.get(&ObjectRef::new(name).within(&key.0)))
+                // The store may be ahead of the index (the events are queued).
+                .filter(|slice| served_by(slice).as_ref() == Some(key))
+                .collect();
+            fetched.slices.insert(key.clone(), slices);
+        }
+        fetched
+    }
+
+    /// This node's object, once listed (`None` if it does not exist).
+    #[must_use]
+    pub fn node(&self) -> Option<Arc<Node>> {
+        self.nodes.get(&ObjectRef::new(&self.node_name))
+    }
+}
+
+/// Runs one watch, reporting each event as a [`Change`] until the receiver
+/// is gone.
+async fn forward<K, S>(
+    stream: S,
+    kind: Kind,
+    tx: mpsc::Sender<Change>,
+    applied: impl Fn(&K) -> Change,
+) where
+    S: Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
+    K: Resource,
+{
+    let mut stream = std::pin::pin!(stream);
+    while let Some(item) = stream.next().await {
+        let change = match item {
+            Ok(watcher::Event::Apply(object)) => applied(&object),
+            Ok(watcher::Event::Delete(object)) => match kind {
+                Kind::EndpointSlice => Change::SliceDeleted(key_of(&object)),
+                _ => applied(&object),
+            },
+            // The store swaps in the relisted objects at `InitDone`.
+            Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => continue,
+            Ok(watcher::Event::InitDone) => Change::Listed(kind),
+            Err(error) => Change::Failed {
+                kind,
+                error: error.to_string(),
+            },
+        };
+        if tx.send(change).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn key_of<K: Resource>(object: &K) -> ObjectKey {
+    (object.namespace().unwrap_or_default(), object.name_any())
+}
+
+/// The service whose translation reads `slice`, if any.
+fn served_by(slice: &EndpointSlice) -> Option<ObjectKey> {
+    slice_service(slice)
+        .ok()
+        .map(|(namespace, name)| (namespace.to_owned(), name.to_owned()))
+}
+
+/// Services and slices taken from the stores for one translation round.
+#[derive(Default)]
+pub struct Fetched {
+    services: HashMap<ObjectKey, Arc<Service>>,
+    slices: HashMap<ObjectKey, Vec<Arc<EndpointSlice>>>,
+}
+
+impl Inputs for Fetched {
+    fn service(&self, key: &ObjectKey) -> Option<&Service> {
+        self.services.get(key).map(AsRef::as_ref)
+    }
+
+    fn slices(&self, key: &ObjectKey) -> Vec<&EndpointSlice> {
+        self.slices
+            .get(key)
+            .into_iter()
+            .flatten()
+            .map(AsRef::as_ref)
+            .collect()
+    }
+}
+
+/// The IPv4 addresses node ports answer on: the node's internal and
+/// external addresses.
+#[must_use]
+pub fn node_addresses(node: &Node) -> Vec<Ipv4Addr> {
+    let mut addrs = Vec::new();
+    let listed = node
+        .status
+        .iter()
+        .flat_map(|status| status.addresses.iter().flatten())
+        .filter(|address| matches!(address.type_.as_str(), "InternalIP" | "ExternalIP"))
+        .filter_map(|address| address.address.parse().ok());
+    for addr in listed {
+        if !addrs.contains(&addr) {
+            addrs.push(addr);
+        }
+    }
+    addrs
+}
