@@ -9,6 +9,7 @@
     reason = "test helpers panic by design, with a message naming what failed"
 )]
 
+pub mod k8s;
 pub mod netns;
 pub mod packet;
 pub mod servers;

@@ -199,6 +199,7 @@ static NEXT_PIN_DIR: AtomicU32 = AtomicU32::new(0);
 impl Node {
     fn new(name: &'static str, index: u8, lan: &NetNs, bridge: bool, options: Options) -> Self {
         let host_sockets = options.host_sockets_on_node1 && index == 1;
+        let agent_binary = options.agent_binary;
         let ns = NetNs::new(name);
         let addr = Ipv4Addr::new(172, 16, 0, 10 + index);
         veth(&ns, "eth0", lan, &format!("n{index}"));
@@ -264,14 +265,16 @@ impl Node {
             index,
             bridge,
         };
-        assert!(
-            !node.start_agent(),
-            "{name}: a fresh datapath adopts nothing"
-        );
-        node.datapath_mut()
-            .maps_mut()
-            .set_node_addrs(&[addr])
-            .expect("node addresses");
+        if !agent_binary {
+            assert!(
+                !node.start_agent(),
+                "{name}: a fresh datapath adopts nothing"
+            );
+            node.datapath_mut()
+                .maps_mut()
+                .set_node_addrs(&[addr])
+                .expect("node addresses");
+        }
         node
     }
 
@@ -344,12 +347,14 @@ impl Node {
             ns.ip(&["route", "add", &format!("{gateway}"), "dev", "eth0"]);
         }
         ns.ip(&["route", "add", "default", "via", &gateway.to_string()]);
-        let datapath = self.datapath.as_mut().expect("the agent runs");
-        self.ns.run(|| {
-            datapath
-                .attach_pod(&host_iface)
-                .expect("attach to the pod veth");
-        });
+        // The agent binary attaches new pod veths itself.
+        if let Some(datapath) = self.datapath.as_mut() {
+            self.ns.run(|| {
+                datapath
+                    .attach_pod(&host_iface)
+                    .expect("attach to the pod veth");
+            });
+        }
         self.pods.push(Pod {
             name: name.to_owned(),
             addr,
@@ -402,6 +407,9 @@ pub struct Options {
     /// Pin each node's maps and links under its own bpffs directory, so
     /// the datapath outlives the agent (removed with the cluster).
     pub pinned: bool,
+    /// Load no datapath in this process: the test runs the `svc-agent`
+    /// binary on each node, which attaches to the uplink and pod veths.
+    pub agent_binary: bool,
 }
 
 impl Drop for Node {

@@ -420,6 +420,7 @@ fn host_sockets_stay_translated_while_the_agent_restarts() {
     let mut cluster = cluster_with(Options {
         pinned: true,
         host_sockets_on_node1: true,
+        ..Options::default()
     });
     let mut agents = Agents::new(&cluster);
     agents.write(

@@ -5,6 +5,7 @@
 
 mod bench;
 mod cmd;
+mod k8s;
 mod run;
 mod setup;
 
@@ -28,9 +29,18 @@ enum Command {
         #[arg(long)]
         release: bool,
     },
-    /// Run every test: host unit tests, BPF_PROG_TEST_RUN tests and the
-    /// root-only network-namespace tests.
+    /// Run every test: host unit tests, BPF_PROG_TEST_RUN tests, the
+    /// root-only network-namespace tests and the end-to-end tests against
+    /// an upstream Kubernetes control plane (built the first time).
     Test {
+        /// Extra arguments for `cargo test` (after `--`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Only the end-to-end tests: etcd, kube-apiserver and
+    /// kube-controller-manager (built from the pin in tests/k8s if missing)
+    /// and the agent, with real traffic.
+    E2e {
         /// Extra arguments for `cargo test` (after `--`).
         #[arg(last = true)]
         args: Vec<String>,
@@ -70,6 +80,7 @@ fn main() -> Result<()> {
         Command::Setup => Ok(()),
         Command::Build { release } => build(release),
         Command::Test { args } => test(&args),
+        Command::E2e { args } => e2e(&args),
         Command::Run => run::sandbox(),
         Command::Bench {
             bench: Bench::Datapath { repeat, services },
@@ -91,7 +102,19 @@ fn build(release: bool) -> Result<()> {
 fn test(args: &[String]) -> Result<()> {
     // The root-only tests create network namespaces and load programs; they
     // fail with a clear message when not root, never skip.
+    let bin_dir = k8s::binaries()?;
     let mut test = cmd::cargo(["test", "--workspace"]);
+    test.env(k8s::BIN_DIR_ENV, bin_dir);
+    if !args.is_empty() {
+        test.arg("--").args(args);
+    }
+    cmd::run(&mut test)
+}
+
+fn e2e(args: &[String]) -> Result<()> {
+    let bin_dir = k8s::binaries()?;
+    let mut test = cmd::cargo(["test", "--package", "tests", "--test", "e2e"]);
+    test.env(k8s::BIN_DIR_ENV, bin_dir);
     if !args.is_empty() {
         test.arg("--").args(args);
     }

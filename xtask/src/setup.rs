@@ -68,7 +68,7 @@ fn home_dir() -> Result<PathBuf> {
         .context("HOME is not set")
 }
 
-fn cache_dir() -> Result<PathBuf> {
+pub fn cache_dir() -> Result<PathBuf> {
     let base = match env::var_os("XDG_CACHE_HOME") {
         Some(dir) => PathBuf::from(dir),
         None => home_dir()?.join(".cache"),
