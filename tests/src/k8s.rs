@@ -24,8 +24,9 @@ use std::{
 
 use k8s_openapi::{
     api::{
+        apps::v1::DaemonSet,
         authentication::v1::{TokenRequest, TokenRequestSpec},
-        core::v1::{Namespace, ServiceAccount},
+        core::v1::ServiceAccount,
         rbac::v1::{ClusterRole, ClusterRoleBinding},
     },
     serde::de::DeserializeOwned,
@@ -390,6 +391,8 @@ impl ControlPlane {
             format!("--tls-private-key-file={}", pki.path("apiserver.key")),
             format!("--client-ca-file={}", pki.path("ca.crt")),
             "--authorization-mode=RBAC".into(),
+            // As clusters that run node agents do (deploy/daemonset.yaml).
+            "--allow-privileged=true".into(),
             format!("--service-cluster-ip-range={SERVICE_CIDR}"),
             "--service-node-port-range=30000-32767".into(),
             format!("--service-account-key-file={}", pki.path("sa.pub")),
@@ -481,34 +484,59 @@ impl ControlPlane {
         &self.dir
     }
 
-    /// Creates a service account allowed only to get, list and watch
-    /// services, endpointslices and nodes, and returns a kubeconfig that
-    /// authenticates as it with a bound token.
+    /// Creates the agent's service account, role and binding from
+    /// `deploy/rbac.yaml` (it may only get, list and watch services,
+    /// endpointslices and nodes), checks that `deploy/daemonset.yaml` is
+    /// accepted (a server-side dry run), and returns a kubeconfig that
+    /// authenticates as the service account with a bound token.
     pub fn agent_kubeconfig(&self) -> PathBuf {
         let client = self.client();
         let token = self.block_on(async move {
-            let namespace = "svc-proxy";
-            let namespaces: Api<Namespace> = Api::all(client.clone());
-            apply(&namespaces, namespace, serde_json::json!({
-                "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}
-            }))
-            .await;
-            let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), namespace);
-            apply(&accounts, "svc-agent", serde_json::json!({
-                "apiVersion": "v1", "kind": "ServiceAccount",
-                "metadata": {"name": "svc-agent", "namespace": namespace}
-            }))
-            .await;
-            let roles: Api<ClusterRole> = Api::all(client.clone());
-            apply(&roles, "svc-agent", cluster_role()).await;
-            let bindings: Api<ClusterRoleBinding> = Api::all(client.clone());
-            apply(&bindings, "svc-agent", serde_json::json!({
-                "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-                "metadata": {"name": "svc-agent"},
-                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "svc-agent"},
-                "subjects": [{"kind": "ServiceAccount", "name": "svc-agent", "namespace": namespace}]
-            }))
-            .await;
+            let mut account = None;
+            for document in deploy_documents("rbac.yaml") {
+                let kind = document["kind"].as_str().unwrap_or_default().to_owned();
+                let name = document["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned();
+                let namespace = document["metadata"]["namespace"]
+                    .as_str()
+                    .map(str::to_owned);
+                match kind.as_str() {
+                    "ServiceAccount" => {
+                        let namespace = namespace.expect("the service account's namespace");
+                        let api: Api<ServiceAccount> = Api::namespaced(client.clone(), &namespace);
+                        apply(&api, &name, document).await;
+                        account = Some((api, name));
+                    }
+                    "ClusterRole" => {
+                        apply(&Api::<ClusterRole>::all(client.clone()), &name, document).await;
+                    }
+                    "ClusterRoleBinding" => {
+                        apply(
+                            &Api::<ClusterRoleBinding>::all(client.clone()),
+                            &name,
+                            document,
+                        )
+                        .await;
+                    }
+                    other => panic!("deploy/rbac.yaml: unexpected kind {other}"),
+                }
+            }
+            for document in deploy_documents("daemonset.yaml") {
+                let daemonset: DaemonSet =
+                    serde_json::from_value(document).expect("deploy/daemonset.yaml: a DaemonSet");
+                let namespace = daemonset.metadata.namespace.clone().expect("a namespace");
+                let params = PostParams {
+                    dry_run: true,
+                    ..PostParams::default()
+                };
+                Api::<DaemonSet>::namespaced(client.clone(), &namespace)
+                    .create(&params, &daemonset)
+                    .await
+                    .unwrap_or_else(|err| panic!("deploy/daemonset.yaml is rejected: {err}"));
+            }
+            let (accounts, name) = account.expect("deploy/rbac.yaml has a ServiceAccount");
             let request = TokenRequest {
                 spec: Some(TokenRequestSpec {
                     expiration_seconds: Some(3600 * 6),
@@ -517,9 +545,9 @@ impl ControlPlane {
                 ..TokenRequest::default()
             };
             accounts
-                .create_token_request("svc-agent", &PostParams::default(), &request)
+                .create_token_request(&name, &PostParams::default(), &request)
                 .await
-                .expect("a token for the svc-agent service account")
+                .expect("a token for the agent's service account")
                 .status
                 .expect("token status")
                 .token
@@ -532,17 +560,21 @@ impl ControlPlane {
     }
 }
 
-/// The agent's role: the repository's `deploy/rbac.yaml` says the same.
-#[must_use]
-pub fn cluster_role() -> serde_json::Value {
-    serde_json::json!({
-        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
-        "metadata": {"name": "svc-agent"},
-        "rules": [
-            {"apiGroups": [""], "resources": ["services", "nodes"], "verbs": ["get", "list", "watch"]},
-            {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]}
-        ]
-    })
+/// The documents of `deploy/<file>`.
+fn deploy_documents(file: &str) -> Vec<serde_json::Value> {
+    use k8s_openapi::serde::Deserialize as _;
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy")
+        .join(file);
+    let text =
+        fs::read_to_string(&path).unwrap_or_else(|err| panic!("reading {}: {err}", path.display()));
+    serde_yaml_ng::Deserializer::from_str(&text)
+        .map(|document| {
+            serde_json::Value::deserialize(document)
+                .unwrap_or_else(|err| panic!("{}: {err}", path.display()))
+        })
+        .filter(|document| !document.is_null())
+        .collect()
 }
 
 fn http_get(path: &str) -> http::Request<Vec<u8>> {

@@ -45,8 +45,10 @@ enum Command {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Start a sandbox (pod namespaces with the datapath attached) and run the
-    /// agent in it until Ctrl-C.
+    /// Run the agent against the cluster of `KUBECONFIG` (or ~/.kube/config)
+    /// when it answers; otherwise start a sandbox (pod namespaces with the
+    /// datapath attached, services from examples/sandbox) and run the agent
+    /// in it until Ctrl-C.
     Run,
     /// Benchmarks; results under target/bench/.
     Bench {
@@ -81,7 +83,7 @@ fn main() -> Result<()> {
         Command::Build { release } => build(release),
         Command::Test { args } => test(&args),
         Command::E2e { args } => e2e(&args),
-        Command::Run => run::sandbox(),
+        Command::Run => run::run(),
         Command::Bench {
             bench: Bench::Datapath { repeat, services },
         } => bench::datapath(repeat, &services),

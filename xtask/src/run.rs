@@ -13,9 +13,11 @@ use std::{
     io::{BufRead as _, BufReader, Write as _},
     net::{Ipv4Addr, SocketAddrV4, TcpListener},
     os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
     process::Command,
     sync::atomic::{AtomicBool, Ordering},
     thread,
+    time::Duration,
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -74,7 +76,7 @@ impl Sandbox {
             .into_iter()
             .chain(pods.iter().map(|p| p.ns.clone()))
         {
-            if std::path::Path::new("/run/netns").join(&ns).exists() {
+            if Path::new("/run/netns").join(&ns).exists() {
                 cmd::run(Command::new("ip").args(["netns", "del", &ns]))?;
             }
         }
@@ -225,7 +227,95 @@ fn spawn_server(pod: &Pod, name: &'static str) -> Result<()> {
     Ok(())
 }
 
-pub fn sandbox() -> Result<()> {
+/// A kubeconfig to use: `KUBECONFIG` (its first file) or `~/.kube/config`.
+fn configured_kubeconfig() -> Option<PathBuf> {
+    let path = match std::env::var_os("KUBECONFIG") {
+        Some(list) => std::env::split_paths(&list).next()?,
+        None => PathBuf::from(std::env::var_os("HOME")?).join(".kube/config"),
+    };
+    path.is_file().then_some(path)
+}
+
+/// The `host:port` of the first `server:` in `kubeconfig`, if it answers a
+/// TCP connect within two seconds.
+fn reachable_server(kubeconfig: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(kubeconfig).ok()?;
+    let url = text
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("server:"))?
+        .trim()
+        .trim_matches('"');
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority = rest.split('/').next()?;
+    let with_port = if authority
+        .rsplit_once(':')
+        .is_some_and(|(_, port)| port.parse::<u16>().is_ok())
+    {
+        authority.to_owned()
+    } else {
+        format!("{authority}:443")
+    };
+    let addrs = std::net::ToSocketAddrs::to_socket_addrs(&with_port).ok()?;
+    addrs
+        .into_iter()
+        .any(|addr| std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_ok())
+        .then_some(with_port)
+}
+
+/// The interface of the default IPv4 route.
+fn default_route_iface() -> Option<String> {
+    let routes = std::fs::read_to_string("/proc/net/route").ok()?;
+    routes.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        (fields.get(1) == Some(&"00000000")).then(|| fields[0].to_owned())
+    })
+}
+
+/// Runs the agent against the configured cluster when it is reachable,
+/// else the sandbox.
+pub fn run() -> Result<()> {
+    let Some(kubeconfig) = configured_kubeconfig() else {
+        return sandbox();
+    };
+    let Some(server) = reachable_server(&kubeconfig) else {
+        eprintln!(
+            "run: the cluster in {} does not answer; starting the sandbox instead",
+            kubeconfig.display()
+        );
+        return sandbox();
+    };
+    cmd::run(&mut cmd::cargo(["build", "--package", "svc-agent"]))?;
+    let agent = cmd::workspace_root().join("target/debug/svc-agent");
+    let uplink = default_route_iface()
+        .context("this machine has no default route: which interface is the uplink?")?;
+    eprintln!(
+        "run: serving the services of the cluster at {server} ({}) on this node; uplink {uplink}. \
+         `{} services` lists them; Ctrl-C stops the agent (the datapath stays pinned; `{} cleanup` removes it).",
+        kubeconfig.display(),
+        agent.display(),
+        agent.display()
+    );
+    let status = Command::new(&agent)
+        .args(["run", "--kubeconfig"])
+        .arg(&kubeconfig)
+        .args(["--uplink", &uplink])
+        .args([
+            "--pod-iface",
+            "veth*",
+            "--pod-iface",
+            "cali*",
+            "--pod-iface",
+            "lxc*",
+        ])
+        .status()
+        .context("starting svc-agent")?;
+    if !status.success() {
+        bail!("svc-agent exited with {status}");
+    }
+    Ok(())
+}
+
+fn sandbox() -> Result<()> {
     cmd::run(&mut cmd::cargo(["build", "--package", "svc-agent"]))?;
     let agent = cmd::workspace_root().join("target/debug/svc-agent");
 

@@ -98,45 +98,99 @@ impl SlotAllocator {
 /// The kernel stores array elements 8-byte aligned: in the mapping, slot
 /// `i` is the `BackendId` at byte `8 * i`.
 const ELEMENT_STRIDE: usize = size_of::<BackendId>().next_multiple_of(8);
-const IDS_PER_ELEMENT: usize = ELEMENT_STRIDE / size_of::<BackendId>();
 
-/// `MAGLEV_MAP` mapped into our memory (the map is `BPF_F_MMAPABLE`):
-/// writing a table is a memory write per slot, not a syscall per slot.
+/// `MAGLEV_MAP` (a `BPF_F_MMAPABLE` array) written through memory
+/// mappings: a table is a memory write per slot, not a syscall per slot.
+/// Only the pages of the block at hand are mapped, and only while it is
+/// written or read, so the agent's resident memory does not carry the
+/// whole array (the kernel maps every page of a BPF array at `mmap`).
 pub struct MaglevArea {
-    ptr: NonNull<BackendId>,
+    map: MapData,
     slots: u32,
-    // Keeps the map (and so the mapping's object) alive.
-    _map: MapData,
 }
 
-// SAFETY: the mapping is plain shared memory owned by this value.
-unsafe impl Send for MaglevArea {}
+/// The pages holding some slots, mapped read-write and shared; unmapped on
+/// drop.
+struct Window {
+    base: NonNull<u8>,
+    len: usize,
+    /// Byte offset of the first slot asked for within the window.
+    skew: usize,
+}
 
-impl MaglevArea {
-    pub fn map(map: MapData, slots: u32) -> Result<Self> {
-        let bytes = slots as usize * ELEMENT_STRIDE;
-        // SAFETY: mapping a BPF array fd read-write and shared, with the
-        // length of its values; the kernel checks the map is mmapable.
+impl Window {
+    fn new(map: &MapData, block: Block) -> Result<Self> {
+        // SAFETY: sysconf has no preconditions.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
+            .ok()
+            .filter(|page| page.is_power_of_two())
+            .unwrap_or(4096);
+        let start = block.offset as usize * ELEMENT_STRIDE;
+        let end = (block.offset + block.len) as usize * ELEMENT_STRIDE;
+        let first = start & !(page - 1);
+        let len = (end - first).next_multiple_of(page);
+        let offset = libc::off_t::try_from(first)
+            .map_err(|_| Error::Mmap(std::io::Error::other("Maglev offset out of range")))?;
+        // SAFETY: mapping part of a BPF array fd read-write and shared; the
+        // kernel checks the map is mmapable and the range lies inside it.
         let ptr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                bytes,
+                len,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
                 map.fd().as_fd().as_raw_fd(),
-                0,
+                offset,
             )
         };
         if ptr == libc::MAP_FAILED {
             return Err(Error::Mmap(std::io::Error::last_os_error()));
         }
-        let ptr = NonNull::new(ptr.cast())
+        let base = NonNull::new(ptr.cast())
             .ok_or_else(|| Error::Mmap(std::io::Error::other("mmap returned a null pointer")))?;
         Ok(Self {
-            ptr,
-            slots,
-            _map: map,
+            base,
+            len,
+            skew: start - first,
         })
+    }
+
+    /// The `i`th slot of the block.
+    fn slot(&self, i: usize) -> *mut BackendId {
+        debug_assert!(self.skew + (i + 1) * ELEMENT_STRIDE <= self.len);
+        // SAFETY: within the mapping (the window covers the whole block).
+        unsafe {
+            self.base
+                .as_ptr()
+                .add(self.skew + i * ELEMENT_STRIDE)
+                .cast()
+        }
+    }
+}
+
+impl Drop for Window {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what `new` mapped.
+        unsafe {
+            libc::munmap(self.base.as_ptr().cast(), self.len);
+        }
+    }
+}
+
+impl MaglevArea {
+    /// Checks that the map can be mapped (it is `BPF_F_MMAPABLE`).
+    pub fn new(map: MapData, slots: u32) -> Result<Self> {
+        if slots > 0 {
+            Window::new(&map, Block { offset: 0, len: 1 })?;
+        }
+        Ok(Self { map, slots })
+    }
+
+    fn check(&self, block: Block) {
+        assert!(
+            block.offset + block.len <= self.slots,
+            "block outside the map"
+        );
     }
 
     /// Copies `table` into `block`.
@@ -145,48 +199,50 @@ impl MaglevArea {
     ///
     /// If the table does not fit the block or the block lies outside the
     /// map; the allocator never hands out such blocks.
-    pub fn write(&mut self, block: Block, table: &[BackendId]) {
+    pub fn write(&mut self, block: Block, table: &[BackendId]) -> Result<()> {
         assert!(
             table.len() <= block.len as usize,
             "table larger than its block"
         );
-        assert!(
-            block.offset + block.len <= self.slots,
-            "block outside the map"
-        );
-        let base = self.ptr.as_ptr();
+        self.check(block);
+        if table.is_empty() {
+            return Ok(());
+        }
+        let window = Window::new(&self.map, block)?;
         for (i, &id) in table.iter().enumerate() {
             // SAFETY: in bounds (checked above); the program only reads
             // these slots once the service entry points at them.
-            unsafe {
-                base.add((block.offset as usize + i) * IDS_PER_ELEMENT)
-                    .write(id);
-            }
+            unsafe { window.slot(i).write(id) };
         }
+        Ok(())
+    }
+
+    /// Reads the slots of `block` (adopting tables, inspection).
+    pub fn read(&self, block: Block) -> Result<Vec<BackendId>> {
+        self.check(block);
+        if block.len == 0 {
+            return Ok(Vec::new());
+        }
+        let window = Window::new(&self.map, block)?;
+        // SAFETY: in bounds; a racing writer stores whole words.
+        Ok((0..block.len as usize)
+            .map(|i| unsafe { window.slot(i).read_volatile() })
+            .collect())
     }
 
     /// Reads one slot, for tests and inspection.
     #[must_use]
     pub fn slot(&self, index: u32) -> Option<BackendId> {
-        // SAFETY: in bounds; a racing writer stores whole words.
-        (index < self.slots).then(|| unsafe {
-            self.ptr
-                .as_ptr()
-                .add(index as usize * IDS_PER_ELEMENT)
-                .read_volatile()
-        })
-    }
-}
-
-impl Drop for MaglevArea {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly what `map` mapped.
-        unsafe {
-            libc::munmap(
-                self.ptr.as_ptr().cast(),
-                self.slots as usize * ELEMENT_STRIDE,
-            );
+        if index >= self.slots {
+            return None;
         }
+        self.read(Block {
+            offset: index,
+            len: 1,
+        })
+        .ok()?
+        .first()
+        .copied()
     }
 }
 

@@ -258,7 +258,7 @@ impl Maps {
             .info()
             .map_err(map_error(MAGLEV_MAP))?
             .max_entries();
-        let maglev = MaglevArea::map(maglev_data, maglev_slots)?;
+        let maglev = MaglevArea::new(maglev_data, maglev_slots)?;
         Ok(Self {
             services,
             backends,
@@ -312,13 +312,10 @@ impl Maps {
                     "frontend {key:?}: its Maglev block {block:?} overlaps another or lies outside the map"
                 )));
             }
-            let mut backends: Vec<BackendId> = block
-                .map(|block| {
-                    (block.offset..block.offset + block.len)
-                        .filter_map(|slot| self.maglev.slot(slot))
-                        .collect()
-                })
-                .unwrap_or_default();
+            let mut backends: Vec<BackendId> = match block {
+                Some(block) => self.maglev.read(block)?,
+                None => Vec::new(),
+            };
             backends.sort_unstable();
             backends.dedup();
             used_ids.insert(value.id);
@@ -650,7 +647,10 @@ impl Maps {
         for slot in &mut table {
             *slot = members[*slot as usize].1;
         }
-        self.maglev.write(block, &table);
+        if let Err(err) = self.maglev.write(block, &table) {
+            self.slots.free(block);
+            return Err(err);
+        }
         Ok(Some(block))
     }
 

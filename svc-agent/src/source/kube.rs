@@ -6,9 +6,11 @@
 
 use std::{
     collections::{BTreeSet, HashMap},
+    hash::BuildHasher as _,
     net::Ipv4Addr,
     path::Path,
     sync::Arc,
+    time::Duration,
 };
 
 use futures::{Stream, StreamExt as _};
@@ -22,6 +24,7 @@ use kube::{
     runtime::{
         WatchStreamExt as _,
         reflector::{self, ObjectRef, Store},
+        utils::Backoff,
         watcher,
     },
 };
@@ -134,6 +137,48 @@ pub struct KubeSource {
     listed: BTreeSet<&'static str>,
 }
 
+/// Retry delays of a failed watch: doubling from 250 ms to 4 s with
+/// jitter, back to the start once the watch delivers again. A node proxy
+/// wants its view back within seconds of an API server restart; the
+/// jitter keeps a fleet of agents from reconnecting in step. (kube's
+/// default grows to 30 s and restarts from the bottom only after two quiet
+/// minutes, so a second restart within that time was seen taking 10 s.)
+#[derive(Debug)]
+struct WatchBackoff {
+    next: Duration,
+    hasher: std::hash::RandomState,
+}
+
+const BACKOFF_MIN: Duration = Duration::from_millis(250);
+const BACKOFF_MAX: Duration = Duration::from_secs(4);
+
+impl Default for WatchBackoff {
+    fn default() -> Self {
+        Self {
+            next: BACKOFF_MIN,
+            hasher: std::hash::RandomState::new(),
+        }
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let base = self.next;
+        self.next = (base * 2).min(BACKOFF_MAX);
+        // 50% to 150% of the base delay.
+        let noise = self.hasher.hash_one(std::time::Instant::now()) % 1000;
+        Some(base / 2 + base * u32::try_from(noise).unwrap_or(0) / 1000)
+    }
+}
+
+impl Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.next = BACKOFF_MIN;
+    }
+}
+
 /// Drops what the agent never reads and what makes objects large.
 fn slim<K: Resource>(object: &mut K) {
     object.meta_mut().managed_fields = None;
@@ -152,7 +197,7 @@ impl KubeSource {
             Api::<Service>::all(client.clone()),
             watcher::Config::default(),
         )
-        .default_backoff()
+        .backoff(WatchBackoff::default())
         .modify(slim)
         .reflect(writer);
         tokio::spawn(forward(stream, Kind::Service, tx.clone(), |service| {
@@ -164,7 +209,7 @@ impl KubeSource {
             Api::<EndpointSlice>::all(client.clone()),
             watcher::Config::default(),
         )
-        .default_backoff()
+        .backoff(WatchBackoff::default())
         .modify(slim)
         .reflect(writer);
         tokio::spawn(forward(stream, Kind::EndpointSlice, tx.clone(), |slice| {
@@ -177,7 +222,7 @@ impl KubeSource {
         let (nodes, writer) = reflector::store();
         let config = watcher::Config::default().fields(&format!("metadata.name={node_name}"));
         let stream = watcher(Api::<Node>::all(client.clone()), config)
-            .default_backoff()
+            .backoff(WatchBackoff::default())
             .modify(slim)
             .reflect(writer);
         tokio::spawn(forward(stream, Kind::Node, tx, |_| Change::Node));
