@@ -227,7 +227,16 @@ impl KubeSource {
             .reflect(writer);
         tokio::spawn(forward(stream, Kind::Node, tx, |_| Change::Node));
 
-        let source = Self {
+        (Self::new(services, slices, nodes, node_name), rx)
+    }
+
+    fn new(
+        services: Store<Service>,
+        slices: Store<EndpointSlice>,
+        nodes: Store<Node>,
+        node_name: &str,
+    ) -> Self {
+        Self {
             services,
             slices,
             nodes,
@@ -235,8 +244,7 @@ impl KubeSource {
             slice_owner: HashMap::new(),
             by_service: HashMap::new(),
             listed: BTreeSet::new(),
-        };
-        (source, rx)
+        }
     }
 
     /// Every store has been listed once: the desired state is complete and
@@ -441,4 +449,139 @@ pub fn node_addresses(node: &Node) -> Vec<Ipv4Addr> {
         }
     }
     addrs
+}
+
+#[cfg(test)]
+mod tests {
+    use kube::runtime::{reflector::store::Writer, watcher::Event};
+
+    use super::*;
+
+    fn yaml<K: serde::de::DeserializeOwned>(text: &str) -> K {
+        serde_yaml_ng::from_str(text).expect("fixture parses")
+    }
+
+    fn slice(name: &str, service: &str, ip: &str) -> EndpointSlice {
+        yaml(&format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  namespace: ns\n  labels:\n    kubernetes.io/service-name: {service}\naddressType: IPv4\nendpoints:\n- addresses: [{ip}]\nports:\n- port: 80\n"
+        ))
+    }
+
+    fn service(name: &str) -> Service {
+        yaml(&format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: ns\nspec:\n  clusterIP: 10.96.0.10\n  ports:\n  - port: 80\n"
+        ))
+    }
+
+    fn key(name: &str) -> ObjectKey {
+        ("ns".to_owned(), name.to_owned())
+    }
+
+    struct Fixture {
+        source: KubeSource,
+        services: Writer<Service>,
+        slices: Writer<EndpointSlice>,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            let (services, services_writer) = reflector::store();
+            let (slices, slices_writer) = reflector::store();
+            let (nodes, _) = reflector::store();
+            Self {
+                source: KubeSource::new(services, slices, nodes, "n1"),
+                services: services_writer,
+                slices: slices_writer,
+            }
+        }
+
+        /// What the watch task does for one slice event: the store first,
+        /// then the change.
+        fn slice_event(&mut self, event: &Event<EndpointSlice>, dirty: &mut Dirty) {
+            self.slices.apply_watcher_event(event);
+            let change = match event {
+                Event::Apply(slice) => Change::Slice {
+                    slice: key_of(slice),
+                    service: served_by(slice),
+                },
+                Event::Delete(slice) => Change::SliceDeleted(key_of(slice)),
+                Event::InitDone => Change::Listed(Kind::EndpointSlice),
+                Event::Init | Event::InitApply(_) => return,
+            };
+            self.source.absorb(change, dirty);
+        }
+
+        fn endpoints(&self, service: &str) -> Vec<String> {
+            let key = key(service);
+            let fetched = self.source.fetch([&key]);
+            fetched
+                .slices(&key)
+                .iter()
+                .flat_map(|slice| slice.endpoints.iter().flatten())
+                .flat_map(|endpoint| endpoint.addresses.clone())
+                .collect()
+        }
+    }
+
+    #[test]
+    fn a_slice_moving_between_services_dirties_both_and_is_read_for_the_new_one() {
+        let mut fixture = Fixture::new();
+        let mut dirty = Dirty::default();
+        fixture.slice_event(&Event::Apply(slice("s1", "a", "10.0.0.1")), &mut dirty);
+        assert_eq!(dirty.services, BTreeSet::from([key("a")]));
+        assert_eq!(fixture.endpoints("a"), ["10.0.0.1"]);
+
+        let mut dirty = Dirty::default();
+        fixture.slice_event(&Event::Apply(slice("s1", "b", "10.0.0.2")), &mut dirty);
+        assert_eq!(dirty.services, BTreeSet::from([key("a"), key("b")]));
+        assert!(fixture.endpoints("a").is_empty(), "a lost the slice");
+        assert_eq!(fixture.endpoints("b"), ["10.0.0.2"]);
+
+        let mut dirty = Dirty::default();
+        fixture.slice_event(&Event::Delete(slice("s1", "b", "10.0.0.2")), &mut dirty);
+        assert_eq!(dirty.services, BTreeSet::from([key("b")]));
+        assert!(fixture.endpoints("b").is_empty());
+    }
+
+    #[test]
+    fn a_relist_rebuilds_the_index_and_rederives_everything() {
+        let mut fixture = Fixture::new();
+        let mut dirty = Dirty::default();
+        fixture.slice_event(&Event::Apply(slice("s1", "a", "10.0.0.1")), &mut dirty);
+        fixture.slice_event(&Event::Apply(slice("s2", "a", "10.0.0.2")), &mut dirty);
+        assert!(!fixture.source.ready(), "nothing listed yet");
+
+        // The watch missed s1's deletion; the relist has only s2.
+        let mut dirty = Dirty::default();
+        for event in [
+            Event::Init,
+            Event::InitApply(slice("s2", "a", "10.0.0.2")),
+            Event::InitDone,
+        ] {
+            fixture.slice_event(&event, &mut dirty);
+        }
+        assert!(dirty.all, "a relist re-derives every service");
+        assert_eq!(fixture.endpoints("a"), ["10.0.0.2"]);
+
+        fixture
+            .services
+            .apply_watcher_event(&Event::Apply(service("a")));
+        let mut dirty = Dirty::default();
+        for kind in [Kind::Service, Kind::Node] {
+            fixture.source.absorb(Change::Listed(kind), &mut dirty);
+        }
+        assert!(fixture.source.ready(), "all three kinds listed");
+        assert_eq!(fixture.source.service_keys(), [key("a")]);
+    }
+
+    #[test]
+    fn node_ports_answer_on_the_internal_and_external_ipv4_addresses() {
+        let node: Node = yaml(
+            "apiVersion: v1\nkind: Node\nmetadata:\n  name: n1\nstatus:\n  addresses:\n  - {type: Hostname, address: n1}\n  - {type: InternalIP, address: 192.168.1.5}\n  - {type: InternalIP, address: 'fd00::5'}\n  - {type: ExternalIP, address: 203.0.113.5}\n  - {type: ExternalIP, address: 192.168.1.5}\n",
+        );
+        assert_eq!(
+            node_addresses(&node),
+            [Ipv4Addr::new(192, 168, 1, 5), Ipv4Addr::new(203, 0, 113, 5)]
+        );
+    }
 }
