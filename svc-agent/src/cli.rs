@@ -126,7 +126,7 @@ pub struct RunArgs {
     /// Host side of pod veths to translate pod traffic at: a name or a
     /// pattern with `*` (repeatable). Matching interfaces that appear later
     /// are attached too.
-    #[arg(long = "pod-iface", value_name = "PATTERN")]
+    #[arg(long = "pod-iface", alias = "pod-ifaces", value_name = "PATTERN")]
     pub pod_ifaces: Vec<String>,
     /// Node uplinks to translate node-port, external and reply traffic at:
     /// a name or a pattern with `*` (repeatable).

@@ -264,10 +264,7 @@ impl PinnedMaps {
             if value.flags & SVC_F_LOCAL_ONLY != 0 {
                 flags.push("local-only");
             }
-            let stats = sum(&self
-                .service_stats
-                .get(&value.id, 0)
-                .map_err(read_error(SERVICE_STATS_MAP))?);
+            let stats = self.service_counters(value.id)?;
             let name = names.get(&label);
             let kind = match (name, frontend) {
                 (Some(name), _) => name.kind.name(),
@@ -290,6 +287,14 @@ impl PinnedMaps {
         }
         rows.sort_by(|a, b| (&a.service, &a.frontend).cmp(&(&b.service, &b.frontend)));
         Ok(rows)
+    }
+
+    /// The traffic counted for service id `id` (summed over CPUs).
+    pub fn service_counters(&self, id: u32) -> Result<CounterValue> {
+        Ok(sum(&self
+            .service_stats
+            .get(&id, 0)
+            .map_err(read_error(SERVICE_STATS_MAP))?))
     }
 
     /// A frontend's table size and each backend's number of slots; `None`

@@ -852,6 +852,32 @@ fn no_endpoints_is_refused_and_deletion_removes_everything(e2e: &mut E2e) {
         &json!({"selector": {"app": "web"}, "sessionAffinity": "ClientIP",
                "ports": [{"port": 80, "targetPort": WEB_PORT}]}),
     ));
+    // sticky carried traffic in scenario 4: its counters are not zero.
+    let sticky_frontend = format!("{sticky_ip}:80/TCP");
+    let sticky_ids: Vec<u32> = e2e
+        .agents
+        .iter()
+        .map(|agent| {
+            let maps = PinnedMaps::open(&agent.pin_dir).expect("the pinned maps");
+            let row = maps
+                .services(&agent.state_file)
+                .expect("services")
+                .into_iter()
+                .find(|row| row.frontend == sticky_frontend)
+                .expect("sticky is installed");
+            row.id
+        })
+        .collect();
+    let counted = |agent: &Agent, id: u32| {
+        PinnedMaps::open(&agent.pin_dir)
+            .and_then(|maps| maps.service_counters(id))
+            .expect("sticky's counters")
+            .packets
+    };
+    assert!(
+        counted(&e2e.agents[0], sticky_ids[0]) > 0,
+        "node1 counted sticky's traffic"
+    );
     for name in ["empty", "sticky"] {
         let services = e2e.services();
         e2e.plane
@@ -860,6 +886,14 @@ fn no_endpoints_is_refused_and_deletion_removes_everything(e2e: &mut E2e) {
     }
     e2e.converge(&frontend, None);
     e2e.converge(&format!("{sticky_ip}:80/TCP"), None);
+    for (agent, id) in e2e.agents.iter().zip(&sticky_ids) {
+        assert_eq!(
+            counted(agent, *id),
+            0,
+            "{}: the deleted service's counters are gone from the maps",
+            agent.node
+        );
+    }
     for (agent, node) in e2e.agents.iter().zip(&e2e.cluster.nodes) {
         let metrics = metrics(&node.ns);
         assert!(

@@ -115,6 +115,9 @@ fn test(args: &[String]) -> Result<()> {
 
 fn e2e(args: &[String]) -> Result<()> {
     let bin_dir = k8s::binaries()?;
+    // The scenarios run the agent binary, which `cargo test --package
+    // tests` alone would not rebuild.
+    build(false)?;
     let mut test = cmd::cargo(["test", "--package", "tests", "--test", "e2e"]);
     test.env(k8s::BIN_DIR_ENV, bin_dir);
     if !args.is_empty() {

@@ -540,8 +540,8 @@ impl Maps {
         Ok(id)
     }
 
-    /// Removes a frontend; its flows in connection tracking stay until
-    /// they end (their backends are unchanged).
+    /// Removes a frontend and its counters; its flows in connection
+    /// tracking stay until they end (their backends are unchanged).
     pub fn remove_service(&mut self, frontend: &Frontend) -> Result<()> {
         let key = frontend.key();
         let Some(installed) = self.installed.remove(&key) else {
@@ -554,6 +554,9 @@ impl Maps {
         if let Some(block) = installed.block {
             self.slots.free(block);
         }
+        // A removed service's counters go with it (they are zeroed again
+        // when the id is reused).
+        self.reset_counters(SERVICE_STATS_MAP, installed.value.id)?;
         self.free_ids.push(installed.value.id);
         let stale: Vec<AffinityKey> = self
             .affinity
