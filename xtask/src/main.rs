@@ -45,6 +45,10 @@ enum Command {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Run the e2e tests' control plane (etcd, kube-apiserver,
+    /// kube-controller-manager on loopback, a Node for this machine) until
+    /// Ctrl-C, printing a KUBECONFIG for the agent.
+    ControlPlane,
     /// Run the agent against the cluster of `KUBECONFIG` (or ~/.kube/config)
     /// when it answers; otherwise start a sandbox (pod namespaces with the
     /// datapath attached, services from examples/sandbox) and run the agent
@@ -83,6 +87,7 @@ fn main() -> Result<()> {
         Command::Build { release } => build(release),
         Command::Test { args } => test(&args),
         Command::E2e { args } => e2e(&args),
+        Command::ControlPlane => control_plane(),
         Command::Run => run::run(),
         Command::Bench {
             bench: Bench::Datapath { repeat, services },
@@ -111,6 +116,13 @@ fn test(args: &[String]) -> Result<()> {
         test.arg("--").args(args);
     }
     cmd::run(&mut test)
+}
+
+fn control_plane() -> Result<()> {
+    let bin_dir = k8s::binaries()?;
+    let mut run = cmd::cargo(["run", "--package", "tests", "--bin", "control-plane"]);
+    run.env(k8s::BIN_DIR_ENV, bin_dir);
+    cmd::run(&mut run)
 }
 
 fn e2e(args: &[String]) -> Result<()> {
