@@ -139,7 +139,7 @@ enum Source {
 async fn connect(args: &mut RunArgs, node_name: &str) -> Result<kube::Client> {
     let client = source::kube::client(args.kubeconfig.as_deref())
         .await
-        .context("no --manifests given, and no Kubernetes configuration")?;
+        .context("connecting to Kubernetes (--manifests DIR serves a directory instead)")?;
     if args.node_addrs.is_empty() {
         let nodes: kube::Api<Node> = kube::Api::all(client.clone());
         // Bounded: a node agent without its Node is better restarted.
@@ -158,7 +158,15 @@ async fn connect(args: &mut RunArgs, node_name: &str) -> Result<kube::Client> {
             }
         };
         args.node_addrs = source::kube::node_addresses(&node);
-        info!(node = node_name, addrs = ?args.node_addrs, "node addresses from the Node object");
+        if args.node_addrs.is_empty() {
+            warn!(
+                node = node_name,
+                "the Node object lists no IPv4 address: node ports answer nowhere and \
+                 masquerading has no source address until --node-addr is given"
+            );
+        } else {
+            info!(node = node_name, addrs = ?args.node_addrs, "node addresses from the Node object");
+        }
     }
     Ok(client)
 }

@@ -411,6 +411,18 @@ impl E2e {
     }
 }
 
+/// The node port the API server allocated to the service's first port.
+fn node_port(service: &Service) -> u16 {
+    service
+        .spec
+        .as_ref()
+        .and_then(|spec| spec.ports.as_ref())
+        .and_then(|ports| ports.first())
+        .and_then(|port| port.node_port)
+        .and_then(|port| u16::try_from(port).ok())
+        .expect("an allocated node port")
+}
+
 async fn create_pod(pods: &Api<Pod>, name: &str, node: &str, ip: Ipv4Addr, app: &str) {
     let pod = serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Pod",
@@ -641,14 +653,7 @@ fn type_changes_install_and_remove_frontends(e2e: &mut E2e) {
     spec["type"] = json!("NodePort");
     let web = e2e.apply_service("web", &spec);
     let ip = E2e::cluster_ip(&web);
-    let node_port = web
-        .spec
-        .as_ref()
-        .and_then(|spec| spec.ports.as_ref())
-        .and_then(|ports| ports.first())
-        .and_then(|port| port.node_port)
-        .expect("an allocated node port");
-    let node_port = u16::try_from(node_port).expect("a node port fits");
+    let node_port = node_port(&web);
     let np_frontend = format!("*:{node_port}/TCP");
     e2e.converge(&np_frontend, Some(&[web1, web2]));
     let answer = e2e
@@ -717,14 +722,7 @@ fn affinity_and_traffic_policies(e2e: &mut E2e) {
                "selector": {"app": "web"},
                "ports": [{"port": 80, "targetPort": WEB_PORT}]}),
     );
-    let node_port = local
-        .spec
-        .as_ref()
-        .and_then(|spec| spec.ports.as_ref())
-        .and_then(|ports| ports.first())
-        .and_then(|port| port.node_port)
-        .and_then(|port| u16::try_from(port).ok())
-        .expect("an allocated node port");
+    let node_port = node_port(&local);
     // Each node's node port holds only its own pod.
     e2e.converge_on(0, &format!("*:{node_port}/TCP"), Some(&[web1]));
     e2e.converge_on(1, &format!("*:{node_port}/TCP"), Some(&[web2]));

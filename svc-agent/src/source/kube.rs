@@ -187,46 +187,33 @@ fn slim<K: Resource>(object: &mut K) {
 
 impl KubeSource {
     /// Starts the three watches on `client`; their changes arrive on the
-    /// returned channel. The watches retry with kube's default backoff and
-    /// end only when the receiver is dropped.
+    /// returned channel. The watches retry with [`WatchBackoff`] and end
+    /// only when the receiver is dropped.
     #[must_use]
     pub fn start(client: &Client, node_name: &str) -> (Self, mpsc::Receiver<Change>) {
         let (tx, rx) = mpsc::channel(4096);
-        let (services, writer) = reflector::store();
-        let stream = watcher(
-            Api::<Service>::all(client.clone()),
-            watcher::Config::default(),
-        )
-        .backoff(WatchBackoff::default())
-        .modify(slim)
-        .reflect(writer);
-        tokio::spawn(forward(stream, Kind::Service, tx.clone(), |service| {
-            Change::Service(key_of(service))
-        }));
-
-        let (slices, writer) = reflector::store();
-        let stream = watcher(
-            Api::<EndpointSlice>::all(client.clone()),
-            watcher::Config::default(),
-        )
-        .backoff(WatchBackoff::default())
-        .modify(slim)
-        .reflect(writer);
-        tokio::spawn(forward(stream, Kind::EndpointSlice, tx.clone(), |slice| {
-            Change::Slice {
+        let all = watcher::Config::default();
+        let services = watch(
+            Api::all(client.clone()),
+            all.clone(),
+            Kind::Service,
+            &tx,
+            |service| Change::Service(key_of(service)),
+        );
+        let slices = watch(
+            Api::all(client.clone()),
+            all,
+            Kind::EndpointSlice,
+            &tx,
+            |slice| Change::Slice {
                 slice: key_of(slice),
                 service: served_by(slice),
-            }
-        }));
-
-        let (nodes, writer) = reflector::store();
-        let config = watcher::Config::default().fields(&format!("metadata.name={node_name}"));
-        let stream = watcher(Api::<Node>::all(client.clone()), config)
-            .backoff(WatchBackoff::default())
-            .modify(slim)
-            .reflect(writer);
-        tokio::spawn(forward(stream, Kind::Node, tx, |_| Change::Node));
-
+            },
+        );
+        let own = watcher::Config::default().fields(&format!("metadata.name={node_name}"));
+        let nodes = watch(Api::all(client.clone()), own, Kind::Node, &tx, |_| {
+            Change::Node
+        });
         (Self::new(services, slices, nodes, node_name), rx)
     }
 
@@ -364,6 +351,33 @@ impl KubeSource {
     pub fn node(&self) -> Option<Arc<Node>> {
         self.nodes.get(&ObjectRef::new(&self.node_name))
     }
+}
+
+/// Starts a watch of `api` feeding the returned store, its changes sent to
+/// `tx`.
+fn watch<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    kind: Kind,
+    tx: &mpsc::Sender<Change>,
+    applied: impl Fn(&K) -> Change + Send + 'static,
+) -> Store<K>
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let (store, writer) = reflector::store();
+    let stream = watcher(api, config)
+        .backoff(WatchBackoff::default())
+        .modify(slim)
+        .reflect(writer);
+    tokio::spawn(forward(stream, kind, tx.clone(), applied));
+    store
 }
 
 /// Runs one watch, reporting each event as a [`Change`] until the receiver
