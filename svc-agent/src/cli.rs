@@ -118,6 +118,11 @@ pub struct RunArgs {
     /// ones. Defaults to the host name.
     #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,
+    /// This node's zone, for topology hints (`trafficDistribution`). With
+    /// the Kubernetes source, the Node's `topology.kubernetes.io/zone`
+    /// label when not given.
+    #[arg(long, env = "NODE_ZONE")]
+    pub node_zone: Option<String>,
     /// This proxy's name: services labelled
     /// `service.kubernetes.io/service-proxy-name` with another value are
     /// left alone.

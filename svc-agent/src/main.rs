@@ -134,8 +134,8 @@ enum Source {
     },
 }
 
-/// Connects to the API server (before the datapath loads, so the node's
-/// address can become the masquerade address).
+/// Connects to the API server and, unless `--node-addr` gave them, reads
+/// this node's addresses from its Node object.
 async fn connect(args: &mut RunArgs, node_name: &str) -> Result<kube::Client> {
     let client = source::kube::client(args.kubeconfig.as_deref())
         .await
@@ -186,6 +186,17 @@ fn start_datapath(args: &RunArgs) -> Result<(Datapath, Attached)> {
     Ok((datapath, attached))
 }
 
+/// An applier that knows what an earlier agent left pinned, if anything.
+fn applier_for(datapath: &Datapath, pin_dir: &std::path::Path) -> Applier {
+    if !datapath.adopted() {
+        return Applier::new();
+    }
+    let applier = Applier::adopt(datapath.maps());
+    let (frontends, backends) = applier.sizes();
+    info!(frontends, backends, dir = %pin_dir.display(), "adopted the pinned datapath");
+    applier
+}
+
 /// Serves `/metrics`, `/healthz` and `/readyz` from the returned page.
 async fn serve_http(addr: std::net::SocketAddr) -> Result<Arc<Mutex<Page>>> {
     let page = Arc::new(Mutex::new(Page {
@@ -202,38 +213,37 @@ async fn serve_http(addr: std::net::SocketAddr) -> Result<Arc<Mutex<Page>>> {
 
 async fn run(mut args: RunArgs) -> Result<()> {
     let node_name = args.node_name.clone().unwrap_or_else(hostname);
-    let node_addrs_fixed = !args.node_addrs.is_empty();
-    let client = if args.manifests.is_none() {
-        Some(connect(&mut args, &node_name).await?)
-    } else {
-        None
+    // Flags win over the Node object.
+    let fixed = FixedNode {
+        addrs: !args.node_addrs.is_empty(),
+        zone: args.node_zone.is_some(),
+    };
+    // Connected before the datapath loads: the Node's address becomes the
+    // masquerade address.
+    let client = match args.manifests.clone() {
+        Some(dir) => Err(dir),
+        None => Ok(connect(&mut args, &node_name).await?),
     };
     let (mut datapath, mut attached) = start_datapath(&args)?;
-    let node = NodeInfo {
-        name: node_name.clone(),
-        addrs: args.node_addrs.clone(),
-    };
-    let settings = Settings {
-        proxy_name: args.service_proxy_name.clone(),
-    };
-    let mut translator = Translator::new(node, settings);
-    let mut source = match (&args.manifests, &client) {
-        (Some(dir), _) => Source::Manifests(Watch::new(dir)),
-        (None, Some(client)) => {
-            let (source, changes) = KubeSource::start(client, &node_name);
+    let mut translator = Translator::new(
+        NodeInfo {
+            name: node_name.clone(),
+            addrs: args.node_addrs.clone(),
+            zone: args.node_zone.clone(),
+        },
+        Settings {
+            proxy_name: args.service_proxy_name.clone(),
+        },
+    );
+    let mut source = match client {
+        Ok(client) => {
+            let (source, changes) = KubeSource::start(&client, &node_name);
             info!(node = %node_name, "watching Services, EndpointSlices and this Node");
             Source::Kube { source, changes }
         }
-        (None, None) => unreachable!("connect() either succeeded or returned"),
+        Err(dir) => Source::Manifests(Watch::new(&dir)),
     };
-    let mut applier = if datapath.adopted() {
-        let applier = Applier::adopt(datapath.maps());
-        let (frontends, backends) = applier.sizes();
-        info!(frontends, backends, dir = %args.pin_dir.display(), "adopted the pinned datapath");
-        applier
-    } else {
-        Applier::new()
-    };
+    let mut applier = applier_for(&datapath, &args.pin_dir);
     let page = serve_http(args.metrics_addr).await?;
     let mut snapshot = metrics::Snapshot::default();
     let mut names: Vec<(Frontend, String)> = Vec::new();
@@ -250,6 +260,7 @@ async fn run(mut args: RunArgs) -> Result<()> {
         state_file: &args.state_file,
         translator: &mut translator,
         applier: &mut applier,
+        fixed,
     };
     loop {
         let synced = tokio::select! {
@@ -267,7 +278,7 @@ async fn run(mut args: RunArgs) -> Result<()> {
                 let dirty = coalesce(source, changes, first, started, debounce).await;
                 snapshot.watch_errors += dirty.failures.len() as u64;
                 let first = !synced_once;
-                sync.kube(source, dirty, first, !node_addrs_fixed, started, &mut datapath)
+                sync.kube(source, dirty, first, started, &mut datapath)
             }
             _ = render_every.tick() => {
                 let ready = lock(&page).ready;
@@ -391,11 +402,19 @@ struct Synced {
     names: Vec<(Frontend, String)>,
 }
 
+/// What of this node the flags fixed (the Node object does not change it).
+#[derive(Clone, Copy)]
+struct FixedNode {
+    addrs: bool,
+    zone: bool,
+}
+
 /// Translation and applying, shared by both sources.
 struct Sync<'a> {
     state_file: &'a std::path::Path,
     translator: &'a mut Translator,
     applier: &'a mut Applier,
+    fixed: FixedNode,
 }
 
 impl Sync<'_> {
@@ -426,20 +445,18 @@ impl Sync<'_> {
         source: &KubeSource,
         dirty: Dirty,
         first: bool,
-        node_addrs_from_node: bool,
         started: Instant,
         datapath: &mut Datapath,
     ) -> Option<Synced> {
         for (kind, error) in &dirty.failures {
             warn!(kind = kind.name(), %error, "watch failed; retrying and relisting");
         }
-        if dirty.node && node_addrs_from_node {
-            self.node_addrs(source);
-        }
+        // A new zone changes what topology hints keep: everything again.
+        let zone_changed = dirty.node && self.node(source);
         if !source.ready() {
             return None;
         }
-        let keys: BTreeSet<ObjectKey> = if dirty.all || first {
+        let keys: BTreeSet<ObjectKey> = if dirty.all || first || zone_changed {
             // A relist may have dropped services whose deletion was never
             // seen: the translator's own keys are re-derived too.
             let mut keys: BTreeSet<ObjectKey> = source.service_keys().into_iter().collect();
@@ -455,17 +472,28 @@ impl Sync<'_> {
         Some(self.apply(datapath, &[], started, "cluster state applied"))
     }
 
-    /// Takes this node's addresses from its Node object.
-    fn node_addrs(&mut self, source: &KubeSource) {
+    /// Takes this node's addresses and zone from its Node object, where
+    /// no flag fixed them. Returns whether the zone changed.
+    fn node(&mut self, source: &KubeSource) -> bool {
         let Some(node) = source.node() else {
-            warn!("this node's Node object is gone; keeping its last addresses");
-            return;
+            warn!("this node's Node object is gone; keeping its last addresses and zone");
+            return false;
         };
-        let addrs = source::kube::node_addresses(&node);
-        if addrs != self.translator.desired().node_addrs {
-            info!(?addrs, "node addresses changed");
-            self.translator.set_node_addrs(addrs);
+        let current = self.translator.node().clone();
+        let addrs = if self.fixed.addrs {
+            current.addrs.clone()
+        } else {
+            source::kube::node_addresses(&node)
+        };
+        let zone = if self.fixed.zone {
+            current.zone.clone()
+        } else {
+            source::kube::node_zone(&node)
+        };
+        if addrs != current.addrs || zone != current.zone {
+            info!(?addrs, ?zone, "this node's addresses or zone changed");
         }
+        self.translator.set_node(addrs, zone)
     }
 
     /// Writes the translator's desired state to the maps.

@@ -32,6 +32,8 @@ pub struct NodeInfo {
     pub name: String,
     /// Addresses node ports answer on.
     pub addrs: Vec<Ipv4Addr>,
+    /// Its `topology.kubernetes.io/zone`, for topology hints.
+    pub zone: Option<String>,
 }
 
 /// Translation settings.
@@ -274,11 +276,21 @@ impl Translator {
         self.outputs.keys()
     }
 
-    /// Changes the addresses node ports answer on (no service depends on
-    /// them otherwise).
-    pub fn set_node_addrs(&mut self, addrs: Vec<Ipv4Addr>) {
+    /// This node as the translation sees it.
+    #[must_use]
+    pub const fn node(&self) -> &NodeInfo {
+        &self.node
+    }
+
+    /// Changes the addresses node ports answer on (nothing else depends on
+    /// them) and the zone. Returns whether the zone changed: what topology
+    /// hints keep then changes, and every service must be re-derived.
+    pub fn set_node(&mut self, addrs: Vec<Ipv4Addr>, zone: Option<String>) -> bool {
         self.node.addrs.clone_from(&addrs);
         self.desired.node_addrs = addrs;
+        let changed = self.node.zone != zone;
+        self.node.zone = zone;
+        changed
     }
 
     /// Re-derives the services in `dirty` (added, changed, removed, or
@@ -592,9 +604,11 @@ fn translate_service(
             );
             continue;
         }
-        let all = endpoints_for(port, protocol, slices, node, &object, out);
-        let any_endpoints = !all.is_empty();
-        let local: BTreeSet<Endpoint> = all.iter().copied().filter(|e| e.local).collect();
+        let Categorized {
+            cluster: all,
+            local,
+            any: any_endpoints,
+        } = endpoints_for(port, protocol, slices, node, &object, out);
 
         let internal = ServicePolicy {
             masquerade_external: false,
@@ -697,10 +711,93 @@ fn parse_ip(text: &str) -> Result<Option<Ipv4Addr>, String> {
     }
 }
 
+/// One endpoint of a service port and what kube-proxy's categorization
+/// reads of it.
+struct Candidate {
+    endpoint: Endpoint,
+    ready: bool,
+    /// Serving and terminating (used only when nothing is ready).
+    serving_terminating: bool,
+    zones: Vec<String>,
+    nodes: Vec<String>,
+}
+
+/// Which endpoints topology hints keep.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Topology {
+    Any,
+    SameNode,
+    SameZone,
+}
+
+/// kube-proxy's choice: node hints when every ready endpoint has some and
+/// one names this node; else zone hints when every ready endpoint has some
+/// and one names this node's zone; else no filtering.
+fn topology(candidates: &[Candidate], node: &NodeInfo) -> Topology {
+    let ready = || candidates.iter().filter(|c| c.ready);
+    if ready().next().is_none() {
+        return Topology::Any;
+    }
+    if ready().all(|c| !c.nodes.is_empty()) && ready().any(|c| c.nodes.contains(&node.name)) {
+        return Topology::SameNode;
+    }
+    if let Some(zone) = &node.zone
+        && ready().all(|c| !c.zones.is_empty())
+        && ready().any(|c| c.zones.contains(zone))
+    {
+        return Topology::SameZone;
+    }
+    Topology::Any
+}
+
+/// The endpoints of one service port, categorized as kube-proxy does.
+struct Categorized {
+    /// For cluster traffic policy: the ready endpoints topology hints keep
+    /// for this node, else (none ready) the serving, terminating ones.
+    cluster: BTreeSet<Endpoint>,
+    /// For local traffic policy: this node's ready endpoints, else its
+    /// serving, terminating ones.
+    local: BTreeSet<Endpoint>,
+    /// Whether the service has any usable endpoint anywhere (a local
+    /// policy then drops rather than refuses).
+    any: bool,
+}
+
+fn categorize(candidates: &[Candidate], node: &NodeInfo) -> Categorized {
+    let pick = |keep: &dyn Fn(&Candidate) -> bool| -> BTreeSet<Endpoint> {
+        candidates
+            .iter()
+            .filter(|c| keep(c))
+            .map(|c| c.endpoint)
+            .collect()
+    };
+    let mode = topology(candidates, node);
+    let mut cluster = pick(&|c| {
+        c.ready
+            && match mode {
+                Topology::Any => true,
+                Topology::SameNode => c.nodes.contains(&node.name),
+                Topology::SameZone => node.zone.as_ref().is_some_and(|z| c.zones.contains(z)),
+            }
+    });
+    if cluster.is_empty() {
+        cluster = pick(&|c| c.serving_terminating);
+    }
+    let mut local = pick(&|c| c.ready && c.endpoint.local);
+    if local.is_empty() {
+        local = pick(&|c| c.serving_terminating && c.endpoint.local);
+    }
+    Categorized {
+        cluster,
+        local,
+        any: candidates.iter().any(|c| c.ready || c.serving_terminating),
+    }
+}
+
 /// The endpoints of one service port across its slices: the slice port
 /// with the service port's name gives each slice's target port, so
-/// backends may listen on different ports. Ready endpoints if any; else
-/// the serving, terminating ones (kube-proxy's fallback); never others.
+/// backends may listen on different ports. Endpoints neither ready nor
+/// serving-and-terminating are never used.
 fn endpoints_for(
     port: &ServicePort,
     protocol: Protocol,
@@ -708,10 +805,9 @@ fn endpoints_for(
     node: &NodeInfo,
     object: &ObjectRef<'_>,
     out: &mut Translation,
-) -> BTreeSet<Endpoint> {
+) -> Categorized {
     let name = port.name.clone().unwrap_or_default();
-    let mut ready = BTreeSet::new();
-    let mut terminating = BTreeSet::new();
+    let mut candidates = Vec::new();
     for slice in slices {
         let slice_object = ObjectRef::new(
             "EndpointSlice",
@@ -750,27 +846,34 @@ fn endpoints_for(
                 }
             };
             let conditions = endpoint.conditions.as_ref();
-            let is_ready = conditions.and_then(|c| c.ready).unwrap_or(true);
-            let is_serving = conditions.and_then(|c| c.serving).unwrap_or(is_ready);
-            let is_terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
-            let local = endpoint.node_name.as_deref() == Some(node.name.as_str());
-            let socket = SocketAddrV4::new(addr, target);
-            if is_ready {
-                ready.insert(Endpoint {
-                    addr: socket,
-                    local,
-                    terminating: false,
-                });
-            } else if is_serving && is_terminating {
-                terminating.insert(Endpoint {
-                    addr: socket,
-                    local,
-                    terminating: true,
-                });
-            }
+            let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+            let serving = conditions.and_then(|c| c.serving).unwrap_or(ready);
+            let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
+            let hints = endpoint.hints.as_ref();
+            candidates.push(Candidate {
+                endpoint: Endpoint {
+                    addr: SocketAddrV4::new(addr, target),
+                    local: endpoint.node_name.as_deref() == Some(node.name.as_str()),
+                    terminating: !ready,
+                },
+                ready,
+                serving_terminating: !ready && serving && terminating,
+                zones: hints
+                    .and_then(|h| h.for_zones.as_ref())
+                    .into_iter()
+                    .flatten()
+                    .map(|zone| zone.name.clone())
+                    .collect(),
+                nodes: hints
+                    .and_then(|h| h.for_nodes.as_ref())
+                    .into_iter()
+                    .flatten()
+                    .map(|node| node.name.clone())
+                    .collect(),
+            });
         }
     }
-    if ready.is_empty() { terminating } else { ready }
+    categorize(&candidates, node)
 }
 
 #[cfg(test)]
@@ -795,6 +898,11 @@ mod tests {
     }
 
     fn run(documents: &[&str]) -> Translation {
+        run_in_zone(None, documents)
+    }
+
+    /// [`run`] on node-1 in `zone`.
+    fn run_in_zone(zone: Option<&str>, documents: &[&str]) -> Translation {
         let objects = objects(documents);
         translate(
             &objects.services,
@@ -802,6 +910,7 @@ mod tests {
             &NodeInfo {
                 name: "node-1".to_owned(),
                 addrs: vec![NODE1],
+                zone: zone.map(str::to_owned),
             },
             &Settings::default(),
         )
@@ -1068,6 +1177,100 @@ endpoints:
     }
 
     #[test]
+    fn local_policy_falls_back_to_local_terminating_endpoints() {
+        let service = SERVICE.replace(
+            "type: NodePort",
+            "type: NodePort\n  externalTrafficPolicy: Local",
+        );
+        let remote_ready_local_terminating = "
+  - {addresses: [10.1.0.2], nodeName: node-1, conditions: {ready: false, serving: true, terminating: true}}
+  - {addresses: [10.2.0.1], nodeName: node-2, conditions: {ready: true}}
+";
+        let t = run(&[&service, &slice(remote_ready_local_terminating)]);
+        assert_eq!(
+            spec(&t, node_port(30050)).endpoints,
+            endpoints(&[Endpoint {
+                addr: SocketAddrV4::new(Ipv4Addr::new(10, 1, 0, 2), 8080),
+                local: true,
+                terminating: true,
+            }]),
+            "kube-proxy: no local ready endpoint, so the local serving-terminating one"
+        );
+        assert_eq!(
+            spec(&t, tcp([10, 96, 0, 50], 80)).endpoints,
+            endpoints(&[ep([10, 2, 0, 1], 8080, false)]),
+            "cluster policy: the ready one"
+        );
+    }
+
+    const ZONED: &str = "
+  - {addresses: [10.1.0.1], nodeName: node-1, hints: {forZones: [{name: zone-a}]}}
+  - {addresses: [10.2.0.1], nodeName: node-2, hints: {forZones: [{name: zone-b}]}}
+";
+
+    #[test]
+    fn zone_hints_keep_this_zones_endpoints_when_kube_proxy_would() {
+        let cluster_ip = tcp([10, 96, 0, 50], 80);
+        let t = run_in_zone(Some("zone-a"), &[SERVICE, &slice(ZONED)]);
+        assert_eq!(
+            spec(&t, cluster_ip).endpoints,
+            endpoints(&[ep([10, 1, 0, 1], 8080, true)]),
+            "this zone's endpoint only"
+        );
+        assert_eq!(
+            spec(&t, node_port(30050)).endpoints,
+            endpoints(&[ep([10, 1, 0, 1], 8080, true)]),
+            "hints apply to every cluster-policy frontend"
+        );
+        for (zone, why) in [
+            (Some("zone-c"), "no endpoint is hinted for this zone"),
+            (None, "this node has no zone"),
+        ] {
+            let t = run_in_zone(zone, &[SERVICE, &slice(ZONED)]);
+            assert_eq!(spec(&t, cluster_ip).endpoints.len(), 2, "{why}");
+        }
+        let one_unhinted = format!("{ZONED}  - {{addresses: [10.2.0.2], nodeName: node-2}}\n");
+        let t = run_in_zone(Some("zone-a"), &[SERVICE, &slice(&one_unhinted)]);
+        assert_eq!(
+            spec(&t, cluster_ip).endpoints.len(),
+            3,
+            "a ready endpoint without hints turns them off"
+        );
+        let local = SERVICE.replace(
+            "type: NodePort",
+            "type: NodePort\n  externalTrafficPolicy: Local",
+        );
+        let t = run_in_zone(Some("zone-b"), &[&local, &slice(ZONED)]);
+        assert_eq!(
+            spec(&t, node_port(30050)).endpoints,
+            endpoints(&[ep([10, 1, 0, 1], 8080, true)]),
+            "a local policy ignores hints"
+        );
+    }
+
+    #[test]
+    fn node_hints_come_before_zone_hints() {
+        let hinted = "
+  - {addresses: [10.1.0.1], nodeName: node-1, hints: {forZones: [{name: zone-a}], forNodes: [{name: node-1}]}}
+  - {addresses: [10.1.0.9], nodeName: node-9, hints: {forZones: [{name: zone-a}], forNodes: [{name: node-9}]}}
+  - {addresses: [10.2.0.1], nodeName: node-2, hints: {forZones: [{name: zone-b}], forNodes: [{name: node-2}]}}
+";
+        let t = run_in_zone(Some("zone-a"), &[SERVICE, &slice(hinted)]);
+        assert_eq!(
+            spec(&t, tcp([10, 96, 0, 50], 80)).endpoints,
+            endpoints(&[ep([10, 1, 0, 1], 8080, true)]),
+            "PreferSameNode: this node's endpoint only"
+        );
+        let elsewhere = hinted.replace("forNodes: [{name: node-1}]", "forNodes: [{name: node-8}]");
+        let t = run_in_zone(Some("zone-a"), &[SERVICE, &slice(&elsewhere)]);
+        assert_eq!(
+            spec(&t, tcp([10, 96, 0, 50], 80)).endpoints.len(),
+            2,
+            "no endpoint for this node: the zone's two"
+        );
+    }
+
+    #[test]
     fn session_affinity_defaults_to_three_hours() {
         let service = SERVICE.replace(
             "type: NodePort",
@@ -1217,6 +1420,7 @@ spec:
         let node = NodeInfo {
             name: "node-1".to_owned(),
             addrs: vec![NODE1],
+            zone: None,
         };
         let full = translate(&both.services, &both.slices, &node, &Settings::default());
         let mut translator = Translator::new(node.clone(), Settings::default());

@@ -215,10 +215,14 @@ impl E2e {
             .await;
             let nodes: Api<Node> = Api::all(client.clone());
             for node in &cluster.nodes {
+                // node1 in zone-a, node2 in zone-b: for topology hints.
+                let zone = format!("zone-{}", if node.name == "node1" { 'a' } else { 'b' });
                 apply(
                     &nodes,
                     node.name,
-                    json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node.name}}),
+                    json!({"apiVersion": "v1", "kind": "Node",
+                           "metadata": {"name": node.name,
+                                        "labels": {"topology.kubernetes.io/zone": zone}}}),
                 )
                 .await;
                 nodes
@@ -531,6 +535,7 @@ fn services_through_a_real_control_plane() {
     scaling_and_readiness_are_followed(&mut e2e);
     type_changes_install_and_remove_frontends(&mut e2e);
     affinity_and_traffic_policies(&mut e2e);
+    traffic_distribution_keeps_traffic_in_the_zone(&mut e2e);
     selectorless_services_with_slices_and_mirrored_endpoints(&mut e2e);
     no_endpoints_is_refused_and_deletion_removes_everything(&mut e2e);
     api_server_restarts_and_expired_resource_versions(&mut e2e);
@@ -780,6 +785,31 @@ fn affinity_and_traffic_policies(e2e: &mut E2e) {
         done,
         "Cluster policy: node1's node port reaches web-2 on node2, masqueraded as node1"
     );
+}
+
+/// Topology hints: with `trafficDistribution: PreferClose` the controller
+/// hints each endpoint for its node's zone, and each node's agent keeps
+/// its own zone's endpoints (the zone read from its Node's label).
+fn traffic_distribution_keeps_traffic_in_the_zone(e2e: &mut E2e) {
+    let (web1, web2) = (e2e.pod_addr("web-1"), e2e.pod_addr("web-2"));
+    let close = e2e.apply_service(
+        "close",
+        &json!({"selector": {"app": "web"}, "trafficDistribution": "PreferClose",
+                "ports": [{"port": 80, "targetPort": WEB_PORT}]}),
+    );
+    let ip = E2e::cluster_ip(&close);
+    let frontend = format!("{ip}:80/TCP");
+    e2e.converge_on(0, &frontend, Some(&[web1]));
+    e2e.converge_on(1, &frontend, Some(&[web2]));
+    assert_eq!(
+        e2e.answers("client", addr(&ip, 80), 8),
+        BTreeSet::from(["web-1".to_owned()]),
+        "a client in zone-a reaches zone-a's pod only"
+    );
+    let services = e2e.services();
+    e2e.plane
+        .block_on(services.delete("close", &DeleteParams::default()))
+        .expect("deleting close");
 }
 
 /// Scenario 5.

@@ -70,6 +70,7 @@ fn pinned_maps_read_back_as_the_agent_wrote_them() {
     let node = NodeInfo {
         name: "node1".to_owned(),
         addrs: vec![Ipv4Addr::new(192, 168, 1, 10)],
+        zone: None,
     };
     let translation = translate(
         &objects.services,

@@ -54,6 +54,7 @@ impl Agents {
                         NodeInfo {
                             name: node.name.to_owned(),
                             addrs: vec![node.addr],
+                            zone: None,
                         },
                         Settings::default(),
                     ),
@@ -383,6 +384,7 @@ fn established_connections_survive_an_agent_restart() {
             NodeInfo {
                 name: node.name.to_owned(),
                 addrs: vec![node.addr],
+                zone: None,
             },
             Settings::default(),
         );

@@ -446,6 +446,15 @@ impl Inputs for Fetched {
     }
 }
 
+/// Node label naming its zone.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
+/// The node's zone, from its `topology.kubernetes.io/zone` label.
+#[must_use]
+pub fn node_zone(node: &Node) -> Option<String> {
+    node.metadata.labels.as_ref()?.get(ZONE_LABEL).cloned()
+}
+
 /// The IPv4 addresses node ports answer on: the node's internal and
 /// external addresses.
 #[must_use]

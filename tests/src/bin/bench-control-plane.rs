@@ -113,6 +113,7 @@ impl Agent {
                 NodeInfo {
                     name: "node-1".to_owned(),
                     addrs: vec![Ipv4Addr::new(192, 168, 1, 10)],
+                    zone: None,
                 },
                 Settings::default(),
             ),
