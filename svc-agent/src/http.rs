@@ -36,7 +36,8 @@ pub async fn serve(listener: TcpListener, page: Arc<Mutex<Page>>) {
     }
 }
 
-async fn respond(mut stream: TcpStream, page: &Mutex<Page>) -> std::io::Result<()> {
+/// Reads a request head (bounded in size and time) and returns its path.
+pub async fn read_path(stream: &mut TcpStream) -> std::io::Result<String> {
     let mut head = Vec::new();
     let mut buf = [0u8; 1024];
     let read_head = async {
@@ -53,10 +54,31 @@ async fn respond(mut stream: TcpStream, page: &Mutex<Page>) -> std::io::Result<(
         .await
         .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
     let line = String::from_utf8_lossy(&head);
-    let path = line.split_whitespace().nth(1).unwrap_or("");
+    Ok(line.split_whitespace().nth(1).unwrap_or("").to_owned())
+}
+
+/// Writes a whole response and closes the connection. `headers` are extra
+/// header lines, each ending in `\r\n`.
+pub async fn write_response(
+    stream: &mut TcpStream,
+    status: &str,
+    content_type: &str,
+    headers: &str,
+    body: &str,
+) -> std::io::Result<()> {
+    let response = format!(
+        "HTTP/1.0 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n{headers}connection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(response.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+async fn respond(mut stream: TcpStream, page: &Mutex<Page>) -> std::io::Result<()> {
+    let path = read_path(&mut stream).await?;
     let (status, content_type, body) = {
         let page = crate::lock(page);
-        match path {
+        match path.as_str() {
             "/metrics" => ("200 OK", "text/plain; version=0.0.4", page.text.clone()),
             "/healthz" => ("200 OK", "text/plain", "ok\n".to_owned()),
             "/readyz" if page.ready => ("200 OK", "text/plain", "ready\n".to_owned()),
@@ -68,10 +90,5 @@ async fn respond(mut stream: TcpStream, page: &Mutex<Page>) -> std::io::Result<(
             _ => ("404 Not Found", "text/plain", "not found\n".to_owned()),
         }
     };
-    let response = format!(
-        "HTTP/1.0 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(response.as_bytes()).await?;
-    stream.shutdown().await
+    write_response(&mut stream, status, content_type, "", &body).await
 }

@@ -1,6 +1,7 @@
 //! `svc-agent`: the per-node service proxy agent.
 
 mod cli;
+mod health;
 mod http;
 mod inspect_cmd;
 
@@ -30,7 +31,10 @@ use svc_common::config::DatapathConfig;
 use tokio::{io::unix::AsyncFd, signal, sync::mpsc, time};
 use tracing::{info, warn};
 
-use crate::cli::{Cli, Command, LogFormat, RunArgs};
+use crate::{
+    cli::{Cli, Command, LogFormat, RunArgs},
+    health::HealthChecks,
+};
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
@@ -261,6 +265,7 @@ async fn run(mut args: RunArgs) -> Result<()> {
         translator: &mut translator,
         applier: &mut applier,
         fixed,
+        health: HealthChecks::default(),
     };
     loop {
         let synced = tokio::select! {
@@ -415,6 +420,7 @@ struct Sync<'a> {
     translator: &'a mut Translator,
     applier: &'a mut Applier,
     fixed: FixedNode,
+    health: HealthChecks,
 }
 
 impl Sync<'_> {
@@ -514,6 +520,7 @@ impl Sync<'_> {
             }
         }
         let report = self.applier.apply(datapath.maps_mut(), desired);
+        self.health.sync(&desired.health_checks);
         if let Err(err) = svc_agent::inspect::write_state(self.state_file, desired) {
             warn!(error = %err, "recording frontend names for the inspection commands failed");
         }

@@ -104,11 +104,24 @@ pub struct FrontendSpec {
     pub endpoints: BTreeSet<Endpoint>,
 }
 
-/// Everything the maps should hold.
+/// A health check node port (`spec.healthCheckNodePort` of a LoadBalancer
+/// service with `externalTrafficPolicy: Local`): load balancers probe it on
+/// every node and send traffic only to nodes that answer 200, that is,
+/// nodes with a ready endpoint of the service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub namespace: String,
+    pub name: String,
+    /// This node's ready endpoints of the service (distinct addresses).
+    pub local_endpoints: usize,
+}
+
+/// Everything the maps should hold, and the health check ports to serve.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
     pub frontends: BTreeMap<Frontend, FrontendSpec>,
     pub node_addrs: Vec<Ipv4Addr>,
+    pub health_checks: BTreeMap<u16, HealthCheck>,
 }
 
 /// Something in the input that was skipped, naming the object.
@@ -225,6 +238,7 @@ impl Inputs for Indexed<'_, '_> {
 #[derive(Debug, Default)]
 struct ServiceRecord {
     frontends: Vec<Frontend>,
+    health_check: Option<u16>,
     problems: Vec<Problem>,
 }
 
@@ -240,6 +254,8 @@ pub struct Translator {
     outputs: HashMap<ObjectKey, ServiceRecord>,
     /// Every service claiming each frontend; the first one serves it.
     claims: BTreeMap<Frontend, BTreeMap<ObjectKey, FrontendSpec>>,
+    /// Likewise for health check node ports.
+    health_claims: BTreeMap<u16, BTreeMap<ObjectKey, HealthCheck>>,
     desired: Desired,
 }
 
@@ -247,14 +263,15 @@ impl Translator {
     #[must_use]
     pub fn new(node: NodeInfo, settings: Settings) -> Self {
         let desired = Desired {
-            frontends: BTreeMap::new(),
             node_addrs: node.addrs.clone(),
+            ..Desired::default()
         };
         Self {
             node,
             settings,
             outputs: HashMap::new(),
             claims: BTreeMap::new(),
+            health_claims: BTreeMap::new(),
             desired,
         }
     }
@@ -297,6 +314,7 @@ impl Translator {
     /// whose slices changed) from `inputs`.
     pub fn update(&mut self, dirty: impl IntoIterator<Item = ObjectKey>, inputs: &impl Inputs) {
         let mut touched = BTreeSet::new();
+        let mut touched_health = BTreeSet::new();
         for key in dirty {
             if let Some(old) = self.outputs.remove(&key) {
                 for frontend in old.frontends {
@@ -304,6 +322,12 @@ impl Translator {
                         claims.remove(&key);
                     }
                     touched.insert(frontend);
+                }
+                if let Some(port) = old.health_check {
+                    if let Some(claims) = self.health_claims.get_mut(&port) {
+                        claims.remove(&key);
+                    }
+                    touched_health.insert(port);
                 }
             }
             let Some(service) = inputs.service(&key) else {
@@ -314,8 +338,17 @@ impl Translator {
             translate_service(service, &slices, &self.node, &self.settings, &mut output);
             let mut record = ServiceRecord {
                 frontends: Vec::with_capacity(output.desired.frontends.len()),
+                health_check: None,
                 problems: output.problems,
             };
+            for (port, check) in output.desired.health_checks {
+                self.health_claims
+                    .entry(port)
+                    .or_default()
+                    .insert(key.clone(), check);
+                touched_health.insert(port);
+                record.health_check = Some(port);
+            }
             for (frontend, spec) in output.desired.frontends {
                 self.claims
                     .entry(frontend)
@@ -336,6 +369,18 @@ impl Translator {
             } else {
                 self.claims.remove(&frontend);
                 self.desired.frontends.remove(&frontend);
+            }
+        }
+        for port in touched_health {
+            let winner = self
+                .health_claims
+                .get(&port)
+                .and_then(|claims| claims.values().next());
+            if let Some(check) = winner {
+                self.desired.health_checks.insert(port, check.clone());
+            } else {
+                self.health_claims.remove(&port);
+                self.desired.health_checks.remove(&port);
             }
         }
     }
@@ -574,6 +619,7 @@ fn translate_service(
     let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
 
     let mut seen_ports = BTreeSet::new();
+    let mut local_ready_addrs = BTreeSet::new();
     for port in spec.ports.iter().flatten() {
         let port_ref = ServicePortRef {
             namespace: meta.namespace.clone().unwrap_or_default(),
@@ -608,7 +654,9 @@ fn translate_service(
             cluster: all,
             local,
             any: any_endpoints,
+            local_ready,
         } = endpoints_for(port, protocol, slices, node, &object, out);
+        local_ready_addrs.extend(local_ready);
 
         let internal = ServicePolicy {
             masquerade_external: false,
@@ -670,6 +718,25 @@ fn translate_service(
                 }
                 Err(err) => out.warn(&object, format!("{err}; node port skipped")),
             }
+        }
+    }
+    // kube-proxy serves one only where the API server allocates one.
+    if kind == "LoadBalancer"
+        && external_local
+        && let Some(port) = spec.health_check_node_port
+    {
+        match port_number(port, "health check node port") {
+            Ok(port) => {
+                out.desired.health_checks.insert(
+                    port,
+                    HealthCheck {
+                        namespace: meta.namespace.clone().unwrap_or_default(),
+                        name: meta.name.clone().unwrap_or_default(),
+                        local_endpoints: local_ready_addrs.len(),
+                    },
+                );
+            }
+            Err(err) => out.warn(&object, format!("{err}; not served")),
         }
     }
 }
@@ -761,6 +828,8 @@ struct Categorized {
     /// Whether the service has any usable endpoint anywhere (a local
     /// policy then drops rather than refuses).
     any: bool,
+    /// This node's ready endpoints' addresses (for health checks).
+    local_ready: BTreeSet<Ipv4Addr>,
 }
 
 fn categorize(candidates: &[Candidate], node: &NodeInfo) -> Categorized {
@@ -791,6 +860,11 @@ fn categorize(candidates: &[Candidate], node: &NodeInfo) -> Categorized {
         cluster,
         local,
         any: candidates.iter().any(|c| c.ready || c.serving_terminating),
+        local_ready: candidates
+            .iter()
+            .filter(|c| c.ready && c.endpoint.local)
+            .map(|c| *c.endpoint.addr.ip())
+            .collect(),
     }
 }
 
@@ -1268,6 +1342,35 @@ endpoints:
             2,
             "no endpoint for this node: the zone's two"
         );
+    }
+
+    #[test]
+    fn local_load_balancers_get_a_health_check_counting_local_ready_endpoints() {
+        let lb = SERVICE.replace(
+            "type: NodePort",
+            "type: LoadBalancer\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000",
+        );
+        let endpoints = "
+  - {addresses: [10.1.0.1], nodeName: node-1}
+  - {addresses: [10.1.0.2], nodeName: node-1, conditions: {ready: false, serving: true, terminating: true}}
+  - {addresses: [10.2.0.1], nodeName: node-2}
+";
+        let t = run(&[&lb, &slice(endpoints)]);
+        let check = &t.desired.health_checks[&32000];
+        assert_eq!((check.namespace.as_str(), check.name.as_str()), ("ns", "s"));
+        assert_eq!(check.local_endpoints, 1, "ready local endpoints only");
+        let t = run(&[&lb]);
+        assert_eq!(t.desired.health_checks[&32000].local_endpoints, 0);
+        for other in [
+            lb.replace(
+                "externalTrafficPolicy: Local",
+                "externalTrafficPolicy: Cluster",
+            ),
+            lb.replace("type: LoadBalancer", "type: NodePort"),
+        ] {
+            let t = run(&[&other, &slice(endpoints)]);
+            assert!(t.desired.health_checks.is_empty(), "{other}");
+        }
     }
 
     #[test]

@@ -151,21 +151,28 @@ impl Agent {
     }
 }
 
+/// `GET path` from `addr` inside `ns`: the whole response, empty when the
+/// exchange failed.
+fn get(ns: &tests::netns::NetNs, addr: SocketAddrV4, path: &str) -> String {
+    ns.run(|| {
+        let mut stream = TcpStream::connect_timeout(&addr.into(), TIMEOUT).ok()?;
+        stream.set_read_timeout(Some(TIMEOUT)).ok()?;
+        stream
+            .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+            .ok()?;
+        let mut text = String::new();
+        stream.read_to_string(&mut text).ok()?;
+        Some(text)
+    })
+    .unwrap_or_default()
+}
+
+/// The agent's own HTTP address inside its node's namespace.
+const AGENT_HTTP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9464);
+
 /// An agent's metrics page, fetched inside its node's namespace.
 fn metrics(ns: &tests::netns::NetNs) -> String {
-    {
-        ns.run(|| {
-            let mut stream = TcpStream::connect((Ipv4Addr::LOCALHOST, 9464)).ok()?;
-            stream.set_read_timeout(Some(TIMEOUT)).ok()?;
-            stream
-                .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
-                .ok()?;
-            let mut text = String::new();
-            stream.read_to_string(&mut text).ok()?;
-            Some(text)
-        })
-        .unwrap_or_default()
-    }
+    get(ns, AGENT_HTTP, "/metrics")
 }
 
 impl Drop for Agent {
@@ -430,7 +437,7 @@ fn node_port(service: &Service) -> u16 {
 async fn create_pod(pods: &Api<Pod>, name: &str, node: &str, ip: Ipv4Addr, app: &str) {
     let pod = serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "namespace": NS, "labels": {"app": app}},
+        "metadata": {"name": name, "namespace": NS, "labels": {"app": app, "pod": name}},
         "spec": {
             "nodeName": node,
             "automountServiceAccountToken": false,
@@ -536,6 +543,7 @@ fn services_through_a_real_control_plane() {
     type_changes_install_and_remove_frontends(&mut e2e);
     affinity_and_traffic_policies(&mut e2e);
     traffic_distribution_keeps_traffic_in_the_zone(&mut e2e);
+    health_check_node_ports_follow_local_endpoints(&mut e2e);
     selectorless_services_with_slices_and_mirrored_endpoints(&mut e2e);
     no_endpoints_is_refused_and_deletion_removes_everything(&mut e2e);
     api_server_restarts_and_expired_resource_versions(&mut e2e);
@@ -812,6 +820,55 @@ fn traffic_distribution_keeps_traffic_in_the_zone(e2e: &mut E2e) {
         .expect("deleting close");
 }
 
+/// A LoadBalancer service with `externalTrafficPolicy: Local` gets a
+/// health check node port: 200 on the node with its pod, 503 elsewhere,
+/// and nothing once the service is gone.
+fn health_check_node_ports_follow_local_endpoints(e2e: &mut E2e) {
+    let lb = e2e.apply_service(
+        "lb-local",
+        &json!({"type": "LoadBalancer", "externalTrafficPolicy": "Local",
+                "selector": {"pod": "web-1"},
+                "ports": [{"port": 80, "targetPort": WEB_PORT}]}),
+    );
+    let port = lb
+        .spec
+        .as_ref()
+        .and_then(|spec| spec.health_check_node_port)
+        .and_then(|port| u16::try_from(port).ok())
+        .expect("an allocated health check node port");
+    let ext = &e2e.cluster.external.ns;
+    let probe = |node: usize| {
+        get(
+            ext,
+            SocketAddrV4::new(e2e.cluster.nodes[node].addr, port),
+            "/",
+        )
+    };
+    let mut last = String::new();
+    assert!(
+        eventually(CONVERGE, || {
+            last = probe(0);
+            last.starts_with("HTTP/1.0 200") && last.contains("\"localEndpoints\":1")
+        }),
+        "node1 has web-1: 200 with one local endpoint; got {last:?}"
+    );
+    assert!(
+        eventually(CONVERGE, || {
+            last = probe(1);
+            last.starts_with("HTTP/1.0 503") && last.contains("\"localEndpoints\":0")
+        }),
+        "node2 has no endpoint of lb-local: 503; got {last:?}"
+    );
+    let services = e2e.services();
+    e2e.plane
+        .block_on(services.delete("lb-local", &DeleteParams::default()))
+        .expect("deleting lb-local");
+    assert!(
+        eventually(CONVERGE, || probe(0).is_empty()),
+        "the health check port closes with the service"
+    );
+}
+
 /// Scenario 5.
 fn selectorless_services_with_slices_and_mirrored_endpoints(e2e: &mut E2e) {
     let web2 = e2e.pod_addr("web-2");
@@ -948,6 +1005,18 @@ fn api_server_restarts_and_expired_resource_versions(e2e: &mut E2e) {
         .connect(addr(&manual_ip, 80))
         .expect("client → manual");
     let chatter = Chatter::new(stream);
+
+    // The agent that translated it restarts: it adopts the pinned maps,
+    // waits for its stores to fill, and finds nothing to change.
+    e2e.agents[0].stop();
+    e2e.agents[0].start();
+    let node1 = &e2e.cluster.nodes[0].ns;
+    assert!(
+        eventually(CONVERGE, || get(node1, AGENT_HTTP, "/readyz")
+            .starts_with("HTTP/1.0 200")),
+        "the restarted agent becomes ready (its first sync applied)"
+    );
+    e2e.converge(&format!("{web_ip}:80/TCP"), Some(&[web1, web2]));
 
     e2e.plane.restart_apiserver();
     // A change after the restart is applied: the watches reconnected.
