@@ -577,7 +577,19 @@ fn translate_service(
             .as_ref()
             .and_then(|status| status.load_balancer.as_ref())
             .and_then(|lb| lb.ingress.as_ref());
-        for ip in ingress.into_iter().flatten().filter_map(|i| i.ip.as_ref()) {
+        for entry in ingress.into_iter().flatten() {
+            let Some(ip) = entry.ip.as_ref() else {
+                continue;
+            };
+            // ipMode Proxy: the load balancer proxies to node ports itself,
+            // and packets to its IP must reach it (kube-proxy leaves them).
+            if entry.ip_mode.as_deref() == Some("Proxy") {
+                out.note(
+                    &object,
+                    format!("ingress IP {ip} has ipMode Proxy: left to the load balancer"),
+                );
+                continue;
+            }
             match parse_ip(ip) {
                 Ok(Some(addr)) => external_v4.push((addr, FrontendKind::LoadBalancerIp)),
                 Ok(None) => out.note(&object, format!("ingress IP {ip} is IPv6: not served yet")),
@@ -1074,7 +1086,8 @@ mod tests {
             endpoints(&[ep([10, 1, 2, 3], 9376, true)])
         );
         // allocateLoadBalancerNodePorts: false: no node port; the external
-        // IP and the ingress IP (not its hostname) are served.
+        // IP and the ingress IP (not its hostname, nor the ipMode Proxy
+        // one) are served.
         let other = endpoints(&[ep([10, 1, 2, 5], 8443, false)]);
         assert_eq!(spec(&t, tcp([198, 51, 100, 7], 443)).endpoints, other);
         assert_eq!(spec(&t, tcp([192, 0, 2, 128], 443)).endpoints, other);
