@@ -457,12 +457,13 @@ impl Sync<'_> {
         for (kind, error) in &dirty.failures {
             warn!(kind = kind.name(), %error, "watch failed; retrying and relisting");
         }
-        // A new zone changes what topology hints keep: everything again.
-        let zone_changed = dirty.node && self.node(source);
+        // A new zone or address changes what topology hints and source
+        // ranges keep: everything again.
+        let node_changed = dirty.node && self.node(source);
         if !source.ready() {
             return None;
         }
-        let keys: BTreeSet<ObjectKey> = if dirty.all || first || zone_changed {
+        let keys: BTreeSet<ObjectKey> = if dirty.all || first || node_changed {
             // A relist may have dropped services whose deletion was never
             // seen: the translator's own keys are re-derived too.
             let mut keys: BTreeSet<ObjectKey> = source.service_keys().into_iter().collect();
@@ -479,7 +480,7 @@ impl Sync<'_> {
     }
 
     /// Takes this node's addresses and zone from its Node object, where
-    /// no flag fixed them. Returns whether the zone changed.
+    /// no flag fixed them. Returns whether either changed.
     fn node(&mut self, source: &KubeSource) -> bool {
         let Some(node) = source.node() else {
             warn!("this node's Node object is gone; keeping its last addresses and zone");

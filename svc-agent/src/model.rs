@@ -13,7 +13,7 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 
-use crate::datapath::{Frontend, Protocol, ServicePolicy};
+use crate::datapath::{Frontend, Protocol, ServicePolicy, SourceRange};
 
 /// Label naming the proxy that should serve a service.
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
@@ -299,13 +299,14 @@ impl Translator {
         &self.node
     }
 
-    /// Changes the addresses node ports answer on (nothing else depends on
-    /// them) and the zone. Returns whether the zone changed: what topology
-    /// hints keep then changes, and every service must be re-derived.
+    /// Changes the addresses node ports answer on and the zone. Returns
+    /// whether either changed: what topology hints keep depends on the
+    /// zone, and which sources `loadBalancerSourceRanges` admit on the
+    /// addresses, so every service must then be re-derived.
     pub fn set_node(&mut self, addrs: Vec<Ipv4Addr>, zone: Option<String>) -> bool {
+        let changed = self.node.zone != zone || self.node.addrs != addrs;
         self.node.addrs.clone_from(&addrs);
         self.desired.node_addrs = addrs;
-        let changed = self.node.zone != zone;
         self.node.zone = zone;
         changed
     }
@@ -630,6 +631,11 @@ fn translate_service(
     // balancers; kube-proxy applies it to externalIPs as well.
     let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
 
+    let source_ranges = if kind == "LoadBalancer" {
+        load_balancer_source_ranges(spec, &external_v4, node, &object, out)
+    } else {
+        Vec::new()
+    };
     let mut seen_ports = BTreeSet::new();
     let mut local_ready_addrs = BTreeSet::new();
     for port in spec.ports.iter().flatten() {
@@ -675,6 +681,7 @@ fn translate_service(
             local_only: internal_local,
             affinity_timeout_secs,
             drop_when_empty: internal_local && any_endpoints,
+            source_ranges: Vec::new(),
         };
         let internal_endpoints = if internal_local { &local } else { &all };
         let external = ServicePolicy {
@@ -682,6 +689,12 @@ fn translate_service(
             local_only: external_local,
             affinity_timeout_secs,
             drop_when_empty: external_local && any_endpoints,
+            source_ranges: Vec::new(),
+        };
+        // loadBalancerSourceRanges restrict the load balancer's IPs only.
+        let load_balancer = ServicePolicy {
+            source_ranges: source_ranges.clone(),
+            ..external.clone()
         };
         let external_endpoints = if external_local { &local } else { &all };
         let addresses = cluster_v4
@@ -694,10 +707,10 @@ fn translate_service(
                 port: number,
                 protocol,
             };
-            let (policy, endpoints) = if frontend_kind == FrontendKind::ClusterIp {
-                (internal, internal_endpoints)
-            } else {
-                (external, external_endpoints)
+            let (policy, endpoints) = match frontend_kind {
+                FrontendKind::ClusterIp => (internal.clone(), internal_endpoints),
+                FrontendKind::LoadBalancerIp => (load_balancer.clone(), external_endpoints),
+                _ => (external.clone(), external_endpoints),
             };
             insert(
                 out,
@@ -779,6 +792,60 @@ fn insert(
             endpoints: endpoints.clone(),
         },
     );
+}
+
+/// The IPv4 `loadBalancerSourceRanges`, sorted. As kube-proxy does, when
+/// one holds a node address the load balancer's own IPs are allowed too
+/// (a VIP-style balancer whose traffic from the node loops back with the
+/// VIP as source).
+fn load_balancer_source_ranges(
+    spec: &k8s_openapi::api::core::v1::ServiceSpec,
+    external: &[(Ipv4Addr, FrontendKind)],
+    node: &NodeInfo,
+    object: &ObjectRef<'_>,
+    out: &mut Translation,
+) -> Vec<SourceRange> {
+    let mut ranges = BTreeSet::new();
+    for text in spec.load_balancer_source_ranges.iter().flatten() {
+        let trimmed = text.trim();
+        let parsed = trimmed.split_once('/').map_or_else(
+            || Some((trimmed, 32)),
+            |(addr, prefix)| prefix.parse::<u8>().ok().map(|prefix| (addr, prefix)),
+        );
+        let range = parsed.and_then(|(addr, prefix)| match addr.parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V4(addr)) => SourceRange::new(addr, prefix).map(Some),
+            Ok(std::net::IpAddr::V6(_)) if prefix <= 128 => Some(None),
+            _ => None,
+        });
+        match range {
+            Some(Some(range)) => {
+                ranges.insert(range);
+            }
+            Some(None) => {
+                out.note(
+                    object,
+                    format!("source range {text} is IPv6: not served yet"),
+                );
+            }
+            None => out.warn(
+                object,
+                format!("source range {text:?} is not a CIDR; skipped"),
+            ),
+        }
+    }
+    if ranges
+        .iter()
+        .any(|range| node.addrs.iter().any(|addr| range.contains(*addr)))
+    {
+        for (addr, kind) in external {
+            if *kind == FrontendKind::LoadBalancerIp
+                && let Some(range) = SourceRange::new(*addr, 32)
+            {
+                ranges.insert(range);
+            }
+        }
+    }
+    ranges.into_iter().collect()
 }
 
 /// `Ok(Some)` for IPv4, `Ok(None)` for IPv6, `Err` for garbage.
@@ -1049,10 +1116,14 @@ mod tests {
         local_only: false,
         affinity_timeout_secs: None,
         drop_when_empty: false,
+        source_ranges: Vec::new(),
     };
     const EXTERNAL: ServicePolicy = ServicePolicy {
         masquerade_external: true,
-        ..CLUSTER
+        local_only: false,
+        affinity_timeout_secs: None,
+        drop_when_empty: false,
+        source_ranges: Vec::new(),
     };
 
     #[test]
@@ -1194,6 +1265,7 @@ endpoints:
             local_only: true,
             affinity_timeout_secs: None,
             drop_when_empty: true,
+            source_ranges: Vec::new(),
         };
         for frontend in [node_port(30050), tcp([203, 0, 113, 50], 80)] {
             assert_eq!(spec(&t, frontend).policy, local, "{frontend:?}");
@@ -1384,6 +1456,50 @@ endpoints:
             let t = run(&[&other, &slice(endpoints)]);
             assert!(t.desired.health_checks.is_empty(), "{other}");
         }
+    }
+
+    #[test]
+    fn load_balancer_source_ranges_restrict_only_the_load_balancer_ips() {
+        let lb = |ranges: &str| {
+            format!(
+                "{}  loadBalancerSourceRanges: [{ranges}]\nstatus:\n  loadBalancer:\n    ingress: [{{ip: 192.0.2.80}}]\n",
+                SERVICE.replace("type: NodePort", "type: LoadBalancer")
+            )
+        };
+        let t = run(&[
+            &lb("203.0.113.7/24, '2001:db8::/32', not-a-cidr"),
+            &slice(TWO_NODES),
+        ]);
+        let range =
+            |a, b, c, d, prefix| SourceRange::new(Ipv4Addr::new(a, b, c, d), prefix).expect("CIDR");
+        assert_eq!(
+            spec(&t, tcp([192, 0, 2, 80], 80)).policy.source_ranges,
+            [range(203, 0, 113, 0, 24)],
+            "the IPv4 range, host bits cleared"
+        );
+        for frontend in [
+            node_port(30050),
+            tcp([10, 96, 0, 50], 80),
+            tcp([203, 0, 113, 50], 80),
+        ] {
+            assert!(
+                spec(&t, frontend).policy.source_ranges.is_empty(),
+                "{frontend:?} is not a load balancer IP"
+            );
+        }
+        assert!(
+            warnings(&t).iter().any(|w| w.contains("not-a-cidr")),
+            "{:?}",
+            warnings(&t)
+        );
+        // A range holding the node's address lets the load balancer's own
+        // IP in as a source too (kube-proxy's allowance for VIP-style
+        // balancers looping traffic from the node back).
+        let t = run(&[&lb("192.168.0.0/16"), &slice(TWO_NODES)]);
+        assert_eq!(
+            spec(&t, tcp([192, 0, 2, 80], 80)).policy.source_ranges,
+            [range(192, 0, 2, 80, 32), range(192, 168, 0, 0, 16)]
+        );
     }
 
     #[test]

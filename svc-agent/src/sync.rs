@@ -154,7 +154,7 @@ impl Applier {
                 .is_some_and(|i| i.policy == spec.policy && i.endpoints == spec.endpoints);
             if !unchanged {
                 let want = InstalledFrontend {
-                    policy: spec.policy,
+                    policy: spec.policy.clone(),
                     endpoints: spec.endpoints.clone(),
                 };
                 let service = spec.service.to_string();

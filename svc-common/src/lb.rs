@@ -17,6 +17,11 @@ pub const NODE_ADDRS_MAP: &str = "SVC_NODEADDR_V1";
 pub const AFFINITY_MAP: &str = "SVC_AFFINITY_V1";
 /// Per-CPU array of `CounterValue` indexed by [`ServiceValue::id`].
 pub const SERVICE_STATS_MAP: &str = "SVC_SVC_CTRS_V1";
+/// `loadBalancerSourceRanges`: an LPM trie of [`SourceRangeKey`] → `u8`
+/// (unused value).
+pub const SOURCE_RANGES_MAP: &str = "SVC_SRC_RANGES_V1";
+/// Entries of [`SOURCE_RANGES_MAP`] (CIDRs over all frontends).
+pub const DEFAULT_MAX_SOURCE_RANGES: u32 = 16_384;
 /// Per-CPU array of `CounterValue` indexed by [`BackendId`].
 pub const BACKEND_STATS_MAP: &str = "SVC_BE_STATS_V1";
 
@@ -63,6 +68,10 @@ pub const SVC_F_LOCAL_ONLY: u16 = 1 << 1;
 /// [`ServiceValue::flags`]: sessionAffinity ClientIP; see
 /// [`ServiceValue::affinity_timeout_secs`].
 pub const SVC_F_AFFINITY: u16 = 1 << 2;
+/// [`ServiceValue::flags`]: new flows only from sources under this
+/// frontend's id in [`SOURCE_RANGES_MAP`] (`loadBalancerSourceRanges`, on
+/// LoadBalancer IPs); others are dropped.
+pub const SVC_F_SOURCE_RANGES: u16 = 1 << 3;
 
 /// [`ServiceValue::on_empty`]: refuse (ICMP port unreachable, or a failed
 /// `connect` for host processes), as kube-proxy's REJECT does.
@@ -147,7 +156,27 @@ pub struct AffinityValue {
 }
 assert_layout!(AffinityValue, size = 16, align = 8);
 
+/// The data of a [`SOURCE_RANGES_MAP`] key: the trie's prefix length is 32
+/// plus the CIDR's, so the frontend id always matches whole (its byte
+/// order therefore does not matter; it is host order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct SourceRangeKey {
+    /// [`ServiceValue::id`], host order.
+    pub service_id: u32,
+    /// Source address (a packet's) or CIDR base (an entry's), network
+    /// order.
+    pub addr: u32,
+}
+assert_layout!(SourceRangeKey, size = 8, align = 4);
+
+/// Prefix length of a [`SOURCE_RANGES_MAP`] lookup: the id and a whole
+/// address.
+pub const SOURCE_RANGE_LOOKUP_PREFIX: u32 = 64;
+
 impl_user_pod!(
+    SourceRangeKey,
     ServiceKey,
     ServiceValue,
     Backend,

@@ -1,6 +1,6 @@
 //! Packet counters by class, by datapath event and by drop reason.
 //!
-//! One per-CPU array, `SVC_STATS_V1`, indexed by [`Counter`]; user space sums
+//! One per-CPU array, `SVC_STATS_V2`, indexed by [`Counter`]; user space sums
 //! the CPUs. Every packet the tc programs see bumps exactly one class counter
 //! (`pass_non_ipv4` to `malformed_l4_truncated`); translated, dropped and
 //! rejected packets also bump one event counter. The socket hooks count
@@ -9,7 +9,7 @@
 use crate::{assert_layout, impl_user_pod};
 
 /// Name of the per-CPU array of [`CounterValue`]s, indexed by [`Counter`].
-pub const STATS_MAP: &str = "SVC_STATS_V1";
+pub const STATS_MAP: &str = "SVC_STATS_V2";
 
 /// Packets and bytes, in host byte order.
 #[repr(C)]
@@ -109,6 +109,9 @@ counters! {
     /// Dropped: the flow needs source NAT (hairpin or masquerade) and no
     /// masquerade address is configured.
     DropNoSnatAddr = "drop_no_snat_addr",
+    /// Dropped: the source is outside the LoadBalancer IP's
+    /// `loadBalancerSourceRanges` (host sockets: the connect fails).
+    DropSourceRange = "drop_source_range",
     /// Host socket: a connect or sendmsg to a service was translated.
     SockTranslated = "sock_translated",
     /// Host socket: refused, the service has no endpoints.

@@ -4,13 +4,17 @@
 use svc_common::{
     config::NS_PER_SEC,
     lb::{
-        AffinityKey, AffinityValue, Backend, BackendId, SCOPE_ADDR, SCOPE_NODEPORT, SVC_F_AFFINITY,
-        ServiceKey, ServiceValue,
+        AffinityKey, AffinityValue, Backend, BackendId, SCOPE_ADDR, SCOPE_NODEPORT,
+        SOURCE_RANGE_LOOKUP_PREFIX, SVC_F_AFFINITY, SVC_F_SOURCE_RANGES, ServiceKey, ServiceValue,
+        SourceRangeKey,
     },
 };
 
+use aya_ebpf::maps::lpm_trie::Key;
+
 use crate::maps::{
     SVC_AFFINITY_V1, SVC_BACKENDS_V1, SVC_MAGLEV_V1, SVC_NODEADDR_V1, SVC_SERVICES_V1,
+    SVC_SRC_RANGES_V1,
 };
 
 /// The frontend for a destination: its own address (ClusterIP, externalIP,
@@ -38,6 +42,23 @@ pub fn lookup(daddr: u32, dport: u16, protocol: u8) -> Option<ServiceValue> {
     SVC_SERVICES_V1
         .get_ptr(&key)
         .map(|service| unsafe { *service })
+}
+
+/// Whether `saddr` may open a new flow to `service`: always, unless the
+/// frontend has `loadBalancerSourceRanges` and none of them holds it.
+#[inline(always)]
+pub fn source_allowed(service: &ServiceValue, saddr: u32) -> bool {
+    if service.flags & SVC_F_SOURCE_RANGES == 0 {
+        return true;
+    }
+    let key = Key::new(
+        SOURCE_RANGE_LOOKUP_PREFIX,
+        SourceRangeKey {
+            service_id: service.id,
+            addr: saddr,
+        },
+    );
+    SVC_SRC_RANGES_V1.get(&key).is_some()
 }
 
 /// A backend by id; `None` for an id without a backend.

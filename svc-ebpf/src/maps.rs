@@ -5,17 +5,17 @@
 
 use aya_ebpf::{
     Global,
-    bindings::BPF_F_MMAPABLE,
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use svc_common::{
     config::DatapathConfig,
     ct::{CtEntry, CtKey, DEFAULT_CT_ENTRIES},
     lb::{
         AffinityKey, AffinityValue, Backend, BackendId, DEFAULT_MAGLEV_SLOTS, DEFAULT_MAX_AFFINITY,
-        DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, MAX_NODE_ADDRS, NodeAddr, ServiceKey,
-        ServiceValue,
+        DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOURCE_RANGES, MAX_NODE_ADDRS,
+        NodeAddr, ServiceKey, ServiceValue, SourceRangeKey,
     },
     sock::{DEFAULT_SOCK_REVNAT_ENTRIES, SockRevKey, SockRevValue},
     stats::{COUNTERS, CounterValue},
@@ -32,7 +32,7 @@ pub fn config() -> DatapathConfig {
 
 /// `svc_common::stats::STATS_MAP`.
 #[map]
-pub static SVC_STATS_V1: PerCpuArray<CounterValue> = PerCpuArray::with_max_entries(COUNTERS, 0);
+pub static SVC_STATS_V2: PerCpuArray<CounterValue> = PerCpuArray::with_max_entries(COUNTERS, 0);
 
 /// `svc_common::lb::SERVICES_MAP`.
 #[map]
@@ -52,6 +52,11 @@ pub static SVC_MAGLEV_V1: Array<BackendId> =
 /// `svc_common::lb::NODE_ADDRS_MAP`.
 #[map]
 pub static SVC_NODEADDR_V1: HashMap<u32, NodeAddr> = HashMap::with_max_entries(MAX_NODE_ADDRS, 0);
+
+/// `svc_common::lb::SOURCE_RANGES_MAP` (LPM tries must not preallocate).
+#[map]
+pub static SVC_SRC_RANGES_V1: LpmTrie<SourceRangeKey, u8> =
+    LpmTrie::with_max_entries(DEFAULT_MAX_SOURCE_RANGES, BPF_F_NO_PREALLOC);
 
 /// `svc_common::lb::AFFINITY_MAP`.
 #[map]

@@ -54,6 +54,12 @@ pub fn try_translate_dst(ctx: &SockAddrContext) -> Result<i32, i32> {
     let Some(service) = lb::lookup(daddr, dport, protocol) else {
         return Ok(ALLOW);
     };
+    // The node's own address stands in for the not yet chosen source, as
+    // kube-proxy lets the node through when a range holds its address.
+    if !lb::source_allowed(&service, config.masq_addr) {
+        stats::count(Counter::DropSourceRange, 0);
+        return Err(REFUSE);
+    }
     if service.maglev_size == 0 {
         stats::count(Counter::SockRejectNoBackend, 0);
         return Err(REFUSE);

@@ -162,6 +162,9 @@ fn new_flow(
     now: u64,
 ) -> Result<Verdict, i32> {
     let len = ctx.len();
+    if !lb::source_allowed(service, key.saddr) {
+        return Err(drop(Counter::DropSourceRange, len));
+    }
     if service.maglev_size == 0 {
         if service.on_empty == EMPTY_DROP {
             return Err(drop(Counter::DropNoBackend, len));

@@ -488,7 +488,7 @@ impl Cluster {
     pub fn apply(
         &mut self,
         frontends: &[Frontend],
-        policy: ServicePolicy,
+        policy: &ServicePolicy,
         backends: &[(&str, u16)],
     ) -> Vec<BackendId> {
         let resolved: Vec<(SocketAddrV4, usize)> = backends
@@ -522,7 +522,7 @@ impl Cluster {
                 }
             }
             for frontend in frontends {
-                maps.upsert_service(frontend, &policy, &node_ids)
+                maps.upsert_service(frontend, policy, &node_ids)
                     .unwrap_or_else(|err| panic!("{node_name}: {frontend:?}: {err}"));
             }
         }

@@ -8,7 +8,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use aya::programs::{TestRun as _, TestRunOptions};
 use svc_agent::datapath::{
     BackendSpec, Capacities, Datapath, FROM_POD_PROGRAM, FROM_UPLINK_PROGRAM, Frontend,
-    LoadOptions, Maps, ServicePolicy,
+    LoadOptions, Maps, ServicePolicy, SourceRange,
 };
 use svc_common::{
     config::DatapathConfig,
@@ -168,6 +168,9 @@ const SVC_C: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 13);
 const SVC_D: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 14);
 const AFFINITY_SVC: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 30);
 const LB_IP: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 100);
+/// A LoadBalancer IP open only to 203.0.113.0/28 (`EXTERNAL` is inside).
+const LB_IP_RANGED: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 101);
+const OUTSIDE_RANGES: (Ipv4Addr, u16) = (Ipv4Addr::new(198, 18, 0, 9), 6000);
 const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
 const NODE_PORT: u16 = 30_080;
 const NODE_PORT_LOCAL: u16 = 30_081;
@@ -242,21 +245,26 @@ fn install(maps: &mut Maps) {
         affinity_timeout_secs: Some(10_800),
         ..ServicePolicy::default()
     };
-    let services: [(Frontend, ServicePolicy, &[BackendId]); 11] = [
-        (Frontend::tcp(CLUSTER, 80), cluster, &[1, 2, 3]),
-        (Frontend::udp(CLUSTER, 53), cluster, &[1, 2, 3]),
-        (Frontend::tcp(EMPTY_SVC, 80), cluster, &[]),
-        (Frontend::udp(EMPTY_SVC, 80), cluster, &[]),
-        (Frontend::tcp(SVC_C, 80), cluster, &[1]),
-        (Frontend::tcp(SVC_D, 80), cluster, &[1]),
-        (Frontend::tcp(AFFINITY_SVC, 80), affinity, &[1, 2, 3]),
-        (Frontend::node_port_tcp(NODE_PORT), external, &[3]),
-        (Frontend::node_port_tcp(NODE_PORT_LOCAL), local, &[]),
-        (Frontend::tcp(LB_IP, 443), external, &[4]),
-        (Frontend::tcp(EXTERNAL_IP, 80), local, &[1]),
+    let ranged = ServicePolicy {
+        source_ranges: vec![SourceRange::new(Ipv4Addr::new(203, 0, 113, 0), 28).expect("a CIDR")],
+        ..external.clone()
+    };
+    let services: [(Frontend, &ServicePolicy, &[BackendId]); 12] = [
+        (Frontend::tcp(CLUSTER, 80), &cluster, &[1, 2, 3]),
+        (Frontend::udp(CLUSTER, 53), &cluster, &[1, 2, 3]),
+        (Frontend::tcp(EMPTY_SVC, 80), &cluster, &[]),
+        (Frontend::udp(EMPTY_SVC, 80), &cluster, &[]),
+        (Frontend::tcp(SVC_C, 80), &cluster, &[1]),
+        (Frontend::tcp(SVC_D, 80), &cluster, &[1]),
+        (Frontend::tcp(AFFINITY_SVC, 80), &affinity, &[1, 2, 3]),
+        (Frontend::node_port_tcp(NODE_PORT), &external, &[3]),
+        (Frontend::node_port_tcp(NODE_PORT_LOCAL), &local, &[]),
+        (Frontend::tcp(LB_IP, 443), &external, &[4]),
+        (Frontend::tcp(LB_IP_RANGED, 443), &ranged, &[4]),
+        (Frontend::tcp(EXTERNAL_IP, 80), &local, &[1]),
     ];
     for (frontend, policy, backends) in services {
-        maps.upsert_service(&frontend, &policy, backends)
+        maps.upsert_service(&frontend, policy, backends)
             .unwrap_or_else(|err| panic!("installing {frontend:?}: {err}"));
     }
 }
@@ -522,6 +530,25 @@ fn translation_steps() -> Vec<fn(&Maps) -> Step> {
             verdict: TC_ACT_OK,
             expect: Expect::NatPacket(|maps| {
                 let port = nat_port(maps, (EXTERNAL.0, 5556), (LB_IP, 443));
+                packet::tcp4((NODE, port), backend_addr(4), SYN, &[])
+            }),
+            counters: NEW_TCP,
+        },
+        |_| Step {
+            name: "LoadBalancer IP with source ranges, from outside them: dropped",
+            program: UPLINK,
+            packet: packet::tcp4(OUTSIDE_RANGES, (LB_IP_RANGED, 443), SYN, &[]),
+            verdict: TC_ACT_SHOT,
+            expect: Expect::Dropped,
+            counters: &[Counter::Ipv4Tcp, Counter::DropSourceRange],
+        },
+        |_| Step {
+            name: "LoadBalancer IP with source ranges, from inside one: translated",
+            program: UPLINK,
+            packet: packet::tcp4((EXTERNAL.0, 5558), (LB_IP_RANGED, 443), SYN, &[]),
+            verdict: TC_ACT_OK,
+            expect: Expect::NatPacket(|maps| {
+                let port = nat_port(maps, (EXTERNAL.0, 5558), (LB_IP_RANGED, 443));
                 packet::tcp4((NODE, port), backend_addr(4), SYN, &[])
             }),
             counters: NEW_TCP,

@@ -544,6 +544,7 @@ fn services_through_a_real_control_plane() {
     affinity_and_traffic_policies(&mut e2e);
     traffic_distribution_keeps_traffic_in_the_zone(&mut e2e);
     health_check_node_ports_follow_local_endpoints(&mut e2e);
+    load_balancer_source_ranges_admit_only_their_sources(&mut e2e);
     selectorless_services_with_slices_and_mirrored_endpoints(&mut e2e);
     no_endpoints_is_refused_and_deletion_removes_everything(&mut e2e);
     api_server_restarts_and_expired_resource_versions(&mut e2e);
@@ -867,6 +868,39 @@ fn health_check_node_ports_follow_local_endpoints(e2e: &mut E2e) {
         eventually(CONVERGE, || probe(0).is_empty()),
         "the health check port closes with the service"
     );
+}
+
+/// `loadBalancerSourceRanges`: the load balancer IP takes new connections
+/// only from the listed sources; others are dropped.
+fn load_balancer_source_ranges_admit_only_their_sources(e2e: &mut E2e) {
+    let lb_ip = "172.16.1.20";
+    let spec = |range: &str| {
+        json!({"type": "LoadBalancer", "selector": {"app": "web"},
+               "loadBalancerSourceRanges": [range],
+               "ports": [{"port": 80, "targetPort": WEB_PORT}]})
+    };
+    e2e.apply_service("ranged", &spec(&format!("{EXTERNAL_ADDR}/32")));
+    let services = e2e.services();
+    e2e.plane
+        .block_on(services.patch_status(
+            "ranged",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"loadBalancer": {"ingress": [{"ip": lb_ip}]}}})),
+        ))
+        .expect("writing the load balancer ingress");
+    let external = &e2e.cluster.external;
+    assert!(
+        eventually(CONVERGE, || external.ask(addr(lb_ip, 80)).is_ok()),
+        "the external client is inside the source range"
+    );
+    e2e.apply_service("ranged", &spec("10.0.0.0/8"));
+    assert!(
+        eventually(CONVERGE, || external.ask(addr(lb_ip, 80)).is_err()),
+        "outside the source ranges: no new connection"
+    );
+    e2e.plane
+        .block_on(services.delete("ranged", &DeleteParams::default()))
+        .expect("deleting ranged");
 }
 
 /// Scenario 5.

@@ -73,12 +73,12 @@ fn pods_reach_a_cluster_ip_over_tcp_and_udp_spread_over_local_and_remote_backend
     let backends = [("a", 8080), ("b", 8080), ("c", 8080)];
     cluster.apply(
         &[Frontend::tcp(CLUSTER_IP, 80)],
-        ServicePolicy::default(),
+        &ServicePolicy::default(),
         &backends,
     );
     cluster.apply(
         &[Frontend::udp(CLUSTER_IP, 53)],
-        ServicePolicy::default(),
+        &ServicePolicy::default(),
         &[("a", 5353), ("b", 5353), ("c", 5353)],
     );
     let client = cluster.pod("z");
@@ -136,17 +136,17 @@ fn service_ports_map_to_their_own_target_ports() {
     let mut cluster = cluster(Options::default());
     cluster.apply(
         &[Frontend::tcp(CLUSTER_IP, 80)],
-        ServicePolicy::default(),
+        &ServicePolicy::default(),
         &[("b", 8080)],
     );
     cluster.apply(
         &[Frontend::tcp(CLUSTER_IP, 81)],
-        ServicePolicy::default(),
+        &ServicePolicy::default(),
         &[("b", 9090)],
     );
     cluster.apply(
         &[Frontend::udp(CLUSTER_IP, 80)],
-        ServicePolicy::default(),
+        &ServicePolicy::default(),
         &[("b", 5353)],
     );
     let client = cluster.pod("z");
@@ -169,17 +169,17 @@ fn a_process_on_the_node_reaches_a_cluster_ip() {
     });
     cluster.apply(
         &[Frontend::tcp(CLUSTER_IP, 80)],
-        ServicePolicy::default(),
+        &ServicePolicy::default(),
         &[("a", 8080), ("b", 8080)],
     );
     cluster.apply(
         &[Frontend::udp(CLUSTER_IP, 53)],
-        ServicePolicy::default(),
+        &ServicePolicy::default(),
         &[("a", 5353), ("b", 5353)],
     );
     cluster.apply(
         &[Frontend::tcp(CLUSTER_IP_2, 80)],
-        ServicePolicy::default(),
+        &ServicePolicy::default(),
         &[],
     );
     let node = &cluster.nodes[0];
@@ -262,7 +262,7 @@ fn node_port_with_traffic_policy_cluster_masquerades_and_works_from_either_node(
     let mut cluster = cluster(Options::default());
     cluster.apply(
         &[Frontend::node_port_tcp(NODE_PORT)],
-        masquerading(),
+        &masquerading(),
         &[("a", 8080), ("b", 8080)],
     );
     for node in 0..2 {
@@ -294,7 +294,11 @@ fn node_port_with_traffic_policy_local_keeps_the_source_and_uses_only_local_back
         ..ServicePolicy::default()
     };
     // Only a (node1) backs the service.
-    cluster.apply(&[Frontend::node_port_tcp(NODE_PORT)], local, &[("a", 8080)]);
+    cluster.apply(
+        &[Frontend::node_port_tcp(NODE_PORT)],
+        &local,
+        &[("a", 8080)],
+    );
     let node1 = cluster.nodes[0].addr;
     for answer in ask_from_outside(&cluster, addr(node1, NODE_PORT), 10) {
         assert_eq!(answer.name, "a");
@@ -329,7 +333,7 @@ fn external_ips_and_load_balancer_ips_behave_like_node_ports() {
     let mut cluster = cluster(Options::default());
     cluster.apply(
         &[Frontend::tcp(EXTERNAL_IP, 80), Frontend::tcp(LB_IP, 80)],
-        masquerading(),
+        &masquerading(),
         &[("a", 8080), ("b", 8080)],
     );
     let node1 = cluster.nodes[0].addr;
@@ -354,7 +358,7 @@ fn external_ips_and_load_balancer_ips_behave_like_node_ports() {
     };
     cluster.apply(
         &[Frontend::tcp(LB_IP, 80)],
-        local,
+        &local,
         &[("a", 8080), ("b", 8080)],
     );
     for answer in ask_from_outside(&cluster, addr(LB_IP, 80), 10) {
@@ -396,7 +400,7 @@ fn session_affinity_pins_a_client_until_its_timeout() {
     let frontend = Frontend::tcp(CLUSTER_IP, 80);
     let ids = cluster.apply(
         &[frontend],
-        affinity,
+        &affinity,
         &[("a", 8080), ("b", 8080), ("c", 8080)],
     );
     let names = ["a", "b", "c"];
@@ -442,7 +446,7 @@ fn established_connections_survive_backend_changes_and_removed_backends_get_noth
     let frontend = Frontend::tcp(CLUSTER_IP, 80);
     let ids = cluster.apply(
         &[frontend],
-        ServicePolicy::default(),
+        &ServicePolicy::default(),
         &[("a", 8080), ("b", 8080)],
     );
     let mut stream = cluster
@@ -464,13 +468,13 @@ fn established_connections_survive_backend_changes_and_removed_backends_get_noth
     echo(&mut stream, "before changes");
     cluster.apply(
         &[frontend],
-        ServicePolicy::default(),
+        &ServicePolicy::default(),
         &[("a", 8080), ("b", 8080), ("c", 8080)],
     );
     echo(&mut stream, "after adding c");
     cluster.apply(
         &[frontend],
-        ServicePolicy::default(),
+        &ServicePolicy::default(),
         &[(kept.as_str(), 8080), ("c", 8080)],
     );
     cluster.remove_backend(removed_id);
@@ -500,10 +504,10 @@ fn a_service_without_endpoints_refuses_at_once() {
     let mut cluster = cluster(Options::default());
     cluster.apply(
         &[Frontend::tcp(CLUSTER_IP, 80), Frontend::udp(CLUSTER_IP, 53)],
-        ServicePolicy::default(),
+        &ServicePolicy::default(),
         &[],
     );
-    cluster.apply(&[Frontend::node_port_tcp(NODE_PORT)], masquerading(), &[]);
+    cluster.apply(&[Frontend::node_port_tcp(NODE_PORT)], &masquerading(), &[]);
     let client = cluster.pod("z");
     let err = client
         .connect(addr(CLUSTER_IP, 80))
@@ -542,12 +546,12 @@ fn a_pod_reaching_itself_through_its_service_gets_a_working_connection() {
     let mut cluster = cluster(Options::default());
     cluster.apply(
         &[Frontend::tcp(CLUSTER_IP, 80)],
-        ServicePolicy::default(),
+        &ServicePolicy::default(),
         &[("a", 8080)],
     );
     cluster.apply(
         &[Frontend::udp(CLUSTER_IP, 53)],
-        ServicePolicy::default(),
+        &ServicePolicy::default(),
         &[("a", 5353)],
     );
     let pod = cluster.pod("a");
@@ -576,7 +580,7 @@ fn one_backend_behind_two_services_answers_each_client_from_what_it_used() {
             Frontend::udp(CLUSTER_IP, 53),
             Frontend::udp(CLUSTER_IP_2, 53),
         ],
-        ServicePolicy::default(),
+        &ServicePolicy::default(),
         &[("b", 5353)],
     );
     cluster.apply(
@@ -584,7 +588,7 @@ fn one_backend_behind_two_services_answers_each_client_from_what_it_used() {
             Frontend::tcp(CLUSTER_IP, 80),
             Frontend::node_port_tcp(NODE_PORT),
         ],
-        masquerading(),
+        &masquerading(),
         &[("b", 8080)],
     );
     let client = cluster.pod("z");
@@ -621,7 +625,7 @@ fn flows_to_a_removed_backend_move_on_udp_and_are_reset_on_tcp() {
     let mut cluster = cluster(Options::default());
     let ids = cluster.apply(
         &[Frontend::udp(CLUSTER_IP, 53)],
-        ServicePolicy::default(),
+        &ServicePolicy::default(),
         &[("a", 5353), ("b", 5353)],
     );
     let socket = cluster.pod("z").udp_socket();
@@ -633,7 +637,7 @@ fn flows_to_a_removed_backend_move_on_udp_and_are_reset_on_tcp() {
     };
     cluster.apply(
         &[Frontend::udp(CLUSTER_IP, 53)],
-        ServicePolicy::default(),
+        &ServicePolicy::default(),
         &[(stays, 5353)],
     );
     cluster.remove_backend(gone);
@@ -644,7 +648,7 @@ fn flows_to_a_removed_backend_move_on_udp_and_are_reset_on_tcp() {
 
     let tcp_ids = cluster.apply(
         &[Frontend::tcp(CLUSTER_IP, 80)],
-        ServicePolicy::default(),
+        &ServicePolicy::default(),
         &[("a", 8080), ("b", 8080)],
     );
     let mut stream = cluster
@@ -659,7 +663,7 @@ fn flows_to_a_removed_backend_move_on_udp_and_are_reset_on_tcp() {
     };
     cluster.apply(
         &[Frontend::tcp(CLUSTER_IP, 80)],
-        ServicePolicy::default(),
+        &ServicePolicy::default(),
         &[(stays, 8080)],
     );
     cluster.remove_backend(gone);

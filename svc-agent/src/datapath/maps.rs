@@ -9,7 +9,10 @@ use std::{
 
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues},
+    maps::{
+        Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues,
+        lpm_trie::{Key as LpmKey, LpmTrie},
+    },
 };
 use svc_common::{
     ct::{CT_MAP, CtEntry, CtKey},
@@ -17,7 +20,8 @@ use svc_common::{
         AFFINITY_MAP, AffinityKey, AffinityValue, BACKEND_F_LOCAL, BACKEND_F_TERMINATING,
         BACKEND_STATS_MAP, BACKENDS_MAP, Backend, BackendId, EMPTY_DROP, EMPTY_REJECT, MAGLEV_MAP,
         NODE_ADDRS_MAP, NodeAddr, SCOPE_ADDR, SCOPE_NODEPORT, SERVICE_STATS_MAP, SERVICES_MAP,
-        SVC_F_AFFINITY, SVC_F_LOCAL_ONLY, SVC_F_SNAT_EXTERNAL, ServiceKey, ServiceValue,
+        SOURCE_RANGES_MAP, SVC_F_AFFINITY, SVC_F_LOCAL_ONLY, SVC_F_SNAT_EXTERNAL,
+        SVC_F_SOURCE_RANGES, ServiceKey, ServiceValue, SourceRangeKey,
     },
     maglev, proto,
     stats::CounterValue,
@@ -136,8 +140,45 @@ impl Frontend {
     }
 }
 
+/// An IPv4 CIDR of `loadBalancerSourceRanges`, its address masked to the
+/// prefix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SourceRange {
+    pub addr: Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl SourceRange {
+    /// `addr/prefix` with the host bits cleared; `None` for a prefix over
+    /// 32.
+    #[must_use]
+    pub fn new(addr: Ipv4Addr, prefix: u8) -> Option<Self> {
+        let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+        (prefix <= 32).then(|| Self {
+            addr: Ipv4Addr::from(u32::from(addr) & mask),
+            prefix,
+        })
+    }
+
+    /// Whether `addr` lies inside.
+    #[must_use]
+    pub fn contains(&self, addr: Ipv4Addr) -> bool {
+        Self::new(addr, self.prefix).is_some_and(|masked| masked.addr == self.addr)
+    }
+
+    fn key(self, service_id: u32) -> LpmKey<SourceRangeKey> {
+        LpmKey::new(
+            32 + u32::from(self.prefix),
+            SourceRangeKey {
+                service_id,
+                addr: u32::from_ne_bytes(self.addr.octets()),
+            },
+        )
+    }
+}
+
 /// How a frontend treats its traffic.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ServicePolicy {
     /// Masquerade traffic from outside the node (externalTrafficPolicy
     /// Cluster on node ports, externalIPs and LoadBalancer IPs).
@@ -148,6 +189,9 @@ pub struct ServicePolicy {
     pub affinity_timeout_secs: Option<u32>,
     /// With no backends, drop instead of refusing.
     pub drop_when_empty: bool,
+    /// New flows only from these sources (`loadBalancerSourceRanges`);
+    /// empty: from anywhere. Sorted.
+    pub source_ranges: Vec<SourceRange>,
 }
 
 /// An endpoint.
@@ -160,8 +204,22 @@ pub struct BackendSpec {
 }
 
 impl ServicePolicy {
-    fn from_value(value: &ServiceValue) -> Self {
+    /// The `SVC_F_*` bits of this policy.
+    fn flags(&self) -> u16 {
+        [
+            (self.masquerade_external, SVC_F_SNAT_EXTERNAL),
+            (self.local_only, SVC_F_LOCAL_ONLY),
+            (self.affinity_timeout_secs.is_some(), SVC_F_AFFINITY),
+            (!self.source_ranges.is_empty(), SVC_F_SOURCE_RANGES),
+        ]
+        .iter()
+        .filter(|(on, _)| *on)
+        .fold(0, |flags, (_, bit)| flags | bit)
+    }
+
+    fn from_value(value: &ServiceValue, source_ranges: Vec<SourceRange>) -> Self {
         Self {
+            source_ranges,
             masquerade_external: value.flags & SVC_F_SNAT_EXTERNAL != 0,
             local_only: value.flags & SVC_F_LOCAL_ONLY != 0,
             affinity_timeout_secs: (value.flags & SVC_F_AFFINITY != 0)
@@ -218,6 +276,9 @@ pub struct Maps {
     ct: HashMap<MapData, CtKey, CtEntry>,
     service_stats: PerCpuArray<MapData, CounterValue>,
     backend_stats: PerCpuArray<MapData, CounterValue>,
+    source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
+    /// Each frontend id's source ranges, sorted.
+    ranges_by_id: StdHashMap<u32, Vec<SourceRange>>,
     maglev: MaglevArea,
     slots: SlotAllocator,
     slots_per_backend: u32,
@@ -251,6 +312,8 @@ impl Maps {
             .map_err(map_error(SERVICE_STATS_MAP))?;
         let backend_stats = PerCpuArray::try_from(take(ebpf, BACKEND_STATS_MAP)?)
             .map_err(map_error(BACKEND_STATS_MAP))?;
+        let source_ranges = LpmTrie::try_from(take(ebpf, SOURCE_RANGES_MAP)?)
+            .map_err(map_error(SOURCE_RANGES_MAP))?;
         let Map::Array(maglev_data) = take(ebpf, MAGLEV_MAP)? else {
             return Err(Error::MissingMap(MAGLEV_MAP));
         };
@@ -267,6 +330,8 @@ impl Maps {
             ct,
             service_stats,
             backend_stats,
+            source_ranges,
+            ranges_by_id: StdHashMap::new(),
             maglev,
             slots: SlotAllocator::new(maglev_slots),
             slots_per_backend: slots_per_backend.max(1),
@@ -299,6 +364,23 @@ impl Maps {
             .iter()
             .collect::<std::result::Result<_, _>>()
             .map_err(map_error(SERVICES_MAP))?;
+        for entry in self.source_ranges.keys() {
+            let key = entry.map_err(map_error(SOURCE_RANGES_MAP))?;
+            let data = key.data();
+            let prefix = key.prefix_len().saturating_sub(32);
+            let range = u8::try_from(prefix).ok().and_then(|prefix| {
+                SourceRange::new(Ipv4Addr::from(data.addr.to_ne_bytes()), prefix)
+            });
+            if let Some(range) = range {
+                self.ranges_by_id
+                    .entry(data.service_id)
+                    .or_default()
+                    .push(range);
+            }
+        }
+        for ranges in self.ranges_by_id.values_mut() {
+            ranges.sort_unstable();
+        }
         let mut used_ids = HashSet::new();
         for (key, value) in entries {
             let block = (value.maglev_size > 0).then_some(Block {
@@ -344,7 +426,13 @@ impl Maps {
             .filter_map(|(key, installed)| {
                 Some((
                     Frontend::from_key(key)?,
-                    ServicePolicy::from_value(&installed.value),
+                    ServicePolicy::from_value(
+                        &installed.value,
+                        self.ranges_by_id
+                            .get(&installed.value.id)
+                            .cloned()
+                            .unwrap_or_default(),
+                    ),
                     installed.backends.clone(),
                 ))
             })
@@ -465,22 +553,14 @@ impl Maps {
         let mut ids: Vec<BackendId> = members.iter().map(|&(_, id)| id).collect();
         ids.sort_unstable();
 
-        let mut flags = 0;
-        if policy.masquerade_external {
-            flags |= SVC_F_SNAT_EXTERNAL;
-        }
-        if policy.local_only {
-            flags |= SVC_F_LOCAL_ONLY;
-        }
-        if policy.affinity_timeout_secs.is_some() {
-            flags |= SVC_F_AFFINITY;
-        }
+        let flags = policy.flags();
         let previous_id = self.installed.get(&key).map(|previous| previous.value.id);
         if let Some(previous) = self.installed.get(&key)
             && previous.backends == ids
             && previous.value.flags == flags
             && previous.value.affinity_timeout_secs == policy.affinity_timeout_secs.unwrap_or(0)
             && previous.value.on_empty == on_empty(policy)
+            && self.ranges(previous.value.id) == policy.source_ranges.as_slice()
         {
             return Ok(previous.value.id);
         }
@@ -514,6 +594,20 @@ impl Maps {
         if is_new_id {
             self.reset_counters(SERVICE_STATS_MAP, id)?;
         }
+        // Ranges the frontend gains go in before its entry says to check
+        // them; those it loses go once it no longer names them.
+        let stale = match self.add_ranges(id, &policy.source_ranges) {
+            Ok(stale) => stale,
+            Err(err) => {
+                if let Some(block) = block {
+                    self.slots.free(block);
+                }
+                if is_new_id {
+                    self.free_ids.push(id);
+                }
+                return Err(err);
+            }
+        };
         if let Err(source) = self.services.insert(key, value, 0) {
             if let Some(block) = block {
                 self.slots.free(block);
@@ -537,7 +631,39 @@ impl Maps {
         if let Some(old_block) = old_block {
             self.slots.free(old_block);
         }
+        self.remove_ranges(id, &stale);
         Ok(id)
+    }
+
+    fn ranges(&self, id: u32) -> &[SourceRange] {
+        self.ranges_by_id.get(&id).map_or(&[], Vec::as_slice)
+    }
+
+    /// Inserts the ranges of `wanted` that `id` lacks and records `wanted`
+    /// as its ranges; returns those it had and no longer wants.
+    fn add_ranges(&mut self, id: u32, wanted: &[SourceRange]) -> Result<Vec<SourceRange>> {
+        let had = self.ranges(id).to_vec();
+        for range in wanted.iter().filter(|range| !had.contains(range)) {
+            self.source_ranges
+                .insert(&range.key(id), 1, 0)
+                .map_err(map_error(SOURCE_RANGES_MAP))?;
+        }
+        if wanted.is_empty() {
+            self.ranges_by_id.remove(&id);
+        } else {
+            self.ranges_by_id.insert(id, wanted.to_vec());
+        }
+        Ok(had
+            .into_iter()
+            .filter(|range| !wanted.contains(range))
+            .collect())
+    }
+
+    fn remove_ranges(&mut self, id: u32, ranges: &[SourceRange]) {
+        for range in ranges {
+            // Already gone is fine: the goal is its absence.
+            let _ = self.source_ranges.remove(&range.key(id));
+        }
     }
 
     /// Removes a frontend and its counters; its flows in connection
@@ -554,8 +680,11 @@ impl Maps {
         if let Some(block) = installed.block {
             self.slots.free(block);
         }
-        // A removed service's counters go with it (they are zeroed again
-        // when the id is reused).
+        // A removed service's counters and ranges go with it (counters are
+        // zeroed again when the id is reused).
+        if let Some(ranges) = self.ranges_by_id.remove(&installed.value.id) {
+            self.remove_ranges(installed.value.id, &ranges);
+        }
         self.reset_counters(SERVICE_STATS_MAP, installed.value.id)?;
         self.free_ids.push(installed.value.id);
         let stale: Vec<AffinityKey> = self

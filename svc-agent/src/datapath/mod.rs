@@ -16,7 +16,7 @@ pub use loader::{
     FROM_UPLINK_PROGRAM, LoadOptions, SOCK_PROGRAMS, cgroup2_mount, current_netns_cookie,
 };
 pub use maglev::{Block, SlotAllocator};
-pub use maps::{BackendSpec, Frontend, Maps, Protocol, ServicePolicy};
+pub use maps::{BackendSpec, Frontend, Maps, Protocol, ServicePolicy, SourceRange};
 pub use stats::StatsSnapshot;
 use svc_common::lb::{BackendId, ServiceKey};
 

@@ -1,4 +1,4 @@
-//! Reading `SVC_STATS_V1`.
+//! Reading `SVC_STATS_V2`.
 
 use aya::{Ebpf, maps::PerCpuArray};
 use svc_common::stats::{Counter, CounterValue, STATS_MAP};
