@@ -90,6 +90,9 @@ counters! {
     LbReply = "lb_reply",
     /// The backend came from session affinity.
     LbAffinityHit = "lb_affinity_hit",
+    /// An ICMP error quoting a translated packet: the quote translated back
+    /// and the error sent on to the quote's original sender.
+    LbIcmpError = "lb_icmp_error",
     /// Dropped: no backend and the service says drop (externalTrafficPolicy
     /// Local without local endpoints).
     DropNoBackend = "drop_no_backend",

@@ -27,11 +27,11 @@ pub fn lookup(daddr: u32, dport: u16, protocol: u8) -> Option<ServiceValue> {
         protocol,
         scope: SCOPE_ADDR,
     };
-    if let Some(service) = SVC_SERVICES_V1.get_ptr(&key) {
+    if let Some(service) = SVC_SERVICES_V1.get_ptr(key) {
         // SAFETY: from a map lookup.
         return Some(unsafe { *service });
     }
-    SVC_NODEADDR_V1.get_ptr(&daddr)?;
+    SVC_NODEADDR_V1.get_ptr(daddr)?;
     let key = ServiceKey {
         addr: 0,
         port: dport,
@@ -40,7 +40,7 @@ pub fn lookup(daddr: u32, dport: u16, protocol: u8) -> Option<ServiceValue> {
     };
     // SAFETY: from a map lookup.
     SVC_SERVICES_V1
-        .get_ptr(&key)
+        .get_ptr(key)
         .map(|service| unsafe { *service })
 }
 
@@ -97,7 +97,7 @@ pub fn choose(service: &ServiceValue, client: u32, hash: u32, now: u64) -> Optio
         client_addr: client,
     };
     let with_affinity = service.flags & SVC_F_AFFINITY != 0;
-    if with_affinity && let Some(entry) = SVC_AFFINITY_V1.get_ptr_mut(&affinity_key) {
+    if with_affinity && let Some(entry) = SVC_AFFINITY_V1.get_ptr_mut(affinity_key) {
         // SAFETY: from a map lookup; racing writers store whole values.
         let entry = unsafe { &mut *entry };
         let timeout = u64::from(service.affinity_timeout_secs) * NS_PER_SEC;
@@ -121,7 +121,7 @@ pub fn choose(service: &ServiceValue, client: u32, hash: u32, now: u64) -> Optio
             _pad: 0,
         };
         // Best effort: without the entry the next flow still gets a backend.
-        let _ = SVC_AFFINITY_V1.insert(&affinity_key, &value, 0);
+        let _ = SVC_AFFINITY_V1.insert(affinity_key, value, 0);
     }
     Some(Choice {
         id,

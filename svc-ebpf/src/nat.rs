@@ -40,8 +40,22 @@ const fn l4_flags(protocol: u8, size: u64, pseudo: bool) -> u64 {
 
 /// RFC 1624 incremental update of a ones'-complement checksum (network
 /// order, as stored) for a 32-bit field changing from `old` to `new`.
+/// `check` (network order) after a 16-bit field changes from `old` to `new`
+/// (both as stored, network order): RFC 1624.
 #[inline(always)]
-fn csum_replace4(check: u16, old: u32, new: u32) -> u16 {
+pub fn csum_replace2(check: u16, old: u16, new: u16) -> u16 {
+    let mut sum = u32::from(!u16::from_be(check))
+        + (!u32::from(u16::from_be(old)) & 0xffff)
+        + u32::from(u16::from_be(new));
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    #[expect(clippy::cast_possible_truncation, reason = "folded to 16 bits")]
+    let folded = sum as u16;
+    (!folded).to_be()
+}
+
+#[inline(always)]
+pub fn csum_replace4(check: u16, old: u32, new: u32) -> u16 {
     let words = |v: u32| {
         let b = v.to_ne_bytes();
         (

@@ -158,5 +158,5 @@ fn refuse<const QUOTE_LEN: usize>(
     if action != i64::from(TC_ACT_REDIRECT) {
         return Err(RejectFailed);
     }
-    Ok(TC_ACT_REDIRECT as i32)
+    Ok(TC_ACT_REDIRECT)
 }

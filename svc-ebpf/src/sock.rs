@@ -96,7 +96,7 @@ pub fn try_translate_dst(ctx: &SockAddrContext) -> Result<i32, i32> {
     };
     // Without the entry the process would see the backend's address as
     // its peer; the connection itself still works.
-    let _ = SVC_SOCK_REV_V1.insert(&key, &value, 0);
+    let _ = SVC_SOCK_REV_V1.insert(key, value, 0);
     // SAFETY: as above; these fields are writable in these hooks.
     unsafe {
         (*sa).user_ip4 = choice.backend.addr;
@@ -125,7 +125,7 @@ pub fn try_translate_peer(ctx: &SockAddrContext) -> Result<i32, i32> {
         backend_port: user_port as u16,
         _pad: 0,
     };
-    if let Some(value) = SVC_SOCK_REV_V1.get_ptr(&key) {
+    if let Some(value) = SVC_SOCK_REV_V1.get_ptr(key) {
         // SAFETY: from a map lookup; the context fields are writable here.
         unsafe {
             (*sa).user_ip4 = (*value).service_addr;

@@ -17,7 +17,7 @@ use svc_common::{
 };
 
 use crate::{
-    ct, lb,
+    ct, icmp, lb,
     maps::{SVC_CT_V1, config},
     nat,
     parse::{self, ETH_HLEN, IPV4_MIN_HLEN, Ipv4Packet, L3, L4},
@@ -89,6 +89,9 @@ fn translate(ctx: &TcContext, hook: Hook) -> Result<Verdict, i32> {
     };
     if !matches!(class, Counter::Ipv4Tcp | Counter::Ipv4Udp) {
         stats::count(class, len);
+        if class == Counter::Ipv4Icmp && icmp::reverse(ctx, &packet) {
+            stats::count(Counter::LbIcmpError, len);
+        }
         return Ok(Verdict::Action(TC_ACT_OK));
     }
     let l4 = parse::l4(ctx, &packet).map_err(|reason| {
@@ -216,8 +219,8 @@ fn new_flow(
     if !nat::claim_reply(config, key, &mut forward, &reply, snat, now) {
         return Err(drop(Counter::DropNatPortsExhausted, len));
     }
-    if SVC_CT_V1.insert(key, &forward, 0).is_err() {
-        let _ = SVC_CT_V1.remove(&nat::reply_key(&forward, key.protocol));
+    if SVC_CT_V1.insert(key, forward, 0).is_err() {
+        let _ = SVC_CT_V1.remove(nat::reply_key(&forward, key.protocol));
         return Err(drop(Counter::DropCtInsertFailed, len));
     }
     trace!(

@@ -142,6 +142,25 @@ pub fn icmp4_echo(src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
     )
 }
 
+/// An ICMP "fragmentation needed" (next-hop MTU 1400) from `src` to
+/// `dst`, quoting the IPv4 header and first 8 bytes of the frame `quoted`,
+/// as a router does.
+#[must_use]
+pub fn icmp4_frag_needed(src: Ipv4Addr, dst: Ipv4Addr, quoted: &[u8]) -> Vec<u8> {
+    let header_len = usize::from(quoted[ETH_HLEN] & 0x0f) * 4;
+    let quote = &quoted[ETH_HLEN..(ETH_HLEN + header_len + 8).min(quoted.len())];
+    serialize!(
+        PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
+            .ipv4(src.octets(), dst.octets(), 64)
+            .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(
+                etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded {
+                    next_hop_mtu: 1400
+                }
+            )),
+        quote
+    )
+}
+
 /// An IPv6 UDP datagram.
 #[must_use]
 pub fn udp6() -> Vec<u8> {

@@ -52,6 +52,7 @@ fn truncated(mut frame: Vec<u8>, len: usize) -> Vec<u8> {
     frame
 }
 
+#[expect(clippy::too_many_lines, reason = "one table of fixtures")]
 fn pass_fixtures() -> Vec<Fixture> {
     let udp = packet::udp4(CLIENT, SERVER, b"hello");
     let mut udp_no_checksum = udp.clone();
@@ -112,6 +113,19 @@ fn pass_fixtures() -> Vec<Fixture> {
         fixture(
             "ICMP echo to a ClusterIP",
             packet::icmp4_echo(CLIENT.0, CLUSTER),
+            Counter::Ipv4Icmp,
+        ),
+        fixture(
+            "ICMP error quoting a flow that was not translated",
+            packet::icmp4_frag_needed(SERVER.0, CLIENT.0, &packet::tcp4_syn(CLIENT, SERVER)),
+            Counter::Ipv4Icmp,
+        ),
+        fixture(
+            "ICMP error whose quote is cut before the ports",
+            truncated(
+                packet::icmp4_frag_needed(SERVER.0, CLIENT.0, &packet::tcp4_syn(CLIENT, SERVER)),
+                ETH_HLEN + 20 + 8 + 20 + 2,
+            ),
             Counter::Ipv4Icmp,
         ),
         fixture(
@@ -355,6 +369,9 @@ const UPLINK: &str = FROM_UPLINK_PROGRAM;
 const NEW_TCP: &[Counter] = &[Counter::Ipv4Tcp, Counter::LbNewFlow];
 const NEW_UDP: &[Counter] = &[Counter::Ipv4Udp, Counter::LbNewFlow];
 const REPLY_TCP: &[Counter] = &[Counter::Ipv4Tcp, Counter::LbReply];
+const ICMP_ERROR: &[Counter] = &[Counter::Ipv4Icmp, Counter::LbIcmpError];
+/// A router between the nodes, the source of ICMP errors.
+const ROUTER: Ipv4Addr = Ipv4Addr::new(10, 2, 0, 254);
 
 fn step(
     name: &'static str,
@@ -409,6 +426,42 @@ fn translation_steps() -> Vec<fn(&Maps) -> Step> {
                 packet::tcp4(backend, CLIENT, SYNACK, &[]),
                 packet::tcp4((CLUSTER, 80), CLIENT, SYNACK, &[]),
                 REPLY_TCP,
+            )
+        },
+        |maps| {
+            let backend = predict(maps, Frontend::tcp(CLUSTER, 80), CLIENT, (CLUSTER, 80));
+            step(
+                "a router's frag-needed about the translated segment: it quotes what the client sent",
+                UPLINK,
+                packet::icmp4_frag_needed(
+                    ROUTER,
+                    CLIENT.0,
+                    &packet::tcp4(CLIENT, backend, TcpFlags::Ack, b"GET /"),
+                ),
+                packet::icmp4_frag_needed(
+                    ROUTER,
+                    CLIENT.0,
+                    &packet::tcp4(CLIENT, (CLUSTER, 80), TcpFlags::Ack, b"GET /"),
+                ),
+                ICMP_ERROR,
+            )
+        },
+        |maps| {
+            let backend = predict(maps, Frontend::tcp(CLUSTER, 80), CLIENT, (CLUSTER, 80));
+            step(
+                "a router's frag-needed about a translated reply, sent to the ClusterIP: goes to the backend, quoting its own segment",
+                POD,
+                packet::icmp4_frag_needed(
+                    ROUTER,
+                    CLUSTER,
+                    &packet::tcp4((CLUSTER, 80), CLIENT, SYNACK, &[]),
+                ),
+                packet::icmp4_frag_needed(
+                    ROUTER,
+                    backend.0,
+                    &packet::tcp4(backend, CLIENT, SYNACK, &[]),
+                ),
+                ICMP_ERROR,
             )
         },
         |maps| {
@@ -513,6 +566,24 @@ fn translation_steps() -> Vec<fn(&Maps) -> Step> {
                 packet::tcp4(backend_addr(3), (NODE, port), SYNACK, &[]),
                 packet::tcp4((NODE, NODE_PORT), EXTERNAL, SYNACK, &[]),
                 REPLY_TCP,
+            )
+        },
+        |maps| {
+            let port = nat_port(maps, EXTERNAL, (NODE, NODE_PORT));
+            step(
+                "an error from the remote backend about a masqueraded segment: from the node port to the client",
+                UPLINK,
+                packet::icmp4_frag_needed(
+                    backend_addr(3).0,
+                    NODE,
+                    &packet::tcp4((NODE, port), backend_addr(3), TcpFlags::Ack, &[]),
+                ),
+                packet::icmp4_frag_needed(
+                    NODE,
+                    EXTERNAL.0,
+                    &packet::tcp4(EXTERNAL, (NODE, NODE_PORT), TcpFlags::Ack, &[]),
+                ),
+                ICMP_ERROR,
             )
         },
         |_| Step {

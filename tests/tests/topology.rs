@@ -679,3 +679,38 @@ fn flows_to_a_removed_backend_move_on_udp_and_are_reset_on_tcp() {
         Ok(n) => panic!("the removed backend's connection still answered {n} bytes"),
     }
 }
+
+#[test]
+fn an_icmp_error_from_the_backend_reaches_the_client_socket_as_from_the_service() {
+    let mut cluster = cluster(Options::default());
+    // `b` (node2) has no UDP listener on 6000: its kernel answers port
+    // unreachable, quoting the translated datagram.
+    cluster.apply(
+        &[Frontend::udp(CLUSTER_IP, 60)],
+        &ServicePolicy::default(),
+        &[("b", 6000)],
+    );
+    let socket = cluster.pod("z").udp_socket();
+    socket
+        .connect(addr(CLUSTER_IP, 60))
+        .expect("connect the UDP socket to the ClusterIP");
+    socket.send(b"?").expect("send");
+    let mut buf = [0u8; 16];
+    let err = socket
+        .recv(&mut buf)
+        .expect_err("nothing listens behind the service");
+    // Without the quote translated back, the kernel would not match the
+    // error to this socket, and the read would time out instead.
+    assert_eq!(
+        err.kind(),
+        ErrorKind::ConnectionRefused,
+        "the port unreachable reaches the socket connected to the service: {err}"
+    );
+    // The client's node translated the flow, so it holds the entries and
+    // translates the error on its uplink.
+    let stats = cluster.nodes[0].datapath().stats().expect("counters");
+    assert!(
+        stats.get(Counter::LbIcmpError).packets >= 1,
+        "node1 translated the error back"
+    );
+}
