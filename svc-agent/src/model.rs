@@ -44,6 +44,23 @@ pub struct Settings {
     pub proxy_name: Option<String>,
 }
 
+/// Gives each of `touched` to the first service (by namespace and name)
+/// claiming it, or removes it when none does.
+fn settle<K: Ord + Copy, V: Clone>(
+    claims: &mut BTreeMap<K, BTreeMap<ObjectKey, V>>,
+    desired: &mut BTreeMap<K, V>,
+    touched: BTreeSet<K>,
+) {
+    for key in touched {
+        if let Some(winner) = claims.get(&key).and_then(|claims| claims.values().next()) {
+            desired.insert(key, winner.clone());
+        } else {
+            claims.remove(&key);
+            desired.remove(&key);
+        }
+    }
+}
+
 /// `namespace/name:port-name`, naming a frontend's origin in logs and
 /// inspection output.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -360,30 +377,12 @@ impl Translator {
             }
             self.outputs.insert(key, record);
         }
-        for frontend in touched {
-            let winner = self
-                .claims
-                .get(&frontend)
-                .and_then(|claims| claims.values().next());
-            if let Some(spec) = winner {
-                self.desired.frontends.insert(frontend, spec.clone());
-            } else {
-                self.claims.remove(&frontend);
-                self.desired.frontends.remove(&frontend);
-            }
-        }
-        for port in touched_health {
-            let winner = self
-                .health_claims
-                .get(&port)
-                .and_then(|claims| claims.values().next());
-            if let Some(check) = winner {
-                self.desired.health_checks.insert(port, check.clone());
-            } else {
-                self.health_claims.remove(&port);
-                self.desired.health_checks.remove(&port);
-            }
-        }
+        settle(&mut self.claims, &mut self.desired.frontends, touched);
+        settle(
+            &mut self.health_claims,
+            &mut self.desired.health_checks,
+            touched_health,
+        );
     }
 
     /// The problems of every service, and the frontends two services

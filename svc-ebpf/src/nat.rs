@@ -44,9 +44,16 @@ const fn l4_flags(protocol: u8, size: u64, pseudo: bool) -> u64 {
 /// (both as stored, network order): RFC 1624.
 #[inline(always)]
 pub fn csum_replace2(check: u16, old: u16, new: u16) -> u16 {
-    let mut sum = u32::from(!u16::from_be(check))
-        + (!u32::from(u16::from_be(old)) & 0xffff)
-        + u32::from(u16::from_be(new));
+    fold(
+        u32::from(!u16::from_be(check))
+            + (!u32::from(u16::from_be(old)) & 0xffff)
+            + u32::from(u16::from_be(new)),
+    )
+}
+
+/// A ones'-complement sum folded to 16 bits, complemented, network order.
+#[inline(always)]
+fn fold(mut sum: u32) -> u16 {
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
     #[expect(clippy::cast_possible_truncation, reason = "folded to 16 bits")]
@@ -65,13 +72,9 @@ pub fn csum_replace4(check: u16, old: u32, new: u32) -> u16 {
     };
     let (old_hi, old_lo) = words(old);
     let (new_hi, new_lo) = words(new);
-    let mut sum =
-        u32::from(!u16::from_be(check)) + (!old_hi & 0xffff) + (!old_lo & 0xffff) + new_hi + new_lo;
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    #[expect(clippy::cast_possible_truncation, reason = "folded to 16 bits")]
-    let folded = sum as u16;
-    (!folded).to_be()
+    fold(
+        u32::from(!u16::from_be(check)) + (!old_hi & 0xffff) + (!old_lo & 0xffff) + new_hi + new_lo,
+    )
 }
 
 /// Updates the L4 checksum for one changed field through the kernel's

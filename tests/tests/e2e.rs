@@ -319,6 +319,26 @@ impl E2e {
         ))
     }
 
+    fn delete_service(&self, name: &str) {
+        let services = self.services();
+        self.plane
+            .block_on(services.delete(name, &DeleteParams::default()))
+            .unwrap_or_else(|err| panic!("deleting service {name}: {err}"));
+    }
+
+    /// Writes the load balancer's address into the service's status, as a
+    /// cloud controller would.
+    fn set_ingress(&self, service: &str, ip: &str) {
+        let services = self.services();
+        self.plane
+            .block_on(services.patch_status(
+                service,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": {"loadBalancer": {"ingress": [{"ip": ip}]}}})),
+            ))
+            .unwrap_or_else(|err| panic!("writing {service}'s load balancer ingress: {err}"));
+    }
+
     fn cluster_ip(service: &Service) -> String {
         service
             .spec
@@ -681,14 +701,7 @@ fn type_changes_install_and_remove_frontends(e2e: &mut E2e) {
     spec["type"] = json!("LoadBalancer");
     e2e.apply_service("web", &spec);
     let lb_ip = "172.16.1.10";
-    let services = e2e.services();
-    e2e.plane
-        .block_on(services.patch_status(
-            "web",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"status": {"loadBalancer": {"ingress": [{"ip": lb_ip}]}}})),
-        ))
-        .expect("writing the load balancer ingress");
+    e2e.set_ingress("web", lb_ip);
     e2e.converge(&format!("{lb_ip}:80/TCP"), Some(&[web1, web2]));
     let answer = e2e
         .cluster
@@ -698,17 +711,7 @@ fn type_changes_install_and_remove_frontends(e2e: &mut E2e) {
     assert!(answer.name.starts_with("web-"), "answered by {answer:?}");
 
     // Back to ClusterIP: the node port and the LB IP go away.
-    let services = e2e.services();
-    e2e.plane
-        .block_on(services.patch(
-            "web",
-            &PatchParams::apply("svc-e2e").force(),
-            &Patch::Apply(json!({"apiVersion": "v1", "kind": "Service",
-                "metadata": {"name": "web", "namespace": NS},
-                "spec": {"type": "ClusterIP", "selector": {"app": "web"},
-                         "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}})),
-        ))
-        .expect("back to ClusterIP");
+    e2e.apply_service("web", &base);
     e2e.converge(&np_frontend, None);
     e2e.converge(&format!("{lb_ip}:80/TCP"), None);
     e2e.converge(&format!("{ip}:80/TCP"), Some(&[web1, web2]));
@@ -815,10 +818,7 @@ fn traffic_distribution_keeps_traffic_in_the_zone(e2e: &mut E2e) {
         BTreeSet::from(["web-1".to_owned()]),
         "a client in zone-a reaches zone-a's pod only"
     );
-    let services = e2e.services();
-    e2e.plane
-        .block_on(services.delete("close", &DeleteParams::default()))
-        .expect("deleting close");
+    e2e.delete_service("close");
 }
 
 /// A LoadBalancer service with `externalTrafficPolicy: Local` gets a
@@ -860,10 +860,7 @@ fn health_check_node_ports_follow_local_endpoints(e2e: &mut E2e) {
         }),
         "node2 has no endpoint of lb-local: 503; got {last:?}"
     );
-    let services = e2e.services();
-    e2e.plane
-        .block_on(services.delete("lb-local", &DeleteParams::default()))
-        .expect("deleting lb-local");
+    e2e.delete_service("lb-local");
     assert!(
         eventually(CONVERGE, || probe(0).is_empty()),
         "the health check port closes with the service"
@@ -880,14 +877,7 @@ fn load_balancer_source_ranges_admit_only_their_sources(e2e: &mut E2e) {
                "ports": [{"port": 80, "targetPort": WEB_PORT}]})
     };
     e2e.apply_service("ranged", &spec(&format!("{EXTERNAL_ADDR}/32")));
-    let services = e2e.services();
-    e2e.plane
-        .block_on(services.patch_status(
-            "ranged",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"status": {"loadBalancer": {"ingress": [{"ip": lb_ip}]}}})),
-        ))
-        .expect("writing the load balancer ingress");
+    e2e.set_ingress("ranged", lb_ip);
     let external = &e2e.cluster.external;
     assert!(
         eventually(CONVERGE, || external.ask(addr(lb_ip, 80)).is_ok()),
@@ -898,9 +888,7 @@ fn load_balancer_source_ranges_admit_only_their_sources(e2e: &mut E2e) {
         eventually(CONVERGE, || external.ask(addr(lb_ip, 80)).is_err()),
         "outside the source ranges: no new connection"
     );
-    e2e.plane
-        .block_on(services.delete("ranged", &DeleteParams::default()))
-        .expect("deleting ranged");
+    e2e.delete_service("ranged");
 }
 
 /// Scenario 5.
@@ -998,10 +986,7 @@ fn no_endpoints_is_refused_and_deletion_removes_everything(e2e: &mut E2e) {
         "node1 counted sticky's traffic"
     );
     for name in ["empty", "sticky"] {
-        let services = e2e.services();
-        e2e.plane
-            .block_on(services.delete(name, &DeleteParams::default()))
-            .unwrap_or_else(|err| panic!("deleting {name}: {err}"));
+        e2e.delete_service(name);
     }
     e2e.converge(&frontend, None);
     e2e.converge(&format!("{sticky_ip}:80/TCP"), None);
