@@ -49,32 +49,45 @@ pub fn csum_replace2(check: u16, old: u16, new: u16) -> u16 {
             + (!u32::from(u16::from_be(old)) & 0xffff)
             + u32::from(u16::from_be(new)),
     )
+    .to_be()
 }
 
-/// A ones'-complement sum folded to 16 bits, complemented, network order.
+/// A ones'-complement sum folded to 16 bits and complemented: the checksum,
+/// host order.
 #[inline(always)]
-fn fold(mut sum: u32) -> u16 {
+pub fn fold(mut sum: u32) -> u16 {
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
     #[expect(clippy::cast_possible_truncation, reason = "folded to 16 bits")]
     let folded = sum as u16;
-    (!folded).to_be()
+    !folded
 }
 
+/// An address as stored (network order) split into its two 16-bit words,
+/// host order.
+#[inline(always)]
+pub fn halves(addr: u32) -> (u16, u16) {
+    let bytes = addr.to_ne_bytes();
+    (
+        u16::from_be_bytes([bytes[0], bytes[1]]),
+        u16::from_be_bytes([bytes[2], bytes[3]]),
+    )
+}
+
+/// `check` (network order) after a 32-bit field changes from `old` to
+/// `new` (both as stored): RFC 1624.
 #[inline(always)]
 pub fn csum_replace4(check: u16, old: u32, new: u32) -> u16 {
-    let words = |v: u32| {
-        let b = v.to_ne_bytes();
-        (
-            u32::from(u16::from_be_bytes([b[0], b[1]])),
-            u32::from(u16::from_be_bytes([b[2], b[3]])),
-        )
-    };
-    let (old_hi, old_lo) = words(old);
-    let (new_hi, new_lo) = words(new);
+    let (old_hi, old_lo) = halves(old);
+    let (new_hi, new_lo) = halves(new);
     fold(
-        u32::from(!u16::from_be(check)) + (!old_hi & 0xffff) + (!old_lo & 0xffff) + new_hi + new_lo,
+        u32::from(!u16::from_be(check))
+            + u32::from(!old_hi)
+            + u32::from(!old_lo)
+            + u32::from(new_hi)
+            + u32::from(new_lo),
     )
+    .to_be()
 }
 
 /// Updates the L4 checksum for one changed field through the kernel's

@@ -10,7 +10,10 @@ use aya_ebpf::{
 };
 use svc_common::proto;
 
-use crate::parse::{ETH_HLEN, IPV4_MIN_HLEN};
+use crate::{
+    nat::{fold, halves},
+    parse::{ETH_HLEN, IPV4_MIN_HLEN},
+};
 
 /// New IPv4 header plus ICMP header, inserted in front of the original.
 const PREFIX_LEN: usize = IPV4_MIN_HLEN + 8;
@@ -40,25 +43,6 @@ pub struct Refusal {
     pub has_ip_options: u8,
     /// Length of the packet, for the counters.
     pub len: u32,
-}
-
-#[inline(always)]
-fn fold(mut sum: u32) -> u16 {
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    // Folded twice: fits 16 bits.
-    #[expect(clippy::cast_possible_truncation, reason = "folded to 16 bits")]
-    let folded = sum as u16;
-    !folded
-}
-
-#[inline(always)]
-fn halves(addr: u32) -> (u16, u16) {
-    let bytes = addr.to_ne_bytes();
-    (
-        u16::from_be_bytes([bytes[0], bytes[1]]),
-        u16::from_be_bytes([bytes[2], bytes[3]]),
-    )
 }
 
 /// Turns the packet into an ICMP port unreachable for its sender and
