@@ -152,3 +152,68 @@ fn pinned_maps_read_back_as_the_agent_wrote_them() {
             .is_empty()
     );
 }
+
+/// Pins a fresh one-entry array map at `path` through the bpf syscall, as
+/// an older agent's map of another layout would be.
+fn pin_a_map(path: &std::path::Path) {
+    use std::os::unix::ffi::OsStrExt as _;
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    const BPF_MAP_TYPE_ARRAY: u32 = 2;
+    // map_type, key_size, value_size, max_entries, then zeroes.
+    let mut create = [0u32; 32];
+    create[..4].copy_from_slice(&[BPF_MAP_TYPE_ARRAY, 4, 4, 1]);
+    // SAFETY: a BPF_MAP_CREATE attribute of the size given.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_CREATE,
+            create.as_ptr(),
+            size_of_val(&create),
+        )
+    };
+    assert!(
+        fd >= 0,
+        "BPF_MAP_CREATE: {}",
+        std::io::Error::last_os_error()
+    );
+    let name = std::ffi::CString::new(path.as_os_str().as_bytes()).expect("a path");
+    // pathname (u64), bpf_fd (u32), file_flags (u32).
+    let mut pin = [0u64; 4];
+    pin[0] = name.as_ptr() as u64;
+    pin[1] = u64::try_from(fd).expect("an fd");
+    // SAFETY: a BPF_OBJ_PIN attribute of the size given; `name` outlives the call.
+    let result =
+        unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_PIN, pin.as_ptr(), size_of_val(&pin)) };
+    assert_eq!(
+        result,
+        0,
+        "BPF_OBJ_PIN: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: our own fd; the pin keeps the map.
+    unsafe { libc::close(i32::try_from(fd).expect("an fd")) };
+}
+
+#[test]
+fn a_new_layout_removes_the_maps_an_older_one_pinned() {
+    require_root();
+    let dirs = Dirs {
+        pin: PathBuf::from(format!("/sys/fs/bpf/svc-test-stale-{}", std::process::id())),
+        state: std::env::temp_dir().join(format!("svc-test-stale-{}.json", std::process::id())),
+    };
+    let options = LoadOptions {
+        pin_dir: Some(dirs.pin.clone()),
+        ..LoadOptions::default()
+    };
+    drop(Datapath::load(&options).expect("the datapath must load"));
+    let stale = dirs.pin.join("SVC_STATS_V1");
+    pin_a_map(&stale);
+    let datapath = Datapath::load(&options).expect("the datapath must load again");
+    assert!(datapath.adopted(), "the current maps are adopted");
+    assert!(!stale.exists(), "the older layout's map is unpinned");
+    assert!(
+        dirs.pin.join(svc_common::stats::STATS_MAP).exists(),
+        "the current layout's maps stay"
+    );
+}

@@ -203,6 +203,9 @@ impl Datapath {
         if adopted {
             maps.adopt()?;
         }
+        if let Some(dir) = &options.pin_dir {
+            remove_stale_pins(dir);
+        }
         Ok(Self {
             ebpf,
             maps,
@@ -392,6 +395,27 @@ where
         .map_err(|err| pin_error(err.to_string()))?
         .pin(path)
         .map_err(|err| pin_error(err.to_string()))
+}
+
+/// Removes pinned maps this object no longer has: a map whose layout
+/// changed has a new `_V<n>` name, and its old pin would linger until a
+/// cleanup. Best effort: a pin that cannot be removed only wastes memory.
+fn remove_stale_pins(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let is_file = entry.file_type().is_ok_and(|kind| kind.is_file());
+        if is_file && !REQUIRED_MAPS.iter().any(|map| name == *map) {
+            let path = entry.path();
+            if let Err(err) = fs::remove_file(&path) {
+                tracing::warn!(pin = %path.display(), error = %err, "cannot remove a stale pin");
+            } else {
+                tracing::info!(pin = %path.display(), "removed a map pinned by an older layout");
+            }
+        }
+    }
 }
 
 /// Points the link pinned at `pin` to program `prog_fd`
