@@ -206,6 +206,7 @@ async fn serve_http(addr: std::net::SocketAddr) -> Result<Arc<Mutex<Page>>> {
     let page = Arc::new(Mutex::new(Page {
         text: String::new(),
         ready: false,
+        refreshed: Instant::now(),
     }));
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -559,6 +560,8 @@ impl Sync<'_> {
 struct Page {
     text: String,
     ready: bool,
+    /// When the main loop last rendered it (every 2 s while it runs).
+    refreshed: Instant,
 }
 
 fn lock(page: &Mutex<Page>) -> std::sync::MutexGuard<'_, Page> {
@@ -599,6 +602,7 @@ fn publish(
     let mut page = lock(page);
     page.text = text;
     page.ready = ready;
+    page.refreshed = Instant::now();
 }
 
 /// Moves this (still single-threaded) process into the network namespace
