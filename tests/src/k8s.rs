@@ -41,28 +41,13 @@ use rcgen::{
     ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
 };
 
-use crate::netns::NetNs;
+use crate::{eventually, netns::NetNs};
 
 /// Where `cargo xtask e2e` puts the directory of the binaries.
 pub const BIN_DIR_ENV: &str = "SVC_E2E_K8S_BIN";
 /// The service CIDR the API server allocates ClusterIPs from.
 pub const SERVICE_CIDR: &str = "10.96.0.0/16";
 const STARTUP: Duration = Duration::from_secs(90);
-
-/// Bounded polling: `check` every 50 ms until it holds or `timeout`
-/// passes. Returns whether it held.
-pub fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if check() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
-}
 
 /// A port free on loopback right now.
 fn free_port() -> u16 {

@@ -9,6 +9,11 @@
     reason = "test helpers panic by design, with a message naming what failed"
 )]
 
+use std::{
+    thread,
+    time::{Duration, Instant},
+};
+
 pub mod k8s;
 pub mod netns;
 pub mod packet;
@@ -25,4 +30,19 @@ pub fn require_root() {
         "this test needs root (it loads eBPF programs and creates network namespaces); \
          run `cargo xtask test` as root"
     );
+}
+
+/// Bounded polling: `check` every 50 ms until it holds or `timeout`
+/// passes. Returns whether it held.
+pub fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
 }

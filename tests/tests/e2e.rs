@@ -29,7 +29,8 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use svc_agent::inspect::PinnedMaps;
 use tests::{
-    k8s::{ControlPlane, Forwarder, apply, eventually},
+    eventually,
+    k8s::{ControlPlane, Forwarder, apply},
     servers::read_answer,
     topology::{Cluster, EXTERNAL_ADDR, Options, TIMEOUT},
 };
