@@ -16,8 +16,8 @@ use svc_common::{
     ct::{CT_F_REPLY, CT_F_SNAT, CT_MAP, CtEntry, CtKey},
     lb::{
         BACKEND_STATS_MAP, BACKENDS_MAP, Backend, BackendId, MAGLEV_MAP, SERVICE_STATS_MAP,
-        SERVICES_MAP, SVC_F_AFFINITY, SVC_F_LOCAL_ONLY, SVC_F_SNAT_EXTERNAL, ServiceKey,
-        ServiceValue,
+        SERVICES_MAP, SVC_F_AFFINITY, SVC_F_LOCAL_ONLY, SVC_F_SNAT_EXTERNAL, SVC_F_SOURCE_RANGES,
+        ServiceKey, ServiceValue,
     },
     proto,
     stats::CounterValue,
@@ -263,6 +263,9 @@ impl PinnedMaps {
             }
             if value.flags & SVC_F_LOCAL_ONLY != 0 {
                 flags.push("local-only");
+            }
+            if value.flags & SVC_F_SOURCE_RANGES != 0 {
+                flags.push("source-ranges");
             }
             let stats = self.service_counters(value.id)?;
             let name = names.get(&label);

@@ -884,6 +884,18 @@ fn load_balancer_source_ranges_admit_only_their_sources(e2e: &mut E2e) {
         eventually(CONVERGE, || external.ask(addr(lb_ip, 80)).is_ok()),
         "the external client is inside the source range"
     );
+    let agent = &e2e.agents[0];
+    let row = PinnedMaps::open(&agent.pin_dir)
+        .and_then(|maps| maps.services(&agent.state_file))
+        .expect("node1's services")
+        .into_iter()
+        .find(|row| row.frontend == format!("{lb_ip}:80/TCP"))
+        .expect("the load balancer IP is installed");
+    assert!(
+        row.flags.contains(&"source-ranges"),
+        "`svc-agent services` shows the restriction: {:?}",
+        row.flags
+    );
     e2e.apply_service("ranged", &spec("10.0.0.0/8"));
     assert!(
         eventually(CONVERGE, || external.ask(addr(lb_ip, 80)).is_err()),
