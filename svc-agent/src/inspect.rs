@@ -70,16 +70,29 @@ const fn protocol_name(protocol: Protocol) -> &'static str {
     }
 }
 
-/// `10.96.0.10:80/TCP` or `*:30080/TCP`.
+/// `10.96.0.10:80/TCP` or `*:30080/TCP`; an in-cluster variant has
+/// ` in-cluster` after its frontend's label.
 #[must_use]
 pub fn frontend_label(frontend: &Frontend) -> String {
-    match *frontend {
+    let label = match *frontend {
         Frontend::Address {
             addr,
             port,
             protocol,
+        }
+        | Frontend::AddressInCluster {
+            addr,
+            port,
+            protocol,
         } => format!("{addr}:{port}/{}", protocol_name(protocol)),
-        Frontend::NodePort { port, protocol } => format!("*:{port}/{}", protocol_name(protocol)),
+        Frontend::NodePort { port, protocol } | Frontend::NodePortInCluster { port, protocol } => {
+            format!("*:{port}/{}", protocol_name(protocol))
+        }
+    };
+    if frontend.in_cluster().is_some() {
+        label
+    } else {
+        format!("{label} in-cluster")
     }
 }
 
@@ -271,8 +284,10 @@ impl PinnedMaps {
             let name = names.get(&label);
             let kind = match (name, frontend) {
                 (Some(name), _) => name.kind.name(),
-                (None, Frontend::NodePort { .. }) => "NodePort",
-                (None, Frontend::Address { .. }) => "?",
+                (None, Frontend::NodePort { .. } | Frontend::NodePortInCluster { .. }) => {
+                    "NodePort"
+                }
+                (None, Frontend::Address { .. } | Frontend::AddressInCluster { .. }) => "?",
             };
             rows.push(ServiceRow {
                 service: name.map_or_else(|| "?".to_owned(), |n| n.service.clone()),

@@ -681,6 +681,7 @@ fn translate_service(
             affinity_timeout_secs,
             drop_when_empty: internal_local && any_endpoints,
             source_ranges: Vec::new(),
+            in_cluster_variant: false,
         };
         let internal_endpoints = if internal_local { &local } else { &all };
         let external = ServicePolicy {
@@ -689,13 +690,13 @@ fn translate_service(
             affinity_timeout_secs,
             drop_when_empty: external_local && any_endpoints,
             source_ranges: Vec::new(),
+            in_cluster_variant: false,
         };
         // loadBalancerSourceRanges restrict the load balancer's IPs only.
         let load_balancer = ServicePolicy {
             source_ranges: source_ranges.clone(),
             ..external.clone()
         };
-        let external_endpoints = if external_local { &local } else { &all };
         let addresses = cluster_v4
             .iter()
             .map(|&addr| (addr, FrontendKind::ClusterIp))
@@ -706,19 +707,29 @@ fn translate_service(
                 port: number,
                 protocol,
             };
-            let (policy, endpoints) = match frontend_kind {
-                FrontendKind::ClusterIp => (internal.clone(), internal_endpoints),
-                FrontendKind::LoadBalancerIp => (load_balancer.clone(), external_endpoints),
-                _ => (external.clone(), external_endpoints),
+            let policy = match frontend_kind {
+                FrontendKind::ClusterIp => {
+                    insert(
+                        out,
+                        &object,
+                        frontend,
+                        frontend_kind,
+                        &port_ref,
+                        internal.clone(),
+                        internal_endpoints,
+                    );
+                    continue;
+                }
+                FrontendKind::LoadBalancerIp => load_balancer.clone(),
+                _ => external.clone(),
             };
-            insert(
+            insert_external(
                 out,
                 &object,
-                frontend,
-                frontend_kind,
+                (frontend, frontend_kind),
                 &port_ref,
                 policy,
-                endpoints,
+                (&all, &local),
             );
         }
         if matches!(kind, "NodePort" | "LoadBalancer")
@@ -730,14 +741,13 @@ fn translate_service(
                         port: node_port,
                         protocol,
                     };
-                    insert(
+                    insert_external(
                         out,
                         &object,
-                        frontend,
-                        FrontendKind::NodePort,
+                        (frontend, FrontendKind::NodePort),
                         &port_ref,
                         external,
-                        external_endpoints,
+                        (&all, &local),
                     );
                 }
                 Err(err) => out.warn(&object, format!("{err}; node port skipped")),
@@ -845,6 +855,40 @@ fn load_balancer_source_ranges(
         }
     }
     ranges.into_iter().collect()
+}
+
+/// Inserts a node port, externalIP or load-balancer IP frontend, given its
+/// service's (cluster, local) endpoints. With a Local policy it keeps this
+/// node's endpoints, and an in-cluster variant holding every endpoint
+/// serves this node's pods and processes: kube-proxy sends their traffic
+/// to such addresses to every endpoint rather than drop it.
+fn insert_external(
+    out: &mut Translation,
+    object: &ObjectRef<'_>,
+    (frontend, kind): (Frontend, FrontendKind),
+    service: &ServicePortRef,
+    policy: ServicePolicy,
+    (all, local): (&BTreeSet<Endpoint>, &BTreeSet<Endpoint>),
+) {
+    if !policy.local_only {
+        insert(out, object, frontend, kind, service, policy, all);
+        return;
+    }
+    if let Some(variant) = frontend.in_cluster() {
+        let in_cluster = ServicePolicy {
+            masquerade_external: false,
+            local_only: false,
+            drop_when_empty: false,
+            in_cluster_variant: false,
+            ..policy.clone()
+        };
+        insert(out, object, variant, kind, service, in_cluster, all);
+    }
+    let policy = ServicePolicy {
+        in_cluster_variant: true,
+        ..policy
+    };
+    insert(out, object, frontend, kind, service, policy, local);
 }
 
 /// `Ok(Some)` for IPv4, `Ok(None)` for IPv6, `Err` for garbage.
@@ -1116,6 +1160,7 @@ mod tests {
         affinity_timeout_secs: None,
         drop_when_empty: false,
         source_ranges: Vec::new(),
+        in_cluster_variant: false,
     };
     const EXTERNAL: ServicePolicy = ServicePolicy {
         masquerade_external: true,
@@ -1123,6 +1168,7 @@ mod tests {
         affinity_timeout_secs: None,
         drop_when_empty: false,
         source_ranges: Vec::new(),
+        in_cluster_variant: false,
     };
 
     #[test]
@@ -1265,6 +1311,7 @@ endpoints:
             affinity_timeout_secs: None,
             drop_when_empty: true,
             source_ranges: Vec::new(),
+            in_cluster_variant: true,
         };
         for frontend in [node_port(30050), tcp([203, 0, 113, 50], 80)] {
             assert_eq!(spec(&t, frontend).policy, local, "{frontend:?}");
@@ -1272,6 +1319,11 @@ endpoints:
                 spec(&t, frontend).endpoints,
                 endpoints(&[ep([10, 1, 0, 1], 8080, true)])
             );
+            // From this node's pods and processes: every endpoint, as
+            // kube-proxy does.
+            let variant = frontend.in_cluster().expect("an external frontend");
+            assert_eq!(spec(&t, variant).policy, CLUSTER, "{variant:?}");
+            assert_eq!(spec(&t, variant).endpoints.len(), 2, "{variant:?}");
         }
         // Inside the cluster the policy is Cluster.
         assert_eq!(spec(&t, tcp([10, 96, 0, 50], 80)).endpoints.len(), 2);

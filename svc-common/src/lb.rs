@@ -41,6 +41,9 @@ pub const SCOPE_ADDR: u8 = 0;
 /// [`ServiceKey::scope`]: a NodePort; the key's address is 0 and the
 /// packet's destination must be one of [`NODE_ADDRS_MAP`].
 pub const SCOPE_NODEPORT: u8 = 1;
+/// [`ServiceKey::scope`] bit: the in-cluster variant of an external
+/// frontend with a Local traffic policy (see [`SVC_F_IN_CLUSTER`]).
+pub const SCOPE_IN_CLUSTER: u8 = 0x80;
 
 /// What a packet is matched against.
 #[repr(C)]
@@ -72,6 +75,12 @@ pub const SVC_F_AFFINITY: u16 = 1 << 2;
 /// frontend's id in [`SOURCE_RANGES_MAP`] (`loadBalancerSourceRanges`, on
 /// LoadBalancer IPs); others are dropped.
 pub const SVC_F_SOURCE_RANGES: u16 = 1 << 3;
+/// [`ServiceValue::flags`]: an external frontend with a Local traffic
+/// policy that has an in-cluster variant (same key, scope with
+/// [`SCOPE_IN_CLUSTER`]) holding every endpoint. Traffic from this node's
+/// pods and processes uses the variant, as kube-proxy sends in-cluster
+/// traffic to such addresses to every endpoint instead of only local ones.
+pub const SVC_F_IN_CLUSTER: u16 = 1 << 4;
 
 /// [`ServiceValue::on_empty`]: refuse (ICMP port unreachable, or a failed
 /// `connect` for host processes), as kube-proxy's REJECT does.

@@ -4,9 +4,9 @@
 use svc_common::{
     config::NS_PER_SEC,
     lb::{
-        AffinityKey, AffinityValue, Backend, BackendId, SCOPE_ADDR, SCOPE_NODEPORT,
-        SOURCE_RANGE_LOOKUP_PREFIX, SVC_F_AFFINITY, SVC_F_SOURCE_RANGES, ServiceKey, ServiceValue,
-        SourceRangeKey,
+        AffinityKey, AffinityValue, Backend, BackendId, SCOPE_ADDR, SCOPE_IN_CLUSTER,
+        SCOPE_NODEPORT, SOURCE_RANGE_LOOKUP_PREFIX, SVC_F_AFFINITY, SVC_F_IN_CLUSTER,
+        SVC_F_SOURCE_RANGES, ServiceKey, ServiceValue, SourceRangeKey,
     },
 };
 
@@ -19,8 +19,24 @@ use crate::maps::{
 
 /// The frontend for a destination: its own address (ClusterIP, externalIP,
 /// LoadBalancer IP) first, then a NodePort if the address is the node's.
+/// For traffic from this node's pods and processes (`in_cluster`), an
+/// external frontend with a Local policy gives way to its in-cluster
+/// variant, which holds every endpoint.
 #[inline(always)]
-pub fn lookup(daddr: u32, dport: u16, protocol: u8) -> Option<ServiceValue> {
+pub fn lookup(daddr: u32, dport: u16, protocol: u8, in_cluster: bool) -> Option<ServiceValue> {
+    let (mut key, service) = frontend(daddr, dport, protocol)?;
+    if in_cluster && service.flags & SVC_F_IN_CLUSTER != 0 {
+        key.scope |= SCOPE_IN_CLUSTER;
+        if let Some(variant) = SVC_SERVICES_V1.get_ptr(key) {
+            // SAFETY: from a map lookup.
+            return Some(unsafe { *variant });
+        }
+    }
+    Some(service)
+}
+
+#[inline(always)]
+fn frontend(daddr: u32, dport: u16, protocol: u8) -> Option<(ServiceKey, ServiceValue)> {
     let key = ServiceKey {
         addr: daddr,
         port: dport,
@@ -29,7 +45,7 @@ pub fn lookup(daddr: u32, dport: u16, protocol: u8) -> Option<ServiceValue> {
     };
     if let Some(service) = SVC_SERVICES_V1.get_ptr(key) {
         // SAFETY: from a map lookup.
-        return Some(unsafe { *service });
+        return Some((key, unsafe { *service }));
     }
     SVC_NODEADDR_V1.get_ptr(daddr)?;
     let key = ServiceKey {
@@ -41,7 +57,7 @@ pub fn lookup(daddr: u32, dport: u16, protocol: u8) -> Option<ServiceValue> {
     // SAFETY: from a map lookup.
     SVC_SERVICES_V1
         .get_ptr(key)
-        .map(|service| unsafe { *service })
+        .map(|service| (key, unsafe { *service }))
 }
 
 /// Whether `saddr` may open a new flow to `service`: always, unless the

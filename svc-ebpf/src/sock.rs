@@ -51,7 +51,7 @@ pub fn try_translate_dst(ctx: &SockAddrContext) -> Result<i32, i32> {
     if protocol != proto::TCP && protocol != proto::UDP {
         return Ok(ALLOW);
     }
-    let Some(service) = lb::lookup(daddr, dport, protocol) else {
+    let Some(service) = lb::lookup(daddr, dport, protocol, true) else {
         return Ok(ALLOW);
     };
     // The node's own address stands in for the not yet chosen source, as

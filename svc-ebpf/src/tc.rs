@@ -119,7 +119,7 @@ fn translate(ctx: &TcContext, hook: Hook) -> Result<Verdict, i32> {
             return tracked(ctx, &packet, &l4, &key, unsafe { &*entry }, len).map(Verdict::Action);
         }
     }
-    match lb::lookup(key.daddr, key.dport, key.protocol) {
+    match lb::lookup(key.daddr, key.dport, key.protocol, hook == Hook::Pod) {
         Some(service) => new_flow(ctx, hook, &config, &packet, &l4, &key, &service, now),
         None => Ok(Verdict::Action(TC_ACT_OK)),
     }

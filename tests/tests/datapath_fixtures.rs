@@ -259,11 +259,21 @@ fn install(maps: &mut Maps) {
         affinity_timeout_secs: Some(10_800),
         ..ServicePolicy::default()
     };
+    // A Local node port with no endpoint here, and its in-cluster variant
+    // (every endpoint) for this node's pods.
+    let local_with_variant = ServicePolicy {
+        in_cluster_variant: true,
+        ..local.clone()
+    };
+    let node_port_local = Frontend::node_port_tcp(NODE_PORT_LOCAL);
+    let in_cluster = node_port_local
+        .in_cluster()
+        .expect("a node port has an in-cluster variant");
     let ranged = ServicePolicy {
         source_ranges: vec![SourceRange::new(Ipv4Addr::new(203, 0, 113, 0), 28).expect("a CIDR")],
         ..external.clone()
     };
-    let services: [(Frontend, &ServicePolicy, &[BackendId]); 12] = [
+    let services: [(Frontend, &ServicePolicy, &[BackendId]); 13] = [
         (Frontend::tcp(CLUSTER, 80), &cluster, &[1, 2, 3]),
         (Frontend::udp(CLUSTER, 53), &cluster, &[1, 2, 3]),
         (Frontend::tcp(EMPTY_SVC, 80), &cluster, &[]),
@@ -272,7 +282,8 @@ fn install(maps: &mut Maps) {
         (Frontend::tcp(SVC_D, 80), &cluster, &[1]),
         (Frontend::tcp(AFFINITY_SVC, 80), &affinity, &[1, 2, 3]),
         (Frontend::node_port_tcp(NODE_PORT), &external, &[3]),
-        (Frontend::node_port_tcp(NODE_PORT_LOCAL), &local, &[]),
+        (in_cluster, &cluster, &[3]),
+        (node_port_local, &local_with_variant, &[]),
         (Frontend::tcp(LB_IP, 443), &external, &[4]),
         (Frontend::tcp(LB_IP_RANGED, 443), &ranged, &[4]),
         (Frontend::tcp(EXTERNAL_IP, 80), &local, &[1]),
@@ -593,6 +604,15 @@ fn translation_steps() -> Vec<fn(&Maps) -> Step> {
             verdict: TC_ACT_SHOT,
             expect: Expect::Dropped,
             counters: &[Counter::Ipv4Tcp, Counter::DropNoBackend],
+        },
+        |_| {
+            step(
+                "that Local node port from a pod of this node: every endpoint (the in-cluster variant)",
+                POD,
+                packet::tcp4((CLIENT.0, 40_100), (NODE, NODE_PORT_LOCAL), SYN, &[]),
+                packet::tcp4((CLIENT.0, 40_100), backend_addr(3), SYN, &[]),
+                NEW_TCP,
+            )
         },
         |_| Step {
             name: "LoadBalancer IP from outside: masqueraded, DNAT to the backend's port",

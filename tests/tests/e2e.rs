@@ -566,6 +566,7 @@ fn services_through_a_real_control_plane() {
     traffic_distribution_keeps_traffic_in_the_zone(&mut e2e);
     health_check_node_ports_follow_local_endpoints(&mut e2e);
     load_balancer_source_ranges_admit_only_their_sources(&mut e2e);
+    local_load_balancer_ips_serve_in_cluster_clients_from_every_endpoint(&mut e2e);
     selectorless_services_with_slices_and_mirrored_endpoints(&mut e2e);
     no_endpoints_is_refused_and_deletion_removes_everything(&mut e2e);
     api_server_restarts_and_expired_resource_versions(&mut e2e);
@@ -902,6 +903,34 @@ fn load_balancer_source_ranges_admit_only_their_sources(e2e: &mut E2e) {
         "outside the source ranges: no new connection"
     );
     e2e.delete_service("ranged");
+}
+
+/// `externalTrafficPolicy: Local` on a load balancer IP whose only pod runs
+/// on node2: traffic arriving at node1 from outside is dropped (no local
+/// endpoint), but node1's own pods reach every endpoint, as with
+/// kube-proxy.
+fn local_load_balancer_ips_serve_in_cluster_clients_from_every_endpoint(e2e: &mut E2e) {
+    let lb_ip = "172.16.1.30";
+    e2e.apply_service(
+        "lb-far",
+        &json!({"type": "LoadBalancer", "externalTrafficPolicy": "Local",
+                "selector": {"pod": "web-2"},
+                "ports": [{"port": 80, "targetPort": WEB_PORT}]}),
+    );
+    e2e.set_ingress("lb-far", lb_ip);
+    let web2 = e2e.pod_addr("web-2");
+    e2e.converge_on(0, &format!("{lb_ip}:80/TCP"), Some(&[]));
+    e2e.converge_on(0, &format!("{lb_ip}:80/TCP in-cluster"), Some(&[web2]));
+    assert_eq!(
+        e2e.answers("client", addr(lb_ip, 80), 4),
+        BTreeSet::from(["web-2".to_owned()]),
+        "a pod on node1 reaches the pod on node2 through the load balancer IP"
+    );
+    assert!(
+        e2e.cluster.external.ask(addr(lb_ip, 80)).is_err(),
+        "from outside, node1 has no local endpoint: dropped"
+    );
+    e2e.delete_service("lb-far");
 }
 
 /// Scenario 5.

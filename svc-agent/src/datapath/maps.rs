@@ -19,9 +19,9 @@ use svc_common::{
     lb::{
         AFFINITY_MAP, AffinityKey, AffinityValue, BACKEND_F_LOCAL, BACKEND_F_TERMINATING,
         BACKEND_STATS_MAP, BACKENDS_MAP, Backend, BackendId, EMPTY_DROP, EMPTY_REJECT, MAGLEV_MAP,
-        NODE_ADDRS_MAP, NodeAddr, SCOPE_ADDR, SCOPE_NODEPORT, SERVICE_STATS_MAP, SERVICES_MAP,
-        SOURCE_RANGES_MAP, SVC_F_AFFINITY, SVC_F_LOCAL_ONLY, SVC_F_SNAT_EXTERNAL,
-        SVC_F_SOURCE_RANGES, ServiceKey, ServiceValue, SourceRangeKey,
+        NODE_ADDRS_MAP, NodeAddr, SCOPE_ADDR, SCOPE_IN_CLUSTER, SCOPE_NODEPORT, SERVICE_STATS_MAP,
+        SERVICES_MAP, SOURCE_RANGES_MAP, SVC_F_AFFINITY, SVC_F_IN_CLUSTER, SVC_F_LOCAL_ONLY,
+        SVC_F_SNAT_EXTERNAL, SVC_F_SOURCE_RANGES, ServiceKey, ServiceValue, SourceRangeKey,
     },
     maglev, proto,
     stats::CounterValue,
@@ -61,6 +61,16 @@ pub enum Frontend {
     },
     /// A node port, on every node address.
     NodePort { port: u16, protocol: Protocol },
+    /// The in-cluster variant of an external address (externalIP or
+    /// LoadBalancer IP) with a Local traffic policy: what this node's pods
+    /// and processes reach there (every endpoint, as kube-proxy does).
+    AddressInCluster {
+        addr: Ipv4Addr,
+        port: u16,
+        protocol: Protocol,
+    },
+    /// The in-cluster variant of a node port with a Local traffic policy.
+    NodePortInCluster { port: u16, protocol: Protocol },
 }
 
 impl Frontend {
@@ -93,26 +103,54 @@ impl Frontend {
         }
     }
 
-    /// The key the datapath looks the frontend up with.
+    /// The in-cluster variant of an external frontend; `None` for one
+    /// that already is a variant.
     #[must_use]
-    pub fn key(&self) -> ServiceKey {
-        match *self {
+    pub const fn in_cluster(self) -> Option<Self> {
+        match self {
             Self::Address {
                 addr,
                 port,
                 protocol,
-            } => ServiceKey {
-                addr: u32::from_ne_bytes(addr.octets()),
-                port: port.to_be(),
-                protocol: protocol.number(),
-                scope: SCOPE_ADDR,
-            },
-            Self::NodePort { port, protocol } => ServiceKey {
-                addr: 0,
-                port: port.to_be(),
-                protocol: protocol.number(),
-                scope: SCOPE_NODEPORT,
-            },
+            } => Some(Self::AddressInCluster {
+                addr,
+                port,
+                protocol,
+            }),
+            Self::NodePort { port, protocol } => Some(Self::NodePortInCluster { port, protocol }),
+            Self::AddressInCluster { .. } | Self::NodePortInCluster { .. } => None,
+        }
+    }
+
+    /// The key the datapath looks the frontend up with.
+    #[must_use]
+    pub fn key(&self) -> ServiceKey {
+        let (addr, port, protocol, scope) = match *self {
+            Self::Address {
+                addr,
+                port,
+                protocol,
+            } => (addr, port, protocol, SCOPE_ADDR),
+            Self::NodePort { port, protocol } => {
+                (Ipv4Addr::UNSPECIFIED, port, protocol, SCOPE_NODEPORT)
+            }
+            Self::AddressInCluster {
+                addr,
+                port,
+                protocol,
+            } => (addr, port, protocol, SCOPE_ADDR | SCOPE_IN_CLUSTER),
+            Self::NodePortInCluster { port, protocol } => (
+                Ipv4Addr::UNSPECIFIED,
+                port,
+                protocol,
+                SCOPE_NODEPORT | SCOPE_IN_CLUSTER,
+            ),
+        };
+        ServiceKey {
+            addr: u32::from_ne_bytes(addr.octets()),
+            port: port.to_be(),
+            protocol: protocol.number(),
+            scope,
         }
     }
 }
@@ -128,14 +166,19 @@ impl Frontend {
             _ => return None,
         };
         let port = u16::from_be(key.port);
-        match key.scope {
-            SCOPE_ADDR => Some(Self::Address {
+        let frontend = match key.scope & !SCOPE_IN_CLUSTER {
+            SCOPE_ADDR => Self::Address {
                 addr: Ipv4Addr::from(key.addr.to_ne_bytes()),
                 port,
                 protocol,
-            }),
-            SCOPE_NODEPORT => Some(Self::NodePort { port, protocol }),
-            _ => None,
+            },
+            SCOPE_NODEPORT => Self::NodePort { port, protocol },
+            _ => return None,
+        };
+        if key.scope & SCOPE_IN_CLUSTER == 0 {
+            Some(frontend)
+        } else {
+            frontend.in_cluster()
         }
     }
 }
@@ -179,6 +222,10 @@ impl SourceRange {
 
 /// How a frontend treats its traffic.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "independent switches, each a flag bit of the service entry"
+)]
 pub struct ServicePolicy {
     /// Masquerade traffic from outside the node (externalTrafficPolicy
     /// Cluster on node ports, externalIPs and LoadBalancer IPs).
@@ -192,6 +239,9 @@ pub struct ServicePolicy {
     /// New flows only from these sources (`loadBalancerSourceRanges`);
     /// empty: from anywhere. Sorted.
     pub source_ranges: Vec<SourceRange>,
+    /// An in-cluster variant of this frontend exists
+    /// ([`Frontend::in_cluster`]): this node's pods and processes use it.
+    pub in_cluster_variant: bool,
 }
 
 /// An endpoint.
@@ -211,6 +261,7 @@ impl ServicePolicy {
             (self.local_only, SVC_F_LOCAL_ONLY),
             (self.affinity_timeout_secs.is_some(), SVC_F_AFFINITY),
             (!self.source_ranges.is_empty(), SVC_F_SOURCE_RANGES),
+            (self.in_cluster_variant, SVC_F_IN_CLUSTER),
         ]
         .iter()
         .filter(|(on, _)| *on)
@@ -220,6 +271,7 @@ impl ServicePolicy {
     fn from_value(value: &ServiceValue, source_ranges: Vec<SourceRange>) -> Self {
         Self {
             source_ranges,
+            in_cluster_variant: value.flags & SVC_F_IN_CLUSTER != 0,
             masquerade_external: value.flags & SVC_F_SNAT_EXTERNAL != 0,
             local_only: value.flags & SVC_F_LOCAL_ONLY != 0,
             affinity_timeout_secs: (value.flags & SVC_F_AFFINITY != 0)
