@@ -55,7 +55,9 @@ pub enum Command {
     },
     /// A frontend's Maglev table: its size and each backend's share.
     Maglev {
-        /// `ADDR:PORT/PROTO` or `*:NODEPORT/PROTO`.
+        /// `ADDR:PORT/PROTO` or `*:NODEPORT/PROTO`, followed by
+        /// ` in-cluster` for the in-cluster variant of a Local external
+        /// frontend (as `services` lists them).
         frontend: String,
         #[command(flatten)]
         inspect: InspectArgs,

@@ -97,9 +97,12 @@ pub fn frontend_label(frontend: &Frontend) -> String {
 }
 
 /// Parses a [`frontend_label`]: `ADDR:PORT/PROTO` or `*:PORT/PROTO`
-/// (protocol optional, TCP by default).
+/// (protocol optional, TCP by default), with ` in-cluster` for a variant.
 #[must_use]
 pub fn parse_frontend(text: &str) -> Option<Frontend> {
+    if let Some(outer) = text.strip_suffix(" in-cluster") {
+        return parse_frontend(outer)?.in_cluster();
+    }
     let (rest, protocol) = match text.rsplit_once('/') {
         Some((rest, p)) if p.eq_ignore_ascii_case("udp") => (rest, Protocol::Udp),
         Some((rest, p)) if p.eq_ignore_ascii_case("tcp") => (rest, Protocol::Tcp),
@@ -424,7 +427,13 @@ mod tests {
 
     #[test]
     fn frontend_labels_parse_back() {
-        for text in ["10.96.0.10:80/TCP", "*:30080/UDP", "192.0.2.1:443/TCP"] {
+        for text in [
+            "10.96.0.10:80/TCP",
+            "*:30080/UDP",
+            "192.0.2.1:443/TCP",
+            "192.0.2.1:443/TCP in-cluster",
+            "*:30080/TCP in-cluster",
+        ] {
             let frontend = parse_frontend(text).expect("parses");
             assert_eq!(frontend_label(&frontend), text);
         }

@@ -930,6 +930,21 @@ fn local_load_balancer_ips_serve_in_cluster_clients_from_every_endpoint(e2e: &mu
         e2e.cluster.external.ask(addr(lb_ip, 80)).is_err(),
         "from outside, node1 has no local endpoint: dropped"
     );
+    // The inspection command lists both tables.
+    let agent = &e2e.agents[0];
+    let out = Command::new(agent_binary())
+        .args(["backends", "e2e/lb-far", "-o", "json", "--pin-dir"])
+        .arg(&agent.pin_dir)
+        .arg("--state-file")
+        .arg(&agent.state_file)
+        .output()
+        .expect("running svc-agent backends");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("in-cluster") && text.contains(&web2.to_string()),
+        "svc-agent backends e2e/lb-far: {text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     e2e.delete_service("lb-far");
 }
 
