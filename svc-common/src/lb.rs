@@ -82,8 +82,9 @@ pub const SVC_F_SOURCE_RANGES: u16 = 1 << 3;
 /// traffic to such addresses to every endpoint instead of only local ones.
 pub const SVC_F_IN_CLUSTER: u16 = 1 << 4;
 
-/// [`ServiceValue::on_empty`]: refuse (ICMP port unreachable, or a failed
-/// `connect` for host processes), as kube-proxy's REJECT does.
+/// [`ServiceValue::on_empty`]: refuse (ICMP port unreachable, or
+/// `ECONNREFUSED` from `connect`/`sendmsg` for host processes), as
+/// kube-proxy's REJECT does.
 pub const EMPTY_REJECT: u8 = 0;
 /// [`ServiceValue::on_empty`]: drop silently (externalTrafficPolicy Local
 /// on a node without local endpoints).

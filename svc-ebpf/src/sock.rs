@@ -6,7 +6,7 @@
 
 use aya_ebpf::{
     EbpfContext,
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
     programs::SockAddrContext,
 };
 use svc_common::{
@@ -24,8 +24,21 @@ use crate::{
 
 /// Verdict letting the call go on.
 pub const ALLOW: i32 = 1;
-/// Verdict failing `connect`/`sendmsg` with `EPERM`.
+/// Verdict failing `connect`/`sendmsg` (with the error [`refuse`] set).
 pub const REFUSE: i32 = 0;
+/// `ECONNREFUSED`: what kube-proxy's REJECT gives a host process.
+const ECONNREFUSED: i32 = 111;
+
+/// Fails the call with `ECONNREFUSED` rather than the hook's default
+/// `EPERM`, as a refused connection would.
+#[inline(always)]
+fn refuse(counter: Counter) -> i32 {
+    stats::count(counter, 0);
+    // SAFETY: allowed in connect and sendmsg hooks; only sets the value
+    // the call returns.
+    unsafe { bpf_set_retval(-ECONNREFUSED) };
+    REFUSE
+}
 
 /// `connect4` and `sendmsg4`: a service destination becomes a backend.
 #[inline(always)]
@@ -57,12 +70,10 @@ pub fn try_translate_dst(ctx: &SockAddrContext) -> Result<i32, i32> {
     // The node's own address stands in for the not yet chosen source, as
     // kube-proxy lets the node through when a range holds its address.
     if !lb::source_allowed(&service, config.masq_addr) {
-        stats::count(Counter::DropSourceRange, 0);
-        return Err(REFUSE);
+        return Err(refuse(Counter::DropSourceRange));
     }
     if service.maglev_size == 0 {
-        stats::count(Counter::SockRejectNoBackend, 0);
-        return Err(REFUSE);
+        return Err(refuse(Counter::SockRejectNoBackend));
     }
     // SAFETY: as above.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
