@@ -85,7 +85,43 @@ pub struct CtEntry {
 }
 assert_layout!(CtEntry, size = 32, align = 8);
 
-impl_user_pod!(CtKey, CtEntry);
+/// Fragments of translated datagrams: [`FragKey`] → [`FragValue`], an LRU
+/// hash. Only a first fragment carries the ports connection tracking
+/// needs; its translation is remembered here for the later ones.
+pub const FRAG_MAP: &str = "SVC_FRAGS_V1";
+/// Entries of [`FRAG_MAP`] (datagrams in flight).
+pub const DEFAULT_FRAG_ENTRIES: u32 = 8192;
+
+/// A fragmented datagram as it arrived: its addresses, IP id and protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct FragKey {
+    /// Network order.
+    pub saddr: u32,
+    /// Network order.
+    pub daddr: u32,
+    /// IPv4 identification, network order.
+    pub id: u16,
+    /// IP protocol number.
+    pub protocol: u8,
+    pub _pad: u8,
+}
+assert_layout!(FragKey, size = 12, align = 4);
+
+/// The addresses its first fragment was translated to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct FragValue {
+    /// Network order.
+    pub saddr: u32,
+    /// Network order.
+    pub daddr: u32,
+}
+assert_layout!(FragValue, size = 8, align = 4);
+
+impl_user_pod!(CtKey, CtEntry, FragKey, FragValue);
 
 #[cfg(test)]
 mod tests {

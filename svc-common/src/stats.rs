@@ -93,6 +93,9 @@ counters! {
     /// An ICMP error quoting a translated packet: the quote translated back
     /// and the error sent on to the quote's original sender.
     LbIcmpError = "lb_icmp_error",
+    /// A later fragment of a translated datagram: given the addresses its
+    /// first fragment was translated to.
+    LbFragment = "lb_fragment",
     /// Dropped: no backend and the service says drop (externalTrafficPolicy
     /// Local without local endpoints).
     DropNoBackend = "drop_no_backend",

@@ -7,6 +7,7 @@
 #![no_main]
 
 mod ct;
+mod frag;
 mod icmp;
 mod lb;
 mod maps;

@@ -11,7 +11,7 @@ use aya_ebpf::{
 };
 use svc_common::{
     config::DatapathConfig,
-    ct::{CtEntry, CtKey, DEFAULT_CT_ENTRIES},
+    ct::{CtEntry, CtKey, DEFAULT_CT_ENTRIES, DEFAULT_FRAG_ENTRIES, FragKey, FragValue},
     lb::{
         AffinityKey, AffinityValue, Backend, BackendId, DEFAULT_MAGLEV_SLOTS, DEFAULT_MAX_AFFINITY,
         DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOURCE_RANGES, MAX_NODE_ADDRS,
@@ -67,6 +67,11 @@ pub static SVC_AFFINITY_V1: LruHashMap<AffinityKey, AffinityValue> =
 #[map]
 pub static SVC_CT_V1: LruHashMap<CtKey, CtEntry> =
     LruHashMap::with_max_entries(DEFAULT_CT_ENTRIES, 0);
+
+/// `svc_common::ct::FRAG_MAP`.
+#[map]
+pub static SVC_FRAGS_V1: LruHashMap<FragKey, FragValue> =
+    LruHashMap::with_max_entries(DEFAULT_FRAG_ENTRIES, 0);
 
 /// `svc_common::lb::SERVICE_STATS_MAP`.
 #[map]

@@ -11,6 +11,8 @@ pub const ETH_P_IP: u16 = 0x0800;
 
 /// Fragment offset bits of `Ipv4Hdr::frag_off` (host order after `from_be`).
 const IP_OFFSET_MASK: u16 = 0x1fff;
+/// More-fragments flag of `Ipv4Hdr::frag_off` (host order).
+const IP_MF: u16 = 0x2000;
 
 #[repr(C)]
 pub struct EthHdr {
@@ -106,6 +108,10 @@ pub struct Ipv4Packet {
     pub protocol: u8,
     /// A fragment other than the first: no L4 header to read.
     pub is_later_fragment: bool,
+    /// More fragments follow this one.
+    pub more_fragments: bool,
+    /// IPv4 identification, network order.
+    pub id: u16,
 }
 
 /// Parses the Ethernet and IPv4 headers.
@@ -118,15 +124,17 @@ pub fn l3(ctx: &TcContext) -> Result<L3, Counter> {
     }
     let ip: *const Ipv4Hdr = ptr_at(ctx, ETH_HLEN).ok_or(Counter::MalformedIpv4Truncated)?;
     // SAFETY: as above.
-    let (version_ihl, frag_off, protocol, saddr, daddr) = unsafe {
+    let (version_ihl, frag_off, protocol, saddr, daddr, id) = unsafe {
         (
             (*ip).version_ihl,
             (*ip).frag_off,
             (*ip).protocol,
             (*ip).saddr,
             (*ip).daddr,
+            (*ip).id,
         )
     };
+    let frag_off = u16::from_be(frag_off);
     let header_len = usize::from(version_ihl & 0x0f) * 4;
     if version_ihl >> 4 != 4 || header_len < IPV4_MIN_HLEN {
         return Err(Counter::MalformedIpv4Header);
@@ -140,7 +148,9 @@ pub fn l3(ctx: &TcContext) -> Result<L3, Counter> {
         saddr,
         daddr,
         protocol,
-        is_later_fragment: u16::from_be(frag_off) & IP_OFFSET_MASK != 0,
+        is_later_fragment: frag_off & IP_OFFSET_MASK != 0,
+        more_fragments: frag_off & IP_MF != 0,
+        id,
     }))
 }
 

@@ -17,7 +17,7 @@ use svc_common::{
 };
 
 use crate::{
-    ct, icmp, lb,
+    ct, frag, icmp, lb,
     maps::{SVC_CT_V1, config},
     nat,
     parse::{self, ETH_HLEN, IPV4_MIN_HLEN, Ipv4Packet, L3, L4},
@@ -91,6 +91,8 @@ fn translate(ctx: &TcContext, hook: Hook) -> Result<Verdict, i32> {
         stats::count(class, len);
         if class == Counter::Ipv4Icmp && icmp::reverse(ctx, &packet) {
             stats::count(Counter::LbIcmpError, len);
+        } else if class == Counter::Ipv4Fragment && frag::translate_later(ctx, &packet) {
+            stats::count(Counter::LbFragment, len);
         }
         return Ok(Verdict::Action(TC_ACT_OK));
     }
@@ -137,6 +139,9 @@ fn tracked(
 ) -> Result<i32, i32> {
     nat::rewrite(ctx, l4, packet.l4_offset, key, entry)
         .map_err(|_| drop(Counter::DropRewriteFailed, len))?;
+    if packet.more_fragments {
+        frag::remember(packet, entry.saddr, entry.daddr);
+    }
     let event = if entry.flags & CT_F_REPLY != 0 {
         Counter::LbReply
     } else {
@@ -229,6 +234,9 @@ fn new_flow(
     );
     nat::rewrite(ctx, l4, packet.l4_offset, key, &forward)
         .map_err(|_| drop(Counter::DropRewriteFailed, len))?;
+    if packet.more_fragments {
+        frag::remember(packet, forward.saddr, forward.daddr);
+    }
     stats::count(Counter::LbNewFlow, len);
     if choice.from_affinity {
         stats::count(Counter::LbAffinityHit, len);

@@ -78,7 +78,8 @@ pub fn clear_udp_checksum(frame: &mut [u8]) {
 }
 
 /// Every checksum of an IPv4 frame that does not verify: the IPv4 header,
-/// and the TCP, UDP (unless zero) or ICMP checksum over the whole datagram.
+/// and the TCP, UDP (unless zero) or ICMP checksum over the whole datagram
+/// (not for a fragment, which holds only part of one).
 #[must_use]
 pub fn checksum_errors(frame: &[u8]) -> Vec<String> {
     let mut errors = Vec::new();
@@ -86,6 +87,10 @@ pub fn checksum_errors(frame: &[u8]) -> Vec<String> {
     let header_len = usize::from(ip[0] & 0x0f) * 4;
     if internet_checksum(&ip[..header_len]) != 0 {
         errors.push("IPv4 header checksum".to_owned());
+    }
+    // Fragments: only a whole datagram has an L4 checksum to check.
+    if u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0 {
+        return errors;
     }
     let total_len = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
     let l4 = &ip[header_len..total_len];

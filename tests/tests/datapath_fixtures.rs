@@ -231,6 +231,13 @@ fn load(config: DatapathConfig) -> Datapath {
     datapath
 }
 
+/// `frame` with the more-fragments flag set (offset 0: a first fragment).
+fn more_fragments(mut frame: Vec<u8>) -> Vec<u8> {
+    frame[ETH_HLEN + 6] |= 0x20;
+    packet::fix_ipv4_checksum(&mut frame);
+    frame
+}
+
 /// The services, written through the agent's map writer.
 fn install(maps: &mut Maps) {
     maps.set_node_addrs(&[NODE]).expect("node addresses");
@@ -513,6 +520,33 @@ fn translation_steps() -> Vec<fn(&Maps) -> Step> {
                 packet::udp4(backend, CLIENT, b"answer"),
                 packet::udp4((CLUSTER, 53), CLIENT, b"answer"),
                 &[Counter::Ipv4Udp, Counter::LbReply],
+            )
+        },
+        |maps| {
+            let src = (CLIENT.0, 40_200);
+            let backend = predict(maps, Frontend::udp(CLUSTER, 53), src, (CLUSTER, 53));
+            step(
+                "first fragment of a UDP datagram to a ClusterIP: translated, and remembered",
+                POD,
+                more_fragments(packet::udp4(src, (CLUSTER, 53), b"first part")),
+                more_fragments(packet::udp4(src, backend, b"first part")),
+                NEW_UDP,
+            )
+        },
+        |maps| {
+            let src = (CLIENT.0, 40_200);
+            let backend = predict(maps, Frontend::udp(CLUSTER, 53), src, (CLUSTER, 53));
+            let mut input = packet::udp4(src, (CLUSTER, 53), b"second part");
+            packet::set_fragment_offset(&mut input, 3);
+            let mut output = input.clone();
+            output[ETH_HLEN + 16..ETH_HLEN + 20].copy_from_slice(&backend.0.octets());
+            packet::fix_ipv4_checksum(&mut output);
+            step(
+                "a later fragment of that datagram: the same addresses, its bytes otherwise untouched",
+                POD,
+                input,
+                output,
+                &[Counter::Ipv4Fragment, Counter::LbFragment],
             )
         },
         |maps| {

@@ -714,3 +714,35 @@ fn an_icmp_error_from_the_backend_reaches_the_client_socket_as_from_the_service(
         "node1 translated the error back"
     );
 }
+
+#[test]
+fn a_fragmented_udp_datagram_reaches_its_backend_through_a_cluster_ip() {
+    let mut cluster = cluster(Options::default());
+    cluster.apply(
+        &[Frontend::udp(CLUSTER_IP, 53)],
+        &ServicePolicy::default(),
+        &[("b", 5353)],
+    );
+    let socket = cluster.pod("z").udp_socket();
+    // 3,000 bytes: the pod's 1,500-byte MTU splits it into three
+    // fragments, and only the first carries the ports.
+    socket
+        .send_to(&[b'?'; 3000], addr(CLUSTER_IP, 53))
+        .expect("send the large datagram");
+    let mut buf = [0u8; 256];
+    let (len, from) = socket
+        .recv_from(&mut buf)
+        .expect("the backend reassembles the datagram and answers");
+    let answer = Answer::parse(&String::from_utf8_lossy(&buf[..len]));
+    assert_eq!(answer.name, "b");
+    assert_eq!(
+        from,
+        SocketAddr::V4(addr(CLUSTER_IP, 53)),
+        "the reply comes from the service"
+    );
+    let stats = cluster.nodes[0].datapath().stats().expect("counters");
+    assert!(
+        stats.get(Counter::LbFragment).packets >= 2,
+        "node1 translated the later fragments"
+    );
+}

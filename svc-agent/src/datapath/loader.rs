@@ -17,7 +17,7 @@ use aya::{
 use aya_log::EbpfLogger;
 use svc_common::{
     config::{CONFIG_GLOBAL, DatapathConfig},
-    ct::{CT_MAP, DEFAULT_CT_ENTRIES},
+    ct::{CT_MAP, DEFAULT_CT_ENTRIES, FRAG_MAP},
     lb::{
         AFFINITY_MAP, BACKEND_STATS_MAP, BACKENDS_MAP, DEFAULT_MAGLEV_SLOTS, DEFAULT_MAX_AFFINITY,
         DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, MAGLEV_MAP, NODE_ADDRS_MAP, SERVICE_STATS_MAP,
@@ -62,6 +62,7 @@ const REQUIRED_MAPS: &[&str] = &[
     BACKEND_STATS_MAP,
     SOCK_REVNAT_MAP,
     SOURCE_RANGES_MAP,
+    FRAG_MAP,
 ];
 
 /// Level of the eBPF programs' own log lines (aya-log), fixed at load time.
