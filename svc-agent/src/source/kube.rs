@@ -5,7 +5,7 @@
 //! re-derives everything, so a missed `Delete` is collected there.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeSet, HashMap, HashSet},
     hash::BuildHasher as _,
     net::Ipv4Addr,
     path::Path,
@@ -134,7 +134,8 @@ pub struct KubeSource {
     slice_owner: HashMap<ObjectKey, ObjectKey>,
     /// The slices serving each service.
     by_service: HashMap<ObjectKey, BTreeSet<String>>,
-    listed: BTreeSet<&'static str>,
+    /// The kinds listed at least once.
+    listed: HashSet<Kind>,
 }
 
 /// Retry delays of a failed watch: doubling from 250 ms to 4 s with
@@ -230,7 +231,7 @@ impl KubeSource {
             node_name: node_name.to_owned(),
             slice_owner: HashMap::new(),
             by_service: HashMap::new(),
-            listed: BTreeSet::new(),
+            listed: HashSet::new(),
         }
     }
 
@@ -273,7 +274,7 @@ impl KubeSource {
             }
             Change::Node => dirty.node = true,
             Change::Listed(kind) => {
-                self.listed.insert(kind.name());
+                self.listed.insert(kind);
                 match kind {
                     Kind::Service => dirty.all = true,
                     Kind::EndpointSlice => {
