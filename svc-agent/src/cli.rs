@@ -4,7 +4,7 @@ use std::{net::Ipv4Addr, path::PathBuf};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use svc_agent::{
-    datapath::{BpfLogLevel, DEFAULT_PIN_DIR},
+    datapath::{BpfLogLevel, DEFAULT_PIN_DIR, Ipv4Cidr},
     inspect::DEFAULT_STATE_FILE,
 };
 use svc_common::{
@@ -69,6 +69,17 @@ pub enum Command {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
     },
+}
+
+/// `--detect-local-mode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DetectLocalMode {
+    #[value(alias = "InterfaceNamePrefix")]
+    Interface,
+    #[value(alias = "ClusterCIDR")]
+    ClusterCidr,
+    #[value(alias = "NodeCIDR")]
+    NodeCidr,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -148,6 +159,39 @@ pub struct RunArgs {
     /// first --node-addr.
     #[arg(long, value_name = "IPV4")]
     pub masquerade_addr: Option<Ipv4Addr>,
+    /// Masquerade every flow to a ClusterIP, and to an external address
+    /// with a Cluster traffic policy, local or not (kube-proxy's
+    /// --masquerade-all). Local policies keep the client's address all the
+    /// same.
+    #[arg(long)]
+    pub masquerade_all: bool,
+    /// How local traffic (this node's pods: it keeps its address to
+    /// ClusterIPs) is told from the rest (masqueraded, so replies come back
+    /// through this node): `interface` (what enters at --pod-iface),
+    /// `cluster-cidr` (sources in --cluster-cidr), `node-cidr` (sources in
+    /// this node's pod CIDRs). kube-proxy's names are accepted too.
+    #[arg(long, value_enum, default_value_t = DetectLocalMode::Interface)]
+    pub detect_local_mode: DetectLocalMode,
+    /// The cluster's pod CIDR (repeatable), for
+    /// `--detect-local-mode cluster-cidr`.
+    #[arg(long = "cluster-cidr", value_name = "CIDR")]
+    pub cluster_cidrs: Vec<Ipv4Cidr>,
+    /// This node's pod CIDR (repeatable), for `--detect-local-mode
+    /// node-cidr`. With the Kubernetes source, the Node's `spec.podCIDRs`
+    /// when not given.
+    #[arg(long = "node-pod-cidr", value_name = "CIDR")]
+    pub node_pod_cidrs: Vec<Ipv4Cidr>,
+    /// A service CIDR (repeatable): packets to an address in one that no
+    /// service holds are dropped, as kube-proxy's nftables mode does. With
+    /// the Kubernetes source, the cluster's `ServiceCIDR` objects when not
+    /// given; without either, nothing is dropped.
+    #[arg(long = "service-cidr", value_name = "CIDR")]
+    pub service_cidrs: Vec<Ipv4Cidr>,
+    /// Seconds between sweeps of connection tracking (timed-out flows
+    /// removed, UDP flows moved off endpoints that stopped serving, ids
+    /// freed); a sync that removes something sweeps at once too.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub ct_sweep_interval_secs: u64,
     /// Do not translate the node's own processes (cgroup socket hooks).
     #[arg(long)]
     pub no_host_sockets: bool,

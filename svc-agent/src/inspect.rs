@@ -16,8 +16,8 @@ use svc_common::{
     ct::{CT_F_REPLY, CT_F_SNAT, CT_MAP, CtEntry, CtKey},
     lb::{
         BACKEND_STATS_MAP, BACKENDS_MAP, Backend, BackendId, MAGLEV_MAP, SERVICE_STATS_MAP,
-        SERVICES_MAP, SVC_F_AFFINITY, SVC_F_LOCAL_ONLY, SVC_F_SNAT_EXTERNAL, SVC_F_SOURCE_RANGES,
-        ServiceKey, ServiceValue,
+        SERVICES_MAP, SVC_F_AFFINITY, SVC_F_LOCAL_ONLY, SVC_F_MASQ_ALWAYS, SVC_F_MASQ_NON_LOCAL,
+        SVC_F_SOURCE_RANGES, ServiceKey, ServiceValue,
     },
     proto,
     stats::CounterValue,
@@ -274,8 +274,13 @@ impl PinnedMaps {
                 .map(|id| self.backend_addr(id))
                 .collect::<Result<_>>()?;
             let mut flags = Vec::new();
-            if value.flags & SVC_F_SNAT_EXTERNAL != 0 {
-                flags.push("masquerade-external");
+            // Who keeps their address: sources that are not local lose it
+            // by default (kube-proxy's rule), every source with
+            // --masquerade-all, none with a Local policy.
+            if value.flags & SVC_F_MASQ_ALWAYS != 0 {
+                flags.push("masquerade-all");
+            } else if value.flags & SVC_F_MASQ_NON_LOCAL == 0 {
+                flags.push("keep-source");
             }
             if value.flags & SVC_F_LOCAL_ONLY != 0 {
                 flags.push("local-only");

@@ -7,4 +7,5 @@ pub mod inspect;
 pub mod metrics;
 pub mod model;
 pub mod source;
+pub mod sweeper;
 pub mod sync;

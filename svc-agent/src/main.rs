@@ -19,20 +19,21 @@ use svc_agent::{
         Capacities, Datapath, Frontend, LoadOptions, StatsSnapshot, current_netns_cookie, ifaces,
     },
     metrics,
-    model::{NodeInfo, ObjectKey, Problem, Settings, Translator},
+    model::{LocalDetect, NodeInfo, ObjectKey, Problem, Settings, Translator},
     source::{
         self,
         kube::{Change, Dirty, KubeSource},
         manifests::Watch,
     },
+    sweeper::Sweeper,
     sync::Applier,
 };
-use svc_common::config::DatapathConfig;
+use svc_common::config::{DatapathConfig, LOCAL_BY_CIDR, LOCAL_BY_INTERFACE};
 use tokio::{io::unix::AsyncFd, signal, sync::mpsc, time};
 use tracing::{info, warn};
 
 use crate::{
-    cli::{Cli, Command, LogFormat, RunArgs},
+    cli::{Cli, Command, DetectLocalMode, LogFormat, RunArgs},
     health::HealthChecks,
 };
 
@@ -89,6 +90,10 @@ fn load_datapath(args: &RunArgs) -> Result<Datapath> {
         config.host_netns_cookie =
             current_netns_cookie().context("reading this network namespace's cookie")?;
     }
+    config.local_detect = match args.detect_local_mode {
+        DetectLocalMode::Interface => LOCAL_BY_INTERFACE,
+        DetectLocalMode::ClusterCidr | DetectLocalMode::NodeCidr => LOCAL_BY_CIDR,
+    };
     let options = LoadOptions {
         bpf_log_level: args.bpf_log_level,
         config,
@@ -216,13 +221,85 @@ async fn serve_http(addr: std::net::SocketAddr) -> Result<Arc<Mutex<Page>>> {
     Ok(page)
 }
 
+/// The translation settings the flags give, checked: a local-detection
+/// mode needs its CIDRs.
+fn settings(args: &RunArgs) -> Result<Settings> {
+    let local_detect = match args.detect_local_mode {
+        DetectLocalMode::Interface => LocalDetect::Interface,
+        DetectLocalMode::ClusterCidr if args.cluster_cidrs.is_empty() => {
+            anyhow::bail!("--detect-local-mode cluster-cidr needs --cluster-cidr")
+        }
+        DetectLocalMode::ClusterCidr => LocalDetect::ClusterCidr(args.cluster_cidrs.clone()),
+        DetectLocalMode::NodeCidr if args.manifests.is_some() && args.node_pod_cidrs.is_empty() => {
+            anyhow::bail!(
+                "--detect-local-mode node-cidr with --manifests needs --node-pod-cidr (there is no Node object)"
+            )
+        }
+        DetectLocalMode::NodeCidr => LocalDetect::NodeCidr,
+    };
+    Ok(Settings {
+        proxy_name: args.service_proxy_name.clone(),
+        masquerade_all: args.masquerade_all,
+        local_detect,
+    })
+}
+
+/// Says how local traffic is told apart and who is masqueraded.
+fn log_masquerading(args: &RunArgs, settings: &Settings) {
+    let masquerade = if settings.masquerade_all {
+        "every flow to a ClusterIP or a Cluster-policy external address (--masquerade-all)"
+    } else {
+        "flows from sources that are not local"
+    };
+    match &settings.local_detect {
+        LocalDetect::Interface => info!(
+            pod_ifaces = ?args.pod_ifaces,
+            masquerade,
+            "local traffic: what enters at pod interfaces"
+        ),
+        LocalDetect::ClusterCidr(cidrs) => info!(
+            cidrs = %join(cidrs),
+            masquerade,
+            "local traffic: sources in the cluster CIDRs"
+        ),
+        LocalDetect::NodeCidr => info!(
+            masquerade,
+            "local traffic: sources in this node's pod CIDRs"
+        ),
+    }
+}
+
+fn join<T: std::fmt::Display>(items: &[T]) -> String {
+    items
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The translator, with what the flags say of this node and the service
+/// CIDRs.
+fn translator(args: &RunArgs, node_name: &str, settings: Settings) -> Translator {
+    let mut translator = Translator::new(
+        NodeInfo {
+            name: node_name.to_owned(),
+            addrs: args.node_addrs.clone(),
+            zone: args.node_zone.clone(),
+            pod_cidrs: args.node_pod_cidrs.clone(),
+        },
+        settings,
+    );
+    if !args.service_cidrs.is_empty() {
+        translator.set_service_cidrs(args.service_cidrs.clone());
+        info!(cidrs = %join(&args.service_cidrs), "service CIDRs: unallocated addresses are dropped");
+    }
+    translator
+}
+
 async fn run(mut args: RunArgs) -> Result<()> {
     let node_name = args.node_name.clone().unwrap_or_else(hostname);
-    // Flags win over the Node object.
-    let fixed = FixedNode {
-        addrs: !args.node_addrs.is_empty(),
-        zone: args.node_zone.is_some(),
-    };
+    let settings = settings(&args)?;
+    let fixed = FixedNode::from(&args);
     // Connected before the datapath loads: the Node's address becomes the
     // masquerade address.
     let client = match args.manifests.clone() {
@@ -230,20 +307,12 @@ async fn run(mut args: RunArgs) -> Result<()> {
         None => Ok(connect(&mut args, &node_name).await?),
     };
     let (mut datapath, mut attached) = start_datapath(&args)?;
-    let mut translator = Translator::new(
-        NodeInfo {
-            name: node_name.clone(),
-            addrs: args.node_addrs.clone(),
-            zone: args.node_zone.clone(),
-        },
-        Settings {
-            proxy_name: args.service_proxy_name.clone(),
-        },
-    );
+    log_masquerading(&args, &settings);
+    let mut translator = translator(&args, &node_name, settings);
     let mut source = match client {
         Ok(client) => {
             let (source, changes) = KubeSource::start(&client, &node_name);
-            info!(node = %node_name, "watching Services, EndpointSlices and this Node");
+            info!(node = %node_name, "watching Services, EndpointSlices, ServiceCIDRs and this Node");
             Source::Kube { source, changes }
         }
         Err(dir) => Source::Manifests(Watch::new(&dir)),
@@ -254,6 +323,8 @@ async fn run(mut args: RunArgs) -> Result<()> {
     let mut names: Vec<(Frontend, String)> = Vec::new();
     let mut render_every = time::interval(Duration::from_secs(2));
     let mut synced_once = false;
+    let mut sweeper = Sweeper::new(Duration::from_secs(args.ct_sweep_interval_secs));
+    let mut sweep_every = time::interval(Duration::from_secs(1));
 
     let mut last = StatsSnapshot::default();
     let mut ticker = time::interval(Duration::from_secs(args.stats_interval_secs.max(1)));
@@ -288,29 +359,34 @@ async fn run(mut args: RunArgs) -> Result<()> {
             }
             _ = render_every.tick() => {
                 let ready = lock(&page).ready;
+                snapshot.sweeps = sweeper.stats.clone();
                 publish(&page, &mut snapshot, sync.applier, &datapath, &names, ready);
                 None
             }
+            result = sweeper.finished(), if sweeper.running() => {
+                sweeper.finish(result, sync.applier, &mut datapath);
+                None
+            }
+            _ = sweep_every.tick(), if synced_once => {
+                sweeper.start_if_due(sync.applier, &mut datapath);
+                None
+            }
             _ = ticker.tick() => {
-                let now = datapath.stats().context("reading counters")?;
-                for (counter, delta) in now.since(&last) {
-                    info!(counter = counter.name(), packets = delta.packets, bytes = delta.bytes, "packets");
-                }
-                last = now;
+                last = log_counters(&datapath, &last)?;
                 None
             }
             result = signal::ctrl_c() => {
                 result.context("waiting for Ctrl-C")?;
-                if args.no_pin {
-                    info!("shutting down; detaching");
-                } else {
-                    info!(dir = %args.pin_dir.display(), "shutting down; the pinned datapath keeps serving (`svc-agent cleanup` removes it)");
-                }
+                log_shutdown(&args);
                 return Ok(());
             }
         };
         if let Some(synced) = synced {
             synced_once = true;
+            if synced.sweep_wanted {
+                sweeper.want();
+                sweeper.start_if_due(sync.applier, &mut datapath);
+            }
             snapshot.syncs += 1;
             snapshot.sync_errors += synced.errors;
             snapshot.input_problems += synced.problems;
@@ -318,6 +394,31 @@ async fn run(mut args: RunArgs) -> Result<()> {
             names = synced.names;
             publish(&page, &mut snapshot, sync.applier, &datapath, &names, true);
         }
+    }
+}
+
+/// Logs what the counters moved since `last`; returns them now.
+fn log_counters(datapath: &Datapath, last: &StatsSnapshot) -> Result<StatsSnapshot> {
+    let now = datapath.stats().context("reading counters")?;
+    for (counter, delta) in now.since(last) {
+        info!(
+            counter = counter.name(),
+            packets = delta.packets,
+            bytes = delta.bytes,
+            "packets"
+        );
+    }
+    Ok(now)
+}
+
+fn log_shutdown(args: &RunArgs) {
+    if args.no_pin {
+        info!("shutting down; detaching");
+    } else {
+        info!(
+            dir = %args.pin_dir.display(),
+            "shutting down; the pinned datapath keeps serving (`svc-agent cleanup` removes it)"
+        );
     }
 }
 
@@ -406,13 +507,30 @@ struct Synced {
     errors: u64,
     problems: u64,
     names: Vec<(Frontend, String)>,
+    /// A sweep of connection tracking should follow.
+    sweep_wanted: bool,
 }
 
-/// What of this node the flags fixed (the Node object does not change it).
+/// What the flags fixed (the Node object and the `ServiceCIDR` objects do
+/// not change it).
 #[derive(Clone, Copy)]
+#[expect(clippy::struct_excessive_bools, reason = "one per flag")]
 struct FixedNode {
     addrs: bool,
     zone: bool,
+    pod_cidrs: bool,
+    service_cidrs: bool,
+}
+
+impl From<&RunArgs> for FixedNode {
+    fn from(args: &RunArgs) -> Self {
+        Self {
+            addrs: !args.node_addrs.is_empty(),
+            zone: args.node_zone.is_some(),
+            pod_cidrs: !args.node_pod_cidrs.is_empty(),
+            service_cidrs: !args.service_cidrs.is_empty(),
+        }
+    }
 }
 
 /// Translation and applying, shared by both sources.
@@ -461,6 +579,12 @@ impl Sync<'_> {
         // A new zone or address changes what topology hints and source
         // ranges keep: everything again.
         let node_changed = dirty.node && self.node(source);
+        let cidrs_changed = (dirty.service_cidrs || first)
+            && !self.fixed.service_cidrs
+            && self.translator.set_service_cidrs(source.service_cidrs());
+        if cidrs_changed {
+            info!(cidrs = %join(&self.translator.desired().service_cidrs), "service CIDRs from the cluster's ServiceCIDRs");
+        }
         if !source.ready() {
             return None;
         }
@@ -470,7 +594,7 @@ impl Sync<'_> {
             let mut keys: BTreeSet<ObjectKey> = source.service_keys().into_iter().collect();
             keys.extend(self.translator.service_keys().cloned());
             keys
-        } else if dirty.services.is_empty() && !dirty.node {
+        } else if dirty.services.is_empty() && !dirty.node && !cidrs_changed {
             return None;
         } else {
             dirty.services
@@ -501,6 +625,12 @@ impl Sync<'_> {
         if addrs != current.addrs || zone != current.zone {
             info!(?addrs, ?zone, "this node's addresses or zone changed");
         }
+        if !self.fixed.pod_cidrs {
+            let pod_cidrs = source::kube::node_pod_cidrs(&node);
+            if self.translator.set_pod_cidrs(pod_cidrs.clone()) {
+                info!(cidrs = %join(&pod_cidrs), "this node's pod CIDRs");
+            }
+        }
         self.translator.set_node(addrs, zone)
     }
 
@@ -529,6 +659,13 @@ impl Sync<'_> {
         for error in &report.errors {
             warn!("{error}");
         }
+        if !report.cidrs_dropped.is_empty() {
+            warn!(
+                cidrs = %join(&report.cidrs_dropped),
+                "the datapath holds {} CIDRs per set; these are ignored",
+                svc_common::lb::MAX_CIDRS
+            );
+        }
         let (frontends, backends) = self.applier.sizes();
         info!(
             frontends,
@@ -552,6 +689,7 @@ impl Sync<'_> {
                 .iter()
                 .map(|(frontend, spec)| (*frontend, spec.service.to_string()))
                 .collect(),
+            sweep_wanted: report.sweep_wanted,
         }
     }
 }
@@ -585,6 +723,11 @@ fn publish(
     }
     let maps = datapath.maps();
     snapshot.fill = maps.fill();
+    snapshot.fill.push((
+        svc_common::ct::CT_MAP,
+        snapshot.sweeps.entries as u64,
+        u64::from(maps.ct_capacity()),
+    ));
     snapshot.traffic = names
         .iter()
         .filter_map(|(frontend, service)| {

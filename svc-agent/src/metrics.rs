@@ -7,7 +7,7 @@ use std::{fmt::Write as _, time::Duration};
 
 use svc_common::stats::Counter;
 
-use crate::datapath::StatsSnapshot;
+use crate::{datapath::StatsSnapshot, sweeper::SweepStats};
 
 /// Upper bounds (seconds) of the sync-latency histogram's buckets.
 const LATENCY_BUCKETS: [f64; 11] = [
@@ -59,6 +59,8 @@ pub struct Snapshot {
     pub traffic: Vec<FrontendTraffic>,
     /// (map, entries used, capacity).
     pub fill: Vec<(&'static str, u64, u64)>,
+    /// Sweeps of connection tracking.
+    pub sweeps: SweepStats,
 }
 
 fn escape(value: &str) -> String {
@@ -128,7 +130,66 @@ pub fn render(snapshot: &Snapshot) -> String {
 
     render_datapath(&mut out, snapshot);
     render_traffic(&mut out, snapshot);
+    render_sweeps(&mut out, &snapshot.sweeps);
     out
+}
+
+fn render_sweeps(out: &mut String, sweeps: &SweepStats) {
+    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, String)]| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, value) in samples {
+            let _ = writeln!(out, "{name}{labels} {value}");
+        }
+    };
+    metric(
+        "svc_conntrack_sweeps_total",
+        "counter",
+        "Sweeps of connection tracking, by result.",
+        &[
+            ("{result=\"ok\"}", sweeps.sweeps.to_string()),
+            ("{result=\"failed\"}", sweeps.failures.to_string()),
+        ],
+    );
+    metric(
+        "svc_conntrack_entries",
+        "gauge",
+        "Connection-tracking entries at the last sweep (two per flow, dead ones included).",
+        &[("", sweeps.entries.to_string())],
+    );
+    metric(
+        "svc_conntrack_flows",
+        "gauge",
+        "Live translated flows at the last sweep.",
+        &[("", sweeps.flows.to_string())],
+    );
+    metric(
+        "svc_conntrack_removed_total",
+        "counter",
+        "Entries sweeps removed: flows that timed out, UDP flows whose endpoint stopped serving, affinity to what is gone.",
+        &[
+            ("{reason=\"expired\"}", sweeps.removed_expired.to_string()),
+            (
+                "{reason=\"udp_endpoint_gone\"}",
+                sweeps.removed_udp.to_string(),
+            ),
+            ("{reason=\"affinity\"}", sweeps.removed_affinity.to_string()),
+        ],
+    );
+    metric(
+        "svc_conntrack_sweep_seconds",
+        "gauge",
+        "How long the last sweep took.",
+        &[("", sweeps.last_duration.as_secs_f64().to_string())],
+    );
+    metric(
+        "svc_ids_reserved",
+        "gauge",
+        "Ids of removed frontends and backends that live flows still name (reused once none does).",
+        &[
+            ("{kind=\"backend\"}", sweeps.reserved_backends.to_string()),
+            ("{kind=\"frontend\"}", sweeps.reserved_frontends.to_string()),
+        ],
+    );
 }
 
 fn render_datapath(out: &mut String, snapshot: &Snapshot) {

@@ -13,7 +13,7 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 
-use crate::datapath::{Frontend, Protocol, ServicePolicy, SourceRange};
+use crate::datapath::{CidrError, Frontend, Ipv4Cidr, Masquerade, Protocol, ServicePolicy};
 
 /// Label naming the proxy that should serve a service.
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
@@ -34,6 +34,24 @@ pub struct NodeInfo {
     pub addrs: Vec<Ipv4Addr>,
     /// Its `topology.kubernetes.io/zone`, for topology hints.
     pub zone: Option<String>,
+    /// Its pod CIDRs (`spec.podCIDRs`), for [`LocalDetect::NodeCidr`].
+    pub pod_cidrs: Vec<Ipv4Cidr>,
+}
+
+/// How the datapath tells local sources (this node's pods), whose address
+/// a ClusterIP flow keeps, from the rest, which are masqueraded: kube-proxy's
+/// `--detect-local-mode`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum LocalDetect {
+    /// Traffic entering at a pod interface (`--pod-iface`) is local
+    /// (kube-proxy's `InterfaceNamePrefix`).
+    #[default]
+    Interface,
+    /// Sources in these CIDRs, the cluster's pod CIDRs, are local
+    /// (`ClusterCIDR`).
+    ClusterCidr(Vec<Ipv4Cidr>),
+    /// Sources in this node's pod CIDRs are local (`NodeCIDR`).
+    NodeCidr,
 }
 
 /// Translation settings.
@@ -42,6 +60,11 @@ pub struct Settings {
     /// This proxy's name for the `service-proxy-name` label; services with
     /// the label set to anything else are left alone.
     pub proxy_name: Option<String>,
+    /// Masquerade every flow to a ClusterIP, and every flow to an external
+    /// address with a Cluster policy, local or not (kube-proxy's
+    /// `--masquerade-all`).
+    pub masquerade_all: bool,
+    pub local_detect: LocalDetect,
 }
 
 /// Gives each of `touched` to the first service (by namespace and name)
@@ -118,7 +141,13 @@ pub struct FrontendSpec {
     pub service: ServicePortRef,
     pub kind: FrontendKind,
     pub policy: ServicePolicy,
+    /// What its table holds.
     pub endpoints: BTreeSet<Endpoint>,
+    /// For a UDP port, every endpoint serving it (ready, or serving and
+    /// terminating), whatever the policy and topology keep: its UDP flows
+    /// to any other endpoint are cleared, as kube-proxy clears their
+    /// conntrack entries. Empty for TCP, whose flows are never cleared.
+    pub serving: BTreeSet<SocketAddrV4>,
 }
 
 /// A health check node port (`spec.healthCheckNodePort` of a LoadBalancer
@@ -138,6 +167,15 @@ pub struct HealthCheck {
 pub struct Desired {
     pub frontends: BTreeMap<Frontend, FrontendSpec>,
     pub node_addrs: Vec<Ipv4Addr>,
+    /// Every service's IPv4 ClusterIPs: `true` where this proxy serves the
+    /// service (new flows to ports it lacks are refused), `false` where
+    /// another proxy does (left alone, never dropped as unallocated).
+    pub cluster_ips: BTreeMap<Ipv4Addr, bool>,
+    /// The service CIDRs: addresses in them that no service holds are
+    /// dropped.
+    pub service_cidrs: Vec<Ipv4Cidr>,
+    /// Sources counted as local when local traffic is detected by CIDR.
+    pub local_cidrs: Vec<Ipv4Cidr>,
     pub health_checks: BTreeMap<u16, HealthCheck>,
 }
 
@@ -255,6 +293,7 @@ impl Inputs for Indexed<'_, '_> {
 #[derive(Debug, Default)]
 struct ServiceRecord {
     frontends: Vec<Frontend>,
+    cluster_ips: Vec<Ipv4Addr>,
     health_check: Option<u16>,
     problems: Vec<Problem>,
 }
@@ -273,24 +312,54 @@ pub struct Translator {
     claims: BTreeMap<Frontend, BTreeMap<ObjectKey, FrontendSpec>>,
     /// Likewise for health check node ports.
     health_claims: BTreeMap<u16, BTreeMap<ObjectKey, HealthCheck>>,
+    /// Likewise for ClusterIPs (whether served here).
+    ip_claims: BTreeMap<Ipv4Addr, BTreeMap<ObjectKey, bool>>,
     desired: Desired,
 }
 
 impl Translator {
     #[must_use]
     pub fn new(node: NodeInfo, settings: Settings) -> Self {
-        let desired = Desired {
-            node_addrs: node.addrs.clone(),
-            ..Desired::default()
-        };
-        Self {
+        let mut translator = Self {
             node,
             settings,
             outputs: HashMap::new(),
             claims: BTreeMap::new(),
             health_claims: BTreeMap::new(),
-            desired,
+            ip_claims: BTreeMap::new(),
+            desired: Desired::default(),
+        };
+        translator
+            .desired
+            .node_addrs
+            .clone_from(&translator.node.addrs);
+        translator.desired.local_cidrs = translator.local_cidrs();
+        translator
+    }
+
+    /// The sources counted as local, as the settings and the node say.
+    fn local_cidrs(&self) -> Vec<Ipv4Cidr> {
+        match &self.settings.local_detect {
+            LocalDetect::Interface => Vec::new(),
+            LocalDetect::ClusterCidr(cidrs) => cidrs.clone(),
+            LocalDetect::NodeCidr => self.node.pod_cidrs.clone(),
         }
+    }
+
+    /// Changes this node's pod CIDRs (used when local traffic is detected
+    /// by the node's CIDRs). Returns whether they changed.
+    pub fn set_pod_cidrs(&mut self, cidrs: Vec<Ipv4Cidr>) -> bool {
+        let changed = self.node.pod_cidrs != cidrs;
+        self.node.pod_cidrs = cidrs;
+        self.desired.local_cidrs = self.local_cidrs();
+        changed
+    }
+
+    /// Sets the service CIDRs; returns whether they changed.
+    pub fn set_service_cidrs(&mut self, cidrs: Vec<Ipv4Cidr>) -> bool {
+        let changed = self.desired.service_cidrs != cidrs;
+        self.desired.service_cidrs = cidrs;
+        changed
     }
 
     /// The desired state as of the last update.
@@ -333,6 +402,7 @@ impl Translator {
     pub fn update(&mut self, dirty: impl IntoIterator<Item = ObjectKey>, inputs: &impl Inputs) {
         let mut touched = BTreeSet::new();
         let mut touched_health = BTreeSet::new();
+        let mut touched_ips = BTreeSet::new();
         for key in dirty {
             if let Some(old) = self.outputs.remove(&key) {
                 for frontend in old.frontends {
@@ -340,6 +410,12 @@ impl Translator {
                         claims.remove(&key);
                     }
                     touched.insert(frontend);
+                }
+                for addr in old.cluster_ips {
+                    if let Some(claims) = self.ip_claims.get_mut(&addr) {
+                        claims.remove(&key);
+                    }
+                    touched_ips.insert(addr);
                 }
                 if let Some(port) = old.health_check {
                     if let Some(claims) = self.health_claims.get_mut(&port) {
@@ -356,9 +432,18 @@ impl Translator {
             translate_service(service, &slices, &self.node, &self.settings, &mut output);
             let mut record = ServiceRecord {
                 frontends: Vec::with_capacity(output.desired.frontends.len()),
+                cluster_ips: Vec::with_capacity(output.desired.cluster_ips.len()),
                 health_check: None,
                 problems: output.problems,
             };
+            for (addr, served) in output.desired.cluster_ips {
+                self.ip_claims
+                    .entry(addr)
+                    .or_default()
+                    .insert(key.clone(), served);
+                touched_ips.insert(addr);
+                record.cluster_ips.push(addr);
+            }
             for (port, check) in output.desired.health_checks {
                 self.health_claims
                     .entry(port)
@@ -382,6 +467,11 @@ impl Translator {
             &mut self.health_claims,
             &mut self.desired.health_checks,
             touched_health,
+        );
+        settle(
+            &mut self.ip_claims,
+            &mut self.desired.cluster_ips,
+            touched_ips,
         );
     }
 
@@ -527,23 +617,12 @@ fn translate_service(
 ) {
     let meta = &service.metadata;
     let object = ObjectRef::new("Service", meta.namespace.as_ref(), meta.name.as_ref());
-    let labels = meta.labels.as_ref();
-    if let Some(proxy) = labels.and_then(|labels| labels.get(SERVICE_PROXY_NAME_LABEL))
-        && settings.proxy_name.as_deref() != Some(proxy.as_str())
-    {
-        out.note(&object, format!("served by proxy {proxy:?}, not this one"));
-        return;
-    }
     let Some(spec) = service.spec.as_ref() else {
         out.warn(&object, "no spec");
         return;
     };
     let kind = spec.type_.as_deref().unwrap_or("ClusterIP");
     if kind == "ExternalName" {
-        return;
-    }
-    if !matches!(kind, "ClusterIP" | "NodePort" | "LoadBalancer") {
-        out.warn(&object, format!("unknown type {kind}"));
         return;
     }
     let cluster_ips: Vec<&String> = match (&spec.cluster_ips, &spec.cluster_ip) {
@@ -562,6 +641,24 @@ fn translate_service(
             Ok(None) => out.note(&object, format!("cluster IP {ip} is IPv6: not served yet")),
             Err(err) => out.warn(&object, format!("cluster IP {ip:?}: {err}")),
         }
+    }
+    let labels = meta.labels.as_ref();
+    if let Some(proxy) = labels.and_then(|labels| labels.get(SERVICE_PROXY_NAME_LABEL))
+        && settings.proxy_name.as_deref() != Some(proxy.as_str())
+    {
+        // Its address is allocated all the same: never dropped.
+        for addr in cluster_v4 {
+            out.desired.cluster_ips.insert(addr, false);
+        }
+        out.note(&object, format!("served by proxy {proxy:?}, not this one"));
+        return;
+    }
+    if !matches!(kind, "ClusterIP" | "NodePort" | "LoadBalancer") {
+        out.warn(&object, format!("unknown type {kind}"));
+        return;
+    }
+    for addr in &cluster_v4 {
+        out.desired.cluster_ips.insert(*addr, true);
     }
     let mut external_v4 = Vec::new();
     for ip in spec.external_ips.iter().flatten() {
@@ -672,11 +769,31 @@ fn translate_service(
             local,
             any: any_endpoints,
             local_ready,
+            serving,
         } = endpoints_for(port, protocol, slices, node, &object, out);
         local_ready_addrs.extend(local_ready);
+        // Only UDP flows are cleared when their endpoint stops serving.
+        let serving = if protocol == Protocol::Udp {
+            serving
+        } else {
+            BTreeSet::new()
+        };
+        let port_ref = PortRef {
+            service: &port_ref,
+            serving: &serving,
+        };
 
+        // kube-proxy masquerades what is not local to ClusterIPs (a routed
+        // client's replies must come back through this node) and to
+        // external addresses with a Cluster policy; --masquerade-all
+        // everything there.
+        let masquerade = if settings.masquerade_all {
+            Masquerade::Always
+        } else {
+            Masquerade::NonLocal
+        };
         let internal = ServicePolicy {
-            masquerade_external: false,
+            masquerade,
             local_only: internal_local,
             affinity_timeout_secs,
             drop_when_empty: internal_local && any_endpoints,
@@ -685,7 +802,11 @@ fn translate_service(
         };
         let internal_endpoints = if internal_local { &local } else { &all };
         let external = ServicePolicy {
-            masquerade_external: !external_local,
+            masquerade: if external_local {
+                Masquerade::Never
+            } else {
+                masquerade
+            },
             local_only: external_local,
             affinity_timeout_secs,
             drop_when_empty: external_local && any_endpoints,
@@ -775,19 +896,26 @@ fn translate_service(
     }
 }
 
+/// What every frontend of one service port shares.
+struct PortRef<'a> {
+    service: &'a ServicePortRef,
+    /// Its serving endpoints (UDP only).
+    serving: &'a BTreeSet<SocketAddrV4>,
+}
+
 fn insert(
     out: &mut Translation,
     object: &ObjectRef<'_>,
     frontend: Frontend,
     kind: FrontendKind,
-    service: &ServicePortRef,
+    port: &PortRef<'_>,
     policy: ServicePolicy,
     endpoints: &BTreeSet<Endpoint>,
 ) {
     if let Some(existing) = out.desired.frontends.get(&frontend) {
         let message = format!(
-            "{frontend:?} is already served by {}; skipped for {service}",
-            existing.service
+            "{frontend:?} is already served by {}; skipped for {}",
+            existing.service, port.service
         );
         out.warn(object, message);
         return;
@@ -795,10 +923,11 @@ fn insert(
     out.desired.frontends.insert(
         frontend,
         FrontendSpec {
-            service: service.clone(),
+            service: port.service.clone(),
             kind,
             policy,
             endpoints: endpoints.clone(),
+            serving: port.serving.clone(),
         },
     );
 }
@@ -813,30 +942,20 @@ fn load_balancer_source_ranges(
     node: &NodeInfo,
     object: &ObjectRef<'_>,
     out: &mut Translation,
-) -> Vec<SourceRange> {
+) -> Vec<Ipv4Cidr> {
     let mut ranges = BTreeSet::new();
     for text in spec.load_balancer_source_ranges.iter().flatten() {
-        let trimmed = text.trim();
-        let parsed = trimmed.split_once('/').map_or_else(
-            || Some((trimmed, 32)),
-            |(addr, prefix)| prefix.parse::<u8>().ok().map(|prefix| (addr, prefix)),
-        );
-        let range = parsed.and_then(|(addr, prefix)| match addr.parse::<std::net::IpAddr>() {
-            Ok(std::net::IpAddr::V4(addr)) => SourceRange::new(addr, prefix).map(Some),
-            Ok(std::net::IpAddr::V6(_)) if prefix <= 128 => Some(None),
-            _ => None,
-        });
-        match range {
-            Some(Some(range)) => {
+        match text.parse::<Ipv4Cidr>() {
+            Ok(range) => {
                 ranges.insert(range);
             }
-            Some(None) => {
+            Err(CidrError::Ipv6(_)) => {
                 out.note(
                     object,
                     format!("source range {text} is IPv6: not served yet"),
                 );
             }
-            None => out.warn(
+            Err(CidrError::Invalid(_)) => out.warn(
                 object,
                 format!("source range {text:?} is not a CIDR; skipped"),
             ),
@@ -848,7 +967,7 @@ fn load_balancer_source_ranges(
     {
         for (addr, kind) in external {
             if *kind == FrontendKind::LoadBalancerIp
-                && let Some(range) = SourceRange::new(*addr, 32)
+                && let Some(range) = Ipv4Cidr::new(*addr, 32)
             {
                 ranges.insert(range);
             }
@@ -866,7 +985,7 @@ fn insert_external(
     out: &mut Translation,
     object: &ObjectRef<'_>,
     (frontend, kind): (Frontend, FrontendKind),
-    service: &ServicePortRef,
+    service: &PortRef<'_>,
     policy: ServicePolicy,
     (all, local): (&BTreeSet<Endpoint>, &BTreeSet<Endpoint>),
 ) {
@@ -875,8 +994,10 @@ fn insert_external(
         return;
     }
     if let Some(variant) = frontend.in_cluster() {
+        // Only local sources use the variant, which kube-proxy sends to the
+        // endpoints without masquerading (--masquerade-all included).
         let in_cluster = ServicePolicy {
-            masquerade_external: false,
+            masquerade: Masquerade::NonLocal,
             local_only: false,
             drop_when_empty: false,
             in_cluster_variant: false,
@@ -905,6 +1026,8 @@ fn parse_ip(text: &str) -> Result<Option<Ipv4Addr>, String> {
 struct Candidate {
     endpoint: Endpoint,
     ready: bool,
+    /// Its serving condition (ready when unset).
+    serving: bool,
     /// Serving and terminating (used only when nothing is ready).
     serving_terminating: bool,
     zones: Vec<String>,
@@ -952,6 +1075,8 @@ struct Categorized {
     any: bool,
     /// This node's ready endpoints' addresses (for health checks).
     local_ready: BTreeSet<Ipv4Addr>,
+    /// Every serving endpoint (ready, or serving and terminating).
+    serving: BTreeSet<SocketAddrV4>,
 }
 
 fn categorize(candidates: &[Candidate], node: &NodeInfo) -> Categorized {
@@ -986,6 +1111,11 @@ fn categorize(candidates: &[Candidate], node: &NodeInfo) -> Categorized {
             .iter()
             .filter(|c| c.ready && c.endpoint.local)
             .map(|c| *c.endpoint.addr.ip())
+            .collect(),
+        serving: candidates
+            .iter()
+            .filter(|c| c.serving)
+            .map(|c| c.endpoint.addr)
             .collect(),
     }
 }
@@ -1053,6 +1183,7 @@ fn endpoints_for(
                     terminating: !ready,
                 },
                 ready,
+                serving,
                 serving_terminating: !ready && serving && terminating,
                 zones: hints
                     .and_then(|h| h.for_zones.as_ref())
@@ -1107,6 +1238,7 @@ mod tests {
                 name: "node-1".to_owned(),
                 addrs: vec![NODE1],
                 zone: zone.map(str::to_owned),
+                pod_cidrs: Vec::new(),
             },
             &Settings::default(),
         )
@@ -1154,22 +1286,17 @@ mod tests {
             .collect()
     }
 
+    /// ClusterIPs and external addresses with a Cluster policy alike:
+    /// every endpoint, sources that are not local masqueraded.
     const CLUSTER: ServicePolicy = ServicePolicy {
-        masquerade_external: false,
+        masquerade: Masquerade::NonLocal,
         local_only: false,
         affinity_timeout_secs: None,
         drop_when_empty: false,
         source_ranges: Vec::new(),
         in_cluster_variant: false,
     };
-    const EXTERNAL: ServicePolicy = ServicePolicy {
-        masquerade_external: true,
-        local_only: false,
-        affinity_timeout_secs: None,
-        drop_when_empty: false,
-        source_ranges: Vec::new(),
-        in_cluster_variant: false,
-    };
+    const EXTERNAL: ServicePolicy = CLUSTER;
 
     #[test]
     fn docs_cluster_ip_service_with_its_endpoint_slice() {
@@ -1306,7 +1433,7 @@ endpoints:
         );
         let t = run(&[&service, &slice(TWO_NODES)]);
         let local = ServicePolicy {
-            masquerade_external: false,
+            masquerade: Masquerade::Never,
             local_only: true,
             affinity_timeout_secs: None,
             drop_when_empty: true,
@@ -1522,7 +1649,7 @@ endpoints:
             &slice(TWO_NODES),
         ]);
         let range =
-            |a, b, c, d, prefix| SourceRange::new(Ipv4Addr::new(a, b, c, d), prefix).expect("CIDR");
+            |a, b, c, d, prefix| Ipv4Cidr::new(Ipv4Addr::new(a, b, c, d), prefix).expect("CIDR");
         assert_eq!(
             spec(&t, tcp([192, 0, 2, 80], 80)).policy.source_ranges,
             [range(203, 0, 113, 0, 24)],
@@ -1591,6 +1718,7 @@ endpoints:
             &NodeInfo::default(),
             &Settings {
                 proxy_name: Some("other".to_owned()),
+                ..Settings::default()
             },
         );
         assert_eq!(
@@ -1704,6 +1832,7 @@ spec:
             name: "node-1".to_owned(),
             addrs: vec![NODE1],
             zone: None,
+            pod_cidrs: Vec::new(),
         };
         let full = translate(&both.services, &both.slices, &node, &Settings::default());
         let mut translator = Translator::new(node.clone(), Settings::default());

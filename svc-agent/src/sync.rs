@@ -3,18 +3,29 @@
 //! endpoints are unchanged costs one comparison; only changed frontends
 //! touch backends. Backends shared by several frontends are stored once,
 //! reference-counted by the frontends naming them; a frontend's table is
-//! replaced in one update, and a backend is removed (ending its flows)
-//! only after no table names it any more.
+//! replaced in one update, and a backend is removed only after no table
+//! names it any more.
+//!
+//! Removing a frontend or a backend never cuts its flows: connection
+//! tracking holds their addresses, so established TCP connections finish
+//! where they are, as with kube-proxy. A sweep of connection tracking
+//! ([`crate::datapath::conntrack`]) afterwards clears the UDP flows whose
+//! endpoint stopped serving their frontend, and reports which ids live
+//! flows still name: released ids are reused only once none does.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
-    net::{Ipv4Addr, SocketAddrV4},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    net::SocketAddrV4,
 };
 
-use svc_common::lb::BackendId;
+use svc_common::{config::DatapathConfig, lb::BackendId};
 
 use crate::{
-    datapath::{BackendSpec, Frontend, Maps, ServicePolicy},
+    datapath::{
+        BackendSpec, CidrSetKind, Frontend, Ipv4Cidr, Maps, Protocol, ServicePolicy,
+        conntrack::{SweepPlan, SweepReport},
+        ids::IdPool,
+    },
     model::{Desired, Endpoint},
 };
 
@@ -25,9 +36,14 @@ pub struct Report {
     pub frontends_removed: usize,
     pub backends_added: usize,
     pub backends_removed: usize,
+    /// Something a sweep of connection tracking acts on changed: a
+    /// frontend or backend went, or a UDP frontend's serving endpoints.
+    pub sweep_wanted: bool,
     /// Writes that failed, naming the frontend or backend; everything else
     /// was applied and what was installed before stays.
     pub errors: Vec<String>,
+    /// Service or local CIDRs the datapath had no room for.
+    pub cidrs_dropped: Vec<Ipv4Cidr>,
 }
 
 impl Report {
@@ -45,6 +61,8 @@ impl Report {
 struct InstalledFrontend {
     policy: ServicePolicy,
     endpoints: BTreeSet<Endpoint>,
+    /// UDP: the endpoints serving it (see `FrontendSpec::serving`).
+    serving: BTreeSet<SocketAddrV4>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,14 +73,29 @@ struct InstalledBackend {
     refs: usize,
 }
 
+/// A sweep under way: what it was given and the id epochs it may free.
+#[derive(Debug)]
+pub struct PendingSweep {
+    pub plan: SweepPlan,
+    backend_epoch: u64,
+    frontend_epoch: u64,
+}
+
 /// The agent's record of what it wrote.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Applier {
     frontends: BTreeMap<Frontend, InstalledFrontend>,
     backends: HashMap<SocketAddrV4, InstalledBackend>,
-    node_addrs: Vec<Ipv4Addr>,
-    free_ids: Vec<BackendId>,
-    next_id: BackendId,
+    /// Removed backends whose ids wait for a sweep, by address: a backend
+    /// that comes back before takes its id back.
+    retired: HashMap<SocketAddrV4, BackendId>,
+    ids: IdPool,
+}
+
+impl Default for Applier {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 fn spec_of(endpoint: Endpoint) -> BackendSpec {
@@ -77,8 +110,12 @@ impl Applier {
     #[must_use]
     pub fn new() -> Self {
         Self {
-            next_id: 1,
-            ..Self::default()
+            frontends: BTreeMap::new(),
+            backends: HashMap::new(),
+            retired: HashMap::new(),
+            // Id 0 means "none" to the datapath; the backends map bounds
+            // the rest (a write past its capacity fails, naming it).
+            ids: IdPool::new(1, u32::MAX),
         }
     }
 
@@ -94,12 +131,9 @@ impl Applier {
                 .backends
                 .insert(spec.addr, InstalledBackend { id, spec, refs: 0 });
             by_id.insert(id, spec);
-            applier.next_id = applier.next_id.max(id + 1);
         }
-        let used: BTreeSet<BackendId> = by_id.keys().copied().collect();
-        applier.free_ids = (1..applier.next_id)
-            .filter(|id| !used.contains(id))
-            .collect();
+        let used: HashSet<BackendId> = by_id.keys().copied().collect();
+        applier.ids.adopt(&used, maps.named_backends());
         for (frontend, policy, ids) in maps.installed_frontends() {
             let endpoints = ids
                 .iter()
@@ -115,11 +149,17 @@ impl Applier {
                     backend.refs += 1;
                 }
             }
-            applier
-                .frontends
-                .insert(frontend, InstalledFrontend { policy, endpoints });
+            // The serving set is not in the maps: the first apply sets it
+            // and sweeps.
+            applier.frontends.insert(
+                frontend,
+                InstalledFrontend {
+                    policy,
+                    endpoints,
+                    serving: BTreeSet::new(),
+                },
+            );
         }
-        applier.node_addrs = maps.installed_node_addrs();
         applier
     }
 
@@ -127,6 +167,12 @@ impl Applier {
     #[must_use]
     pub fn sizes(&self) -> (usize, usize) {
         (self.frontends.len(), self.backends.len())
+    }
+
+    /// Backend ids waiting for a sweep to find them unnamed.
+    #[must_use]
+    pub fn retired_backends(&self) -> usize {
+        self.ids.quarantined()
     }
 
     /// The id of the backend at `addr`, if installed.
@@ -137,29 +183,29 @@ impl Applier {
 
     pub fn apply(&mut self, maps: &mut Maps, desired: &Desired) -> Report {
         let mut report = Report::default();
-        let mut node_addrs = desired.node_addrs.clone();
-        node_addrs.sort_unstable();
-        node_addrs.dedup();
-        if self.node_addrs != node_addrs {
-            match maps.set_node_addrs(&node_addrs) {
-                Ok(()) => self.node_addrs = node_addrs,
-                Err(err) => report.errors.push(format!("node addresses: {err}")),
-            }
-        }
+        Self::apply_addrs(maps, desired, &mut report);
 
         for (frontend, spec) in &desired.frontends {
-            let unchanged = self
-                .frontends
-                .get(frontend)
+            let installed = self.frontends.get_mut(frontend);
+            let same_table = installed
+                .as_ref()
                 .is_some_and(|i| i.policy == spec.policy && i.endpoints == spec.endpoints);
-            if !unchanged {
-                let want = InstalledFrontend {
-                    policy: spec.policy.clone(),
-                    endpoints: spec.endpoints.clone(),
-                };
-                let service = spec.service.to_string();
-                self.write_frontend(maps, *frontend, want, &service, &mut report);
+            if same_table {
+                if let Some(installed) = installed
+                    && installed.serving != spec.serving
+                {
+                    installed.serving.clone_from(&spec.serving);
+                    report.sweep_wanted = true;
+                }
+                continue;
             }
+            let want = InstalledFrontend {
+                policy: spec.policy.clone(),
+                endpoints: spec.endpoints.clone(),
+                serving: spec.serving.clone(),
+            };
+            let service = spec.service.to_string();
+            self.write_frontend(maps, *frontend, want, &service, &mut report);
         }
         let stale: Vec<Frontend> = self
             .frontends
@@ -174,12 +220,40 @@ impl Applier {
                         self.release(&old.endpoints);
                     }
                     report.frontends_removed += 1;
+                    report.sweep_wanted = true;
                 }
                 Err(err) => report.errors.push(format!("removing {frontend:?}: {err}")),
             }
         }
         self.remove_unreferenced(maps, &mut report);
         report
+    }
+
+    /// Node addresses, ClusterIPs and the CIDR sets.
+    fn apply_addrs(maps: &mut Maps, desired: &Desired, report: &mut Report) {
+        let addrs = maps.addrs_mut();
+        let mut nodes = desired.node_addrs.clone();
+        nodes.sort_unstable();
+        nodes.dedup();
+        if addrs.nodes() != nodes
+            && let Err(err) = addrs.set_nodes(&nodes)
+        {
+            report.errors.push(format!("node addresses: {err}"));
+        }
+        if addrs.cluster_ips() != &desired.cluster_ips
+            && let Err(err) = addrs.set_cluster_ips(&desired.cluster_ips)
+        {
+            report.errors.push(format!("ClusterIPs: {err}"));
+        }
+        for (kind, cidrs) in [
+            (CidrSetKind::Service, &desired.service_cidrs),
+            (CidrSetKind::Local, &desired.local_cidrs),
+        ] {
+            match addrs.set_cidrs(kind, cidrs) {
+                Ok(dropped) => report.cidrs_dropped.extend(dropped),
+                Err(err) => report.errors.push(format!("{kind:?} CIDRs: {err}")),
+            }
+        }
     }
 
     /// Writes one frontend: its backends first, then its table.
@@ -204,6 +278,11 @@ impl Applier {
         match maps.upsert_service(&frontend, &want.policy, &ids) {
             Ok(_) => {
                 if let Some(old) = self.frontends.insert(frontend, want) {
+                    if frontend_protocol(frontend) == Protocol::Udp
+                        && old.serving != self.frontends[&frontend].serving
+                    {
+                        report.sweep_wanted = true;
+                    }
                     self.release(&old.endpoints);
                 }
                 report.frontends_written += 1;
@@ -222,7 +301,8 @@ impl Applier {
     }
 
     /// Takes a reference on the backend at `spec.addr`, writing it if it is
-    /// new or its flags changed.
+    /// new or its flags changed. A backend that returns while its old id
+    /// waits for a sweep takes that id back: its flows never left it.
     fn hold_backend(
         &mut self,
         maps: &mut Maps,
@@ -239,10 +319,17 @@ impl Applier {
             installed.refs += 1;
             return Some(installed.id);
         }
-        let id = self.free_ids.pop().unwrap_or_else(|| {
-            self.next_id += 1;
-            self.next_id - 1
-        });
+        let reclaimed = self
+            .retired
+            .remove(&spec.addr)
+            .filter(|&id| self.ids.reclaim(id));
+        let Some(id) = reclaimed.or_else(|| self.ids.allocate()) else {
+            report.errors.push(format!(
+                "backend {}: every backend id is in use or held by live flows",
+                spec.addr
+            ));
+            return None;
+        };
         match maps.set_backend(id, &spec) {
             Ok(()) => {
                 self.backends
@@ -251,7 +338,12 @@ impl Applier {
                 Some(id)
             }
             Err(err) => {
-                self.free_ids.push(id);
+                if reclaimed.is_some() {
+                    self.ids.release(id);
+                    self.retired.insert(spec.addr, id);
+                } else {
+                    self.ids.unallocate(id);
+                }
                 report.errors.push(format!("backend {}: {err}", spec.addr));
                 None
             }
@@ -266,7 +358,8 @@ impl Applier {
         }
     }
 
-    /// Removes backends no table names any more (ending their flows).
+    /// Removes backends no table names any more; their ids wait for a
+    /// sweep.
     fn remove_unreferenced(&mut self, maps: &mut Maps, report: &mut Report) {
         let unused: Vec<(SocketAddrV4, BackendId)> = self
             .backends
@@ -278,13 +371,73 @@ impl Applier {
             match maps.remove_backend(id) {
                 Ok(()) => {
                     self.backends.remove(&addr);
-                    self.free_ids.push(id);
+                    self.ids.release(id);
+                    self.retired.insert(addr, id);
                     report.backends_removed += 1;
+                    report.sweep_wanted = true;
                 }
                 Err(err) => report
                     .errors
                     .push(format!("removing backend {addr}: {err}")),
             }
         }
+    }
+
+    /// Starts a sweep of connection tracking over what is installed now
+    /// (`now_ns` is the datapath's clock, `config` what it was loaded
+    /// with); run it with [`crate::datapath::conntrack::sweep`], anywhere,
+    /// then hand its report to [`Applier::finish_sweep`].
+    pub fn begin_sweep(
+        &mut self,
+        maps: &mut Maps,
+        now_ns: u64,
+        config: &DatapathConfig,
+    ) -> PendingSweep {
+        let frontends = self
+            .frontends
+            .iter()
+            .filter_map(|(frontend, installed)| {
+                let id = maps.service(frontend)?.id;
+                let serving = (frontend_protocol(*frontend) == Protocol::Udp)
+                    .then(|| installed.serving.iter().copied().collect());
+                Some((id, serving))
+            })
+            .collect();
+        PendingSweep {
+            plan: SweepPlan {
+                now_ns,
+                config: *config,
+                frontends,
+                backends: self.backends.values().map(|b| b.id).collect(),
+            },
+            backend_epoch: self.ids.begin_sweep(),
+            frontend_epoch: maps.frontend_ids().begin_sweep(),
+        }
+    }
+
+    /// Frees the ids the sweep found no live flow naming. Returns how many
+    /// (backend, frontend) ids were freed.
+    pub fn finish_sweep(
+        &mut self,
+        maps: &mut Maps,
+        pending: &PendingSweep,
+        report: &SweepReport,
+    ) -> (usize, usize) {
+        let backends = self.ids.end_sweep(pending.backend_epoch, &report.backends);
+        let ids = &self.ids;
+        self.retired.retain(|_, id| ids.is_quarantined(*id));
+        let frontends = maps
+            .frontend_ids()
+            .end_sweep(pending.frontend_epoch, &report.frontends);
+        (backends, frontends)
+    }
+}
+
+const fn frontend_protocol(frontend: Frontend) -> Protocol {
+    match frontend {
+        Frontend::Address { protocol, .. }
+        | Frontend::NodePort { protocol, .. }
+        | Frontend::AddressInCluster { protocol, .. }
+        | Frontend::NodePortInCluster { protocol, .. } => protocol,
     }
 }

@@ -9,6 +9,16 @@ pub const CONFIG_GLOBAL: &str = "SVC_CONFIG";
 /// Nanoseconds per second.
 pub const NS_PER_SEC: u64 = 1_000_000_000;
 
+/// [`DatapathConfig::local_detect`]: traffic entering at a pod interface
+/// is local, traffic entering at an uplink is not (kube-proxy's
+/// `InterfaceNamePrefix` mode).
+pub const LOCAL_BY_INTERFACE: u8 = 0;
+/// [`DatapathConfig::local_detect`]: a source inside the local CIDRs
+/// (`crate::lb::CIDRS_LOCAL`: the cluster's or this node's pod CIDRs) is
+/// local, wherever it enters (kube-proxy's `ClusterCIDR` and `NodeCIDR`
+/// modes).
+pub const LOCAL_BY_CIDR: u8 = 1;
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
@@ -37,8 +47,13 @@ pub struct DatapathConfig {
     /// into one load; 0 makes them call `bpf_ktime_get_coarse_ns` instead.
     /// The loader fills it in when it can measure the tick.
     pub ns_per_tick: u64,
+    /// How a new flow's source is judged local (this node's pods) or not,
+    /// which decides masquerading: [`LOCAL_BY_INTERFACE`] or
+    /// [`LOCAL_BY_CIDR`].
+    pub local_detect: u8,
+    pub _pad: [u8; 7],
 }
-assert_layout!(DatapathConfig, size = 56, align = 8);
+assert_layout!(DatapathConfig, size = 64, align = 8);
 impl_user_pod!(DatapathConfig);
 
 impl DatapathConfig {
@@ -54,6 +69,8 @@ impl DatapathConfig {
         nat_port_min: 61_000,
         nat_port_max: 65_535,
         ns_per_tick: 0,
+        local_detect: LOCAL_BY_INTERFACE,
+        _pad: [0; 7],
     };
 }
 

@@ -8,8 +8,18 @@
 //! NAT table: a new flow whose reply tuple is taken gets another source
 //! port, so two flows never share a reply key (one backend behind two
 //! services, source NAT for external traffic).
+//!
+//! The two entries of a flow share its lifetime: both carry the flow's
+//! state flags, each is stamped by the packets it translates, and the flow
+//! lives while either stamp is younger than the timeout of its state
+//! ([`timeout_ns`]). The datapath and the agent's sweep judge it with the
+//! same functions, here.
 
-use crate::{assert_layout, impl_user_pod};
+use crate::{
+    assert_layout,
+    config::{DatapathConfig, NS_PER_SEC},
+    impl_user_pod, proto,
+};
 
 pub const CT_MAP: &str = "SVC_CT_V1";
 /// Default capacity of [`CT_MAP`] (entries; two per flow).
@@ -123,6 +133,62 @@ assert_layout!(FragValue, size = 8, align = 4);
 
 impl_user_pod!(CtKey, CtEntry, FragKey, FragValue);
 
+/// How long a flow in the state `flags` lives without packets.
+#[inline]
+#[must_use]
+pub const fn timeout_ns(config: &DatapathConfig, protocol: u8, flags: u8) -> u64 {
+    if protocol != proto::TCP {
+        config.ct_timeout_udp_ns
+    } else if flags & CT_F_CLOSING != 0 {
+        config.ct_timeout_tcp_closing_ns
+    } else if flags & CT_F_SEEN_REPLY != 0 {
+        config.ct_timeout_tcp_established_ns
+    } else {
+        config.ct_timeout_tcp_syn_ns
+    }
+}
+
+/// An entry's stamp is refreshed at most this often (a store per packet
+/// would bounce the cache line between CPUs).
+pub const REFRESH_NS: u64 = NS_PER_SEC;
+
+impl CtEntry {
+    /// Whether this entry translated a packet within its flow's timeout.
+    #[inline]
+    #[must_use]
+    pub const fn is_fresh(&self, config: &DatapathConfig, protocol: u8, now: u64) -> bool {
+        now.saturating_sub(self.last_seen_ns) < timeout_ns(config, protocol, self.flags)
+    }
+
+    /// The key of the flow's other entry: the tuple this entry rewrites
+    /// packets to, reversed (an original entry's peer is its reply entry
+    /// and the other way round).
+    #[inline]
+    #[must_use]
+    pub const fn peer_key(&self, protocol: u8) -> CtKey {
+        CtKey {
+            saddr: self.daddr,
+            daddr: self.saddr,
+            sport: self.dport,
+            dport: self.sport,
+            protocol,
+            _pad: [0; 3],
+        }
+    }
+
+    /// Whether this entry is the peer of the entry keyed `key`: it
+    /// rewrites packets to `key` reversed. An entry whose peer was taken
+    /// over by another flow is an orphan and no longer belongs to a flow.
+    #[inline]
+    #[must_use]
+    pub const fn is_peer_of(&self, key: &CtKey) -> bool {
+        self.saddr == key.daddr
+            && self.daddr == key.saddr
+            && self.sport == key.dport
+            && self.dport == key.sport
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use core::mem::{offset_of, size_of};
@@ -133,6 +199,79 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(offset_of!(CtKey, _pad) + 3, size_of::<CtKey>());
         assert_eq!(offset_of!(CtEntry, _pad) + 3, size_of::<CtEntry>());
+    }
+
+    const KEY: CtKey = CtKey {
+        saddr: 0x0a00_0001,
+        daddr: 0x0a60_0001,
+        sport: 40_000,
+        dport: 80,
+        protocol: proto::TCP,
+        _pad: [0; 3],
+    };
+
+    /// The two entries of a flow from `KEY` to backend 10.1.0.5:8080.
+    fn flow() -> (CtEntry, CtEntry) {
+        let original = CtEntry {
+            saddr: KEY.saddr,
+            daddr: 0x0a01_0005,
+            sport: KEY.sport,
+            dport: 8080,
+            ..CtEntry::default()
+        };
+        let reply = CtEntry {
+            saddr: KEY.daddr,
+            daddr: KEY.saddr,
+            sport: KEY.dport,
+            dport: KEY.sport,
+            flags: CT_F_REPLY,
+            ..CtEntry::default()
+        };
+        (original, reply)
+    }
+
+    #[test]
+    fn each_entry_names_its_peer() {
+        let (original, reply) = flow();
+        let reply_key = original.peer_key(proto::TCP);
+        assert_eq!(reply.peer_key(proto::TCP), KEY);
+        assert!(reply.is_peer_of(&KEY));
+        assert!(original.is_peer_of(&reply_key));
+        // A flow that took the original key over with another NAT port
+        // no longer owns the old reply entry.
+        let taken_over = CtEntry {
+            sport: 61_000,
+            ..original
+        };
+        assert!(!taken_over.is_peer_of(&reply_key));
+    }
+
+    #[test]
+    fn a_flow_times_out_by_its_state() {
+        let config = DatapathConfig::DEFAULT;
+        let (mut entry, _) = flow();
+        entry.last_seen_ns = 100 * NS_PER_SEC;
+        let after = |secs: u64| entry.last_seen_ns + secs * NS_PER_SEC;
+        assert!(
+            entry.is_fresh(&config, proto::TCP, after(59)),
+            "SYN sent: 60 s"
+        );
+        assert!(!entry.is_fresh(&config, proto::TCP, after(60)));
+        entry.flags |= CT_F_SEEN_REPLY;
+        assert!(
+            entry.is_fresh(&config, proto::TCP, after(3600)),
+            "answered: 6 h"
+        );
+        entry.flags |= CT_F_CLOSING;
+        assert!(
+            !entry.is_fresh(&config, proto::TCP, after(10)),
+            "closing: 10 s"
+        );
+        assert!(entry.is_fresh(&config, proto::UDP, after(59)), "UDP: 60 s");
+        assert!(
+            entry.is_fresh(&config, proto::TCP, 0),
+            "a clock behind the stamp is not a timeout"
+        );
     }
 
     #[test]

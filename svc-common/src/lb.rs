@@ -5,7 +5,8 @@
 //! | [`SERVICES_MAP`] | hash | [`ServiceKey`] | [`ServiceValue`] |
 //! | [`BACKENDS_MAP`] | array | [`BackendId`] (`u32`) | [`Backend`] |
 //! | [`MAGLEV_MAP`] | array, mmapable | slot (`u32`) | [`BackendId`] |
-//! | [`NODE_ADDRS_MAP`] | hash | node IPv4 address (network order) | [`NodeAddr`] |
+//! | [`ADDRS_MAP`] | hash | IPv4 address (network order) | [`AddrInfo`] |
+//! | [`CIDRS_MAP`] | array | [`CIDRS_SERVICE`] or [`CIDRS_LOCAL`] | [`CidrSet`] |
 //! | [`AFFINITY_MAP`] | LRU hash | [`AffinityKey`] | [`AffinityValue`] |
 
 use crate::{assert_layout, impl_user_pod};
@@ -13,7 +14,11 @@ use crate::{assert_layout, impl_user_pod};
 pub const SERVICES_MAP: &str = "SVC_SERVICES_V1";
 pub const BACKENDS_MAP: &str = "SVC_BACKENDS_V1";
 pub const MAGLEV_MAP: &str = "SVC_MAGLEV_V1";
-pub const NODE_ADDRS_MAP: &str = "SVC_NODEADDR_V1";
+/// Addresses that are not frontends themselves but mean something: this
+/// node's (node ports answer there) and every service's ClusterIP.
+pub const ADDRS_MAP: &str = "SVC_ADDRS_V1";
+/// Sets of CIDRs, one per index: the service CIDRs and the local CIDRs.
+pub const CIDRS_MAP: &str = "SVC_CIDRS_V1";
 pub const AFFINITY_MAP: &str = "SVC_AFFINITY_V1";
 /// Per-CPU array of `CounterValue` indexed by [`ServiceValue::id`].
 pub const SERVICE_STATS_MAP: &str = "SVC_SVC_CTRS_V1";
@@ -30,6 +35,8 @@ pub const DEFAULT_MAX_SERVICES: u32 = 131_072;
 pub const DEFAULT_MAX_BACKENDS: u32 = 262_144;
 pub const DEFAULT_MAGLEV_SLOTS: u32 = 4 * 1024 * 1024;
 pub const DEFAULT_MAX_AFFINITY: u32 = 65_536;
+/// Node addresses [`ADDRS_MAP`] holds room for, besides one ClusterIP per
+/// frontend.
 pub const MAX_NODE_ADDRS: u32 = 64;
 
 /// A backend's index in [`BACKENDS_MAP`]. 0 is never a backend.
@@ -61,10 +68,12 @@ pub struct ServiceKey {
 }
 assert_layout!(ServiceKey, size = 8, align = 4);
 
-/// [`ServiceValue::flags`]: source-NAT traffic arriving from an uplink to
-/// the node's address (externalTrafficPolicy Cluster on NodePort,
-/// externalIPs and LoadBalancer IPs, as kube-proxy masquerades it).
-pub const SVC_F_SNAT_EXTERNAL: u16 = 1 << 0;
+/// [`ServiceValue::flags`]: masquerade new flows whose source is not local
+/// (see `DatapathConfig::local_detect`) to the node's address, as
+/// kube-proxy does for ClusterIPs (so a routed client's replies come back
+/// through this node) and for external addresses with
+/// externalTrafficPolicy Cluster.
+pub const SVC_F_MASQ_NON_LOCAL: u16 = 1 << 0;
 /// [`ServiceValue::flags`]: the table holds only this node's endpoints
 /// (externalTrafficPolicy or internalTrafficPolicy Local).
 pub const SVC_F_LOCAL_ONLY: u16 = 1 << 1;
@@ -81,6 +90,9 @@ pub const SVC_F_SOURCE_RANGES: u16 = 1 << 3;
 /// pods and processes uses the variant, as kube-proxy sends in-cluster
 /// traffic to such addresses to every endpoint instead of only local ones.
 pub const SVC_F_IN_CLUSTER: u16 = 1 << 4;
+/// [`ServiceValue::flags`]: masquerade every new flow, local or not
+/// (`--masquerade-all`).
+pub const SVC_F_MASQ_ALWAYS: u16 = 1 << 5;
 
 /// [`ServiceValue::on_empty`]: refuse (ICMP port unreachable, or
 /// `ECONNREFUSED` from `connect`/`sendmsg` for host processes), as
@@ -133,15 +145,82 @@ pub struct Backend {
 }
 assert_layout!(Backend, size = 8, align = 4);
 
-/// A local node address (value of [`NODE_ADDRS_MAP`]).
+/// [`AddrInfo::flags`]: a node address; node ports answer on it.
+pub const ADDR_F_NODE: u32 = 1 << 0;
+/// [`AddrInfo::flags`]: the ClusterIP of a service this proxy serves; a
+/// new TCP or UDP flow to a port it does not define is refused, as
+/// kube-proxy's nftables mode rejects it.
+pub const ADDR_F_CLUSTER_IP: u32 = 1 << 1;
+
+/// What an address of [`ADDRS_MAP`] is. An address there is allocated, even
+/// with no flag (the ClusterIP of a service another proxy serves): packets
+/// to service CIDRs are dropped only for addresses the map lacks.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
-pub struct NodeAddr {
-    /// Reserved for per-address flags.
+pub struct AddrInfo {
+    /// `ADDR_F_*` bits.
     pub flags: u32,
 }
-assert_layout!(NodeAddr, size = 4, align = 4);
+assert_layout!(AddrInfo, size = 4, align = 4);
+
+/// [`CIDRS_MAP`] index: the service CIDRs (the cluster's `ServiceCIDR`
+/// objects or `--service-cidr`). Packets to an address inside them that
+/// no service holds are dropped, as kube-proxy's nftables mode does.
+pub const CIDRS_SERVICE: u32 = 0;
+/// [`CIDRS_MAP`] index: the CIDRs whose sources are local when
+/// `DatapathConfig::local_detect` is `LOCAL_BY_CIDR`.
+pub const CIDRS_LOCAL: u32 = 1;
+/// Entries of [`CIDRS_MAP`].
+pub const CIDR_SETS: u32 = 2;
+/// CIDRs one [`CidrSet`] holds.
+pub const MAX_CIDRS: u32 = 8;
+
+/// An IPv4 CIDR as a base and a mask, both network order, so that
+/// `addr & mask == base` works on addresses as read from packets.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct Cidr {
+    /// Network order, host bits zero.
+    pub base: u32,
+    /// Network order.
+    pub mask: u32,
+}
+assert_layout!(Cidr, size = 8, align = 4);
+
+/// A few CIDRs, looked up by a bounded scan (cheaper than an LPM trie for
+/// so few, and one array lookup for the whole set).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct CidrSet {
+    /// CIDRs in use, at most [`MAX_CIDRS`] (host order).
+    pub count: u32,
+    pub _pad: u32,
+    pub cidrs: [Cidr; MAX_CIDRS as usize],
+}
+assert_layout!(CidrSet, size = 72, align = 4);
+
+impl CidrSet {
+    /// Whether `addr` (network order) lies in one of the CIDRs.
+    #[inline]
+    #[must_use]
+    pub fn contains(&self, addr: u32) -> bool {
+        let mut i = 0;
+        while i < MAX_CIDRS {
+            if i >= self.count {
+                return false;
+            }
+            let cidr = self.cidrs[i as usize];
+            if addr & cidr.mask == cidr.base {
+                return true;
+            }
+            i += 1;
+        }
+        false
+    }
+}
 
 /// sessionAffinity ClientIP: which frontend, which client.
 #[repr(C)]
@@ -190,7 +269,9 @@ impl_user_pod!(
     ServiceKey,
     ServiceValue,
     Backend,
-    NodeAddr,
+    AddrInfo,
+    Cidr,
+    CidrSet,
     AffinityKey,
     AffinityValue
 );
@@ -216,6 +297,46 @@ mod tests {
         assert_eq!(
             offset_of!(AffinityValue, _pad) + 4,
             size_of::<AffinityValue>()
+        );
+        assert_eq!(offset_of!(CidrSet, cidrs), 8);
+    }
+
+    fn cidr(octets: [u8; 4], prefix: u32) -> Cidr {
+        let mask = u32::MAX.checked_shl(32 - prefix).unwrap_or(0).to_be();
+        Cidr {
+            base: u32::from_ne_bytes(octets) & mask,
+            mask,
+        }
+    }
+
+    #[test]
+    fn a_cidr_set_holds_what_its_cidrs_cover_and_nothing_past_its_count() {
+        let mut set = CidrSet {
+            count: 2,
+            ..CidrSet::default()
+        };
+        set.cidrs[0] = cidr([10, 96, 0, 0], 12);
+        set.cidrs[1] = cidr([192, 168, 7, 9], 32);
+        set.cidrs[2] = cidr([172, 16, 0, 0], 16);
+        let addr = |octets: [u8; 4]| u32::from_ne_bytes(octets);
+        assert!(set.contains(addr([10, 96, 0, 10])));
+        assert!(set.contains(addr([10, 111, 255, 255])));
+        assert!(!set.contains(addr([10, 112, 0, 0])));
+        assert!(set.contains(addr([192, 168, 7, 9])));
+        assert!(!set.contains(addr([192, 168, 7, 8])));
+        assert!(
+            !set.contains(addr([172, 16, 0, 1])),
+            "beyond the count: unused"
+        );
+        assert!(
+            !CidrSet::default().contains(0),
+            "an empty set holds nothing"
+        );
+        set.count = 99;
+        set.cidrs = [cidr([10, 0, 0, 0], 8); MAX_CIDRS as usize];
+        assert!(
+            set.contains(addr([10, 1, 2, 3])),
+            "a count too large stops at the array"
         );
     }
 }

@@ -1,6 +1,6 @@
 //! Packet counters by class, by datapath event and by drop reason.
 //!
-//! One per-CPU array, `SVC_STATS_V2`, indexed by [`Counter`]; user space sums
+//! One per-CPU array, `SVC_STATS_V3`, indexed by [`Counter`]; user space sums
 //! the CPUs. Every packet the tc programs see bumps exactly one class counter
 //! (`pass_non_ipv4` to `malformed_l4_truncated`); translated, dropped and
 //! rejected packets also bump one event counter. The socket hooks count
@@ -9,7 +9,7 @@
 use crate::{assert_layout, impl_user_pod};
 
 /// Name of the per-CPU array of [`CounterValue`]s, indexed by [`Counter`].
-pub const STATS_MAP: &str = "SVC_STATS_V2";
+pub const STATS_MAP: &str = "SVC_STATS_V3";
 
 /// Packets and bytes, in host byte order.
 #[repr(C)]
@@ -118,6 +118,13 @@ counters! {
     /// Dropped: the source is outside the LoadBalancer IP's
     /// `loadBalancerSourceRanges` (host sockets: the connect fails).
     DropSourceRange = "drop_source_range",
+    /// Refused with ICMP port unreachable (host sockets: `ECONNREFUSED`):
+    /// a new flow to a ClusterIP on a port or protocol its service does
+    /// not define.
+    RejectUnknownPort = "reject_unknown_port",
+    /// Dropped (host sockets: `EHOSTUNREACH`): an address of the service
+    /// CIDRs that no service holds.
+    DropUnallocatedServiceIp = "drop_unallocated_service_ip",
     /// Host socket: a connect or sendmsg to a service was translated.
     SockTranslated = "sock_translated",
     /// Host socket: refused, the service has no endpoints.

@@ -1,21 +1,23 @@
 //! Connection tracking: two entries per flow in `SVC_CT_V1`, one per
 //! direction, each holding the tuple its packets become (see
-//! `svc_common::ct`).
+//! `svc_common::ct`). The entries share the flow's lifetime: the flow
+//! lives while either of them translated a packet within the timeout of
+//! the flow's state.
 
 use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns};
 use svc_common::{
-    config::{DatapathConfig, NS_PER_SEC},
-    ct::{CT_F_CLOSING, CT_F_REPLY, CT_F_SEEN_REPLY, CtEntry, CtKey},
+    config::DatapathConfig,
+    ct::{CT_F_CLOSING, CT_F_REPLY, CT_F_SEEN_REPLY, CtEntry, CtKey, REFRESH_NS},
     proto,
 };
 
 use crate::{
     maps::SVC_CT_V1,
-    parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    parse::{TCP_FIN, TCP_RST, TCP_SYN},
 };
 
 /// Monotonic time at tick resolution (timeouts are seconds): jiffies
-/// scaled to nanoseconds, an inlined load, when the loader measured the
+/// scaled to nanoseconds, an inlined load, when the loader knows the
 /// tick; the coarse clock helper otherwise.
 #[inline(always)]
 pub fn now_ns(config: &DatapathConfig) -> u64 {
@@ -33,93 +35,74 @@ pub fn lookup(key: &CtKey) -> Option<*mut CtEntry> {
     SVC_CT_V1.get_ptr_mut(key)
 }
 
-/// How long an original-direction entry lives without packets.
-#[inline(always)]
-fn timeout_ns(config: &DatapathConfig, protocol: u8, flags: u8) -> u64 {
-    if protocol != proto::TCP {
-        config.ct_timeout_udp_ns
-    } else if flags & CT_F_CLOSING != 0 {
-        config.ct_timeout_tcp_closing_ns
-    } else if flags & CT_F_SEEN_REPLY != 0 {
-        config.ct_timeout_tcp_established_ns
-    } else {
-        config.ct_timeout_tcp_syn_ns
-    }
-}
-
-/// Whether a tracked flow still owns its entry. Reply entries are always
-/// honoured (their flow's original entry decides); an original entry that
-/// has timed out, or a closing TCP flow that sees a fresh SYN (the client
-/// reused the port), starts a new flow.
+/// Whether the flow of `entry` (keyed `key`) still owns it for a packet
+/// with `tcp_flags`. A SYN meeting a closing TCP flow starts a new
+/// connection on its tuple (a client reusing its port, or a direct
+/// connection from a port a closed service flow used): the old flow does
+/// not translate it. Otherwise the flow lives while this entry is fresh
+/// or, when this direction has been quiet, while its other entry is (a
+/// one-way UDP stream keeps both).
 #[inline(always)]
 pub fn is_live(
     config: &DatapathConfig,
+    key: &CtKey,
     entry: &CtEntry,
-    protocol: u8,
     tcp_flags: u8,
     now: u64,
 ) -> bool {
-    if entry.flags & CT_F_REPLY != 0 {
-        return true;
-    }
-    if protocol == proto::TCP
-        && entry.flags & CT_F_CLOSING != 0
-        && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
-    {
+    if key.protocol == proto::TCP && entry.flags & CT_F_CLOSING != 0 && tcp_flags & TCP_SYN != 0 {
         return false;
     }
-    now.saturating_sub(entry.last_seen_ns) < timeout_ns(config, protocol, entry.flags)
+    entry.is_fresh(config, key.protocol, now) || peer_is_fresh(config, key, entry, now)
 }
 
-/// Refreshes the entry's clock at most once a second, and records TCP
-/// state. A reply's first packet and a FIN or RST in either direction also
-/// update the original-direction entry, which is what times the flow out.
+/// Whether the other entry of `entry`'s flow exists, still belongs to the
+/// flow, and is fresh.
 #[inline(always)]
-pub fn update(entry: *mut CtEntry, protocol: u8, tcp_flags: u8, now: u64) {
+fn peer_is_fresh(config: &DatapathConfig, key: &CtKey, entry: &CtEntry, now: u64) -> bool {
+    let Some(peer) = lookup(&entry.peer_key(key.protocol)) else {
+        return false;
+    };
+    // SAFETY: from a map lookup, valid for this run.
+    let peer = unsafe { &*peer };
+    peer.is_peer_of(key) && peer.is_fresh(config, key.protocol, now)
+}
+
+/// Refreshes the entry's stamp at most once a second, and records TCP
+/// state. State lives in both entries of a flow (it decides their shared
+/// timeout): a reply's first packet and a FIN or RST in either direction
+/// are written to the other entry too.
+#[inline(always)]
+pub fn update(key: &CtKey, entry: *mut CtEntry, tcp_flags: u8, now: u64) {
     // SAFETY: `entry` comes from a map lookup and stays valid for this
     // program run; concurrent updates of these fields are benign races.
     unsafe {
-        if now.saturating_sub((*entry).last_seen_ns) > NS_PER_SEC {
+        if now.saturating_sub((*entry).last_seen_ns) > REFRESH_NS {
             (*entry).last_seen_ns = now;
         }
         let mut set = 0;
         if (*entry).flags & CT_F_REPLY != 0 {
             set |= CT_F_SEEN_REPLY;
         }
-        if protocol == proto::TCP && tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        if key.protocol == proto::TCP && tcp_flags & (TCP_FIN | TCP_RST) != 0 {
             set |= CT_F_CLOSING;
         }
         if (*entry).flags & set == set {
             return;
         }
         (*entry).flags |= set;
-        if (*entry).flags & CT_F_REPLY != 0 {
-            // The original entry is keyed by the reverse of what this
-            // entry rewrites to.
-            let original = original_key(&*entry, protocol);
-            if let Some(original) = lookup(&original) {
-                (*original).flags |= set;
-                (*original).last_seen_ns = now;
-            }
+        if let Some(peer) = lookup(&(*entry).peer_key(key.protocol))
+            && (*peer).is_peer_of(key)
+        {
+            (*peer).flags |= set;
         }
     }
 }
 
-/// The original-direction key of the flow a reply entry belongs to.
-#[inline(always)]
-pub fn original_key(reply: &CtEntry, protocol: u8) -> CtKey {
-    CtKey {
-        saddr: reply.daddr,
-        daddr: reply.saddr,
-        sport: reply.dport,
-        dport: reply.sport,
-        protocol,
-        _pad: [0; 3],
-    }
-}
-
-/// Whether `reply_key` belongs to a live flow other than `original`, so a
-/// new flow must not take it.
+/// Whether `reply_key` is the reply tuple of a live flow other than the
+/// one starting at `original`, so a new flow must not take it. A reply
+/// entry whose original is gone or now belongs to another flow is an
+/// orphan: free.
 #[inline(always)]
 pub fn reply_key_taken(
     config: &DatapathConfig,
@@ -131,20 +114,32 @@ pub fn reply_key_taken(
         return false;
     };
     // SAFETY: from a map lookup.
-    let owner = original_key(unsafe { &*reply }, reply_key.protocol);
-    if owner == *original {
-        // Our own flow's stale entry: reuse it.
+    let reply = unsafe { &*reply };
+    let owner_key = reply.peer_key(reply_key.protocol);
+    if owner_key == *original {
+        // Our own flow's old entry: the new flow replaces it.
         return false;
     }
-    let Some(entry) = lookup(&owner) else {
+    let Some(owner) = lookup(&owner_key) else {
         return false;
     };
     // SAFETY: from a map lookup.
-    let entry = unsafe { &*entry };
-    // The owner still translates into this reply tuple, and is alive.
-    entry.saddr == reply_key.daddr
-        && entry.sport == reply_key.dport
-        && entry.daddr == reply_key.saddr
-        && entry.dport == reply_key.sport
-        && is_live(config, entry, owner.protocol, 0, now)
+    let owner = unsafe { &*owner };
+    owner.is_peer_of(reply_key)
+        && (owner.is_fresh(config, reply_key.protocol, now)
+            || reply.is_fresh(config, reply_key.protocol, now))
+}
+
+/// Removes the reply entry of a flow whose original entry (keyed `key`,
+/// holding `old`) a new flow is replacing, so no packet of the old flow is
+/// translated as the new one's.
+#[inline(always)]
+pub fn retire_reply(key: &CtKey, old: &CtEntry) {
+    let reply_key = old.peer_key(key.protocol);
+    if let Some(reply) = lookup(&reply_key) {
+        // SAFETY: from a map lookup.
+        if unsafe { (*reply).is_peer_of(key) } {
+            let _ = SVC_CT_V1.remove(&reply_key);
+        }
+    }
 }

@@ -22,6 +22,7 @@ use crate::{
     parse::{ETH_HLEN, Ipv4Hdr, Ipv4Packet, ptr_at},
 };
 
+const ICMP_ECHO_REQUEST: u8 = 8;
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_TIME_EXCEEDED: u8 = 11;
 const ICMP_PARAMETERPROB: u8 = 12;
@@ -35,6 +36,14 @@ struct IcmpHdr {
     /// Network order; covers the whole ICMP message, no pseudo-header.
     check: u16,
     rest: u32,
+}
+
+/// Whether the packet is an ICMP echo request (a ping).
+#[inline(always)]
+pub fn is_echo_request(ctx: &aya_ebpf::programs::TcContext, packet: &Ipv4Packet) -> bool {
+    // SAFETY: `ptr_at` checked the header lies inside the packet.
+    ptr_at::<IcmpHdr>(ctx, packet.l4_offset)
+        .is_some_and(|icmp| unsafe { (*icmp).type_ } == ICMP_ECHO_REQUEST)
 }
 
 /// Translates an ICMP error quoting a translated TCP or UDP packet back.

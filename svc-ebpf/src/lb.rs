@@ -2,41 +2,41 @@
 //! Maglev.
 
 use svc_common::{
-    config::NS_PER_SEC,
+    config::{DatapathConfig, LOCAL_BY_INTERFACE, NS_PER_SEC},
     lb::{
-        AffinityKey, AffinityValue, Backend, BackendId, SCOPE_ADDR, SCOPE_IN_CLUSTER,
-        SCOPE_NODEPORT, SOURCE_RANGE_LOOKUP_PREFIX, SVC_F_AFFINITY, SVC_F_IN_CLUSTER,
-        SVC_F_SOURCE_RANGES, ServiceKey, ServiceValue, SourceRangeKey,
+        ADDR_F_CLUSTER_IP, ADDR_F_NODE, AffinityKey, AffinityValue, Backend, BackendId,
+        CIDRS_LOCAL, CIDRS_SERVICE, SCOPE_ADDR, SCOPE_IN_CLUSTER, SCOPE_NODEPORT,
+        SOURCE_RANGE_LOOKUP_PREFIX, SVC_F_AFFINITY, SVC_F_IN_CLUSTER, SVC_F_SOURCE_RANGES,
+        ServiceKey, ServiceValue, SourceRangeKey,
     },
 };
 
 use aya_ebpf::maps::lpm_trie::Key;
 
 use crate::maps::{
-    SVC_AFFINITY_V1, SVC_BACKENDS_V1, SVC_MAGLEV_V1, SVC_NODEADDR_V1, SVC_SERVICES_V1,
+    SVC_ADDRS_V1, SVC_AFFINITY_V1, SVC_BACKENDS_V1, SVC_CIDRS_V1, SVC_MAGLEV_V1, SVC_SERVICES_V1,
     SVC_SRC_RANGES_V1,
 };
 
-/// The frontend for a destination: its own address (ClusterIP, externalIP,
-/// LoadBalancer IP) first, then a NodePort if the address is the node's.
-/// For traffic from this node's pods and processes (`in_cluster`), an
-/// external frontend with a Local policy gives way to its in-cluster
-/// variant, which holds every endpoint.
-#[inline(always)]
-pub fn lookup(daddr: u32, dport: u16, protocol: u8, in_cluster: bool) -> Option<ServiceValue> {
-    let (mut key, service) = frontend(daddr, dport, protocol)?;
-    if in_cluster && service.flags & SVC_F_IN_CLUSTER != 0 {
-        key.scope |= SCOPE_IN_CLUSTER;
-        if let Some(variant) = SVC_SERVICES_V1.get_ptr(key) {
-            // SAFETY: from a map lookup.
-            return Some(unsafe { *variant });
-        }
-    }
-    Some(service)
+/// What a packet's destination is to the proxy.
+pub enum Destination {
+    /// A frontend (its key and entry).
+    Service(ServiceKey, ServiceValue),
+    /// The ClusterIP of a served service, on a port or protocol it does not
+    /// define: refused.
+    UnknownPort,
+    /// An address of the service CIDRs that no service holds: dropped.
+    Unallocated,
+    /// Not a service address: none of the proxy's business.
+    Other,
 }
 
+/// The frontend for a destination: its own address (ClusterIP, externalIP,
+/// LoadBalancer IP) first, then a NodePort if the address is the node's.
+/// Failing that, a ClusterIP is refused and the rest of the service CIDRs
+/// dropped, as kube-proxy's nftables mode does.
 #[inline(always)]
-fn frontend(daddr: u32, dport: u16, protocol: u8) -> Option<(ServiceKey, ServiceValue)> {
+pub fn destination(daddr: u32, dport: u16, protocol: u8) -> Destination {
     let key = ServiceKey {
         addr: daddr,
         port: dport,
@@ -45,19 +45,83 @@ fn frontend(daddr: u32, dport: u16, protocol: u8) -> Option<(ServiceKey, Service
     };
     if let Some(service) = SVC_SERVICES_V1.get_ptr(key) {
         // SAFETY: from a map lookup.
-        return Some((key, unsafe { *service }));
+        return Destination::Service(key, unsafe { *service });
     }
-    SVC_NODEADDR_V1.get_ptr(daddr)?;
-    let key = ServiceKey {
-        addr: 0,
-        port: dport,
-        protocol,
-        scope: SCOPE_NODEPORT,
+    let Some(info) = SVC_ADDRS_V1.get_ptr(daddr) else {
+        return if in_cidrs(CIDRS_SERVICE, daddr) {
+            Destination::Unallocated
+        } else {
+            Destination::Other
+        };
     };
     // SAFETY: from a map lookup.
-    SVC_SERVICES_V1
-        .get_ptr(key)
-        .map(|service| (key, unsafe { *service }))
+    let flags = unsafe { (*info).flags };
+    if flags & ADDR_F_NODE != 0 {
+        let key = ServiceKey {
+            addr: 0,
+            port: dport,
+            protocol,
+            scope: SCOPE_NODEPORT,
+        };
+        if let Some(service) = SVC_SERVICES_V1.get_ptr(key) {
+            // SAFETY: from a map lookup.
+            return Destination::Service(key, unsafe { *service });
+        }
+    }
+    if flags & ADDR_F_CLUSTER_IP != 0 {
+        Destination::UnknownPort
+    } else {
+        Destination::Other
+    }
+}
+
+/// Whether the destination of a packet that is not TCP or UDP (nor a
+/// later fragment) is refused or dropped: every protocol but TCP and UDP
+/// is unknown to a ClusterIP.
+#[inline(always)]
+pub fn other_protocol_destination(daddr: u32) -> Destination {
+    match SVC_ADDRS_V1.get_ptr(daddr) {
+        // SAFETY: from a map lookup.
+        Some(info) if unsafe { (*info).flags } & ADDR_F_CLUSTER_IP != 0 => Destination::UnknownPort,
+        Some(_) => Destination::Other,
+        None if in_cidrs(CIDRS_SERVICE, daddr) => Destination::Unallocated,
+        None => Destination::Other,
+    }
+}
+
+#[inline(always)]
+fn in_cidrs(set: u32, addr: u32) -> bool {
+    SVC_CIDRS_V1
+        .get(set)
+        .is_some_and(|cidrs| cidrs.contains(addr))
+}
+
+/// Whether a new flow's source is local (this node's pods): by where it
+/// entered (`from_pod`), or by the local CIDRs, as the configuration says.
+/// Local sources keep their address to ClusterIPs and reach every endpoint
+/// of external addresses with a Local policy.
+#[inline(always)]
+pub fn is_local(config: &DatapathConfig, from_pod: bool, saddr: u32) -> bool {
+    if config.local_detect == LOCAL_BY_INTERFACE {
+        from_pod
+    } else {
+        in_cidrs(CIDRS_LOCAL, saddr)
+    }
+}
+
+/// For traffic from this node's own pods and processes: an external
+/// frontend with a Local policy gives way to its in-cluster variant, which
+/// holds every endpoint.
+#[inline(always)]
+pub fn in_cluster(mut key: ServiceKey, service: ServiceValue) -> ServiceValue {
+    if service.flags & SVC_F_IN_CLUSTER != 0 {
+        key.scope |= SCOPE_IN_CLUSTER;
+        if let Some(variant) = SVC_SERVICES_V1.get_ptr(key) {
+            // SAFETY: from a map lookup.
+            return unsafe { *variant };
+        }
+    }
+    service
 }
 
 /// Whether `saddr` may open a new flow to `service`: always, unless the

@@ -6,6 +6,7 @@
 #![no_std]
 #![no_main]
 
+mod clock;
 mod ct;
 mod frag;
 mod icmp;
@@ -37,6 +38,15 @@ pub fn svc_from_pod(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn svc_from_uplink(ctx: TcContext) -> i32 {
     match tc::try_tc(&ctx, Hook::Uplink) {
+        Ok(action) | Err(action) => action,
+    }
+}
+
+/// Never attached: the agent runs it with `BPF_PROG_TEST_RUN` to read the
+/// programs' clock (see `clock`).
+#[classifier]
+pub fn svc_clock(ctx: TcContext) -> i32 {
+    match clock::try_sample(&ctx) {
         Ok(action) | Err(action) => action,
     }
 }

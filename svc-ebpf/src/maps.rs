@@ -13,9 +13,9 @@ use svc_common::{
     config::DatapathConfig,
     ct::{CtEntry, CtKey, DEFAULT_CT_ENTRIES, DEFAULT_FRAG_ENTRIES, FragKey, FragValue},
     lb::{
-        AffinityKey, AffinityValue, Backend, BackendId, DEFAULT_MAGLEV_SLOTS, DEFAULT_MAX_AFFINITY,
-        DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOURCE_RANGES, MAX_NODE_ADDRS,
-        NodeAddr, ServiceKey, ServiceValue, SourceRangeKey,
+        AddrInfo, AffinityKey, AffinityValue, Backend, BackendId, CIDR_SETS, CidrSet,
+        DEFAULT_MAGLEV_SLOTS, DEFAULT_MAX_AFFINITY, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES,
+        DEFAULT_MAX_SOURCE_RANGES, MAX_NODE_ADDRS, ServiceKey, ServiceValue, SourceRangeKey,
     },
     sock::{DEFAULT_SOCK_REVNAT_ENTRIES, SockRevKey, SockRevValue},
     stats::{COUNTERS, CounterValue},
@@ -25,14 +25,22 @@ use svc_common::{
 #[unsafe(no_mangle)]
 static SVC_CONFIG: Global<DatapathConfig> = Global::new(DatapathConfig::DEFAULT);
 
+/// The load-time configuration, read in place (a copy would take 64 bytes
+/// of the 512-byte stack). The pointer is laundered through a volatile
+/// read, as `Global::load` reads the value: the compiler would otherwise
+/// fold field reads to the default the object was built with, not what
+/// the loader wrote.
 #[inline(always)]
-pub fn config() -> DatapathConfig {
-    SVC_CONFIG.load()
+pub fn config() -> &'static DatapathConfig {
+    let ptr: *const DatapathConfig = (&raw const SVC_CONFIG).cast();
+    // SAFETY: `Global` is `repr(transparent)` over an always initialized
+    // value, which lives as long as the program.
+    unsafe { &*core::ptr::read_volatile(&raw const ptr) }
 }
 
 /// `svc_common::stats::STATS_MAP`.
 #[map]
-pub static SVC_STATS_V2: PerCpuArray<CounterValue> = PerCpuArray::with_max_entries(COUNTERS, 0);
+pub static SVC_STATS_V3: PerCpuArray<CounterValue> = PerCpuArray::with_max_entries(COUNTERS, 0);
 
 /// `svc_common::lb::SERVICES_MAP`.
 #[map]
@@ -49,9 +57,14 @@ pub static SVC_BACKENDS_V1: Array<Backend> = Array::with_max_entries(DEFAULT_MAX
 pub static SVC_MAGLEV_V1: Array<BackendId> =
     Array::with_max_entries(DEFAULT_MAGLEV_SLOTS, BPF_F_MMAPABLE);
 
-/// `svc_common::lb::NODE_ADDRS_MAP`.
+/// `svc_common::lb::ADDRS_MAP`: node addresses and ClusterIPs.
 #[map]
-pub static SVC_NODEADDR_V1: HashMap<u32, NodeAddr> = HashMap::with_max_entries(MAX_NODE_ADDRS, 0);
+pub static SVC_ADDRS_V1: HashMap<u32, AddrInfo> =
+    HashMap::with_max_entries(DEFAULT_MAX_SERVICES + MAX_NODE_ADDRS, 0);
+
+/// `svc_common::lb::CIDRS_MAP`: the service CIDRs and the local CIDRs.
+#[map]
+pub static SVC_CIDRS_V1: Array<CidrSet> = Array::with_max_entries(CIDR_SETS, 0);
 
 /// `svc_common::lb::SOURCE_RANGES_MAP` (LPM tries must not preallocate).
 #[map]

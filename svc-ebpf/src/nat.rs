@@ -224,12 +224,12 @@ fn try_claim(
     if ct::reply_key_taken(config, reply_key, original, now) {
         return false;
     }
-    // A free key is taken with NOEXIST, so two CPUs racing for it cannot
-    // both win; a stale one (its flow is gone) is overwritten.
-    let flags = if ct::lookup(reply_key).is_some() {
-        0
-    } else {
-        u64::from(BPF_NOEXIST)
-    };
-    SVC_CT_V1.insert(reply_key, reply, flags).is_ok()
+    // A stale entry (its flow is gone) is removed first; the key is then
+    // claimed with NOEXIST, so of two CPUs racing for it only one wins.
+    if ct::lookup(reply_key).is_some() {
+        let _ = SVC_CT_V1.remove(reply_key);
+    }
+    SVC_CT_V1
+        .insert(reply_key, reply, u64::from(BPF_NOEXIST))
+        .is_ok()
 }

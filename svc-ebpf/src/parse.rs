@@ -78,12 +78,20 @@ pub const IPV4_MIN_HLEN: usize = size_of::<Ipv4Hdr>();
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
-pub const TCP_ACK: u8 = 0x10;
+
+/// Headers the programs read lie within this many bytes of the frame's
+/// start (Ethernet, IPv4 with options, an ICMP error's quote).
+const MAX_HEADER_OFFSET: usize = 256;
 
 /// A pointer to a `T` at `offset` bytes into the packet, if all of it lies
-/// inside the packet's linear data.
+/// inside the packet's linear data. The offset is bounded first: an offset
+/// the compiler spilled to the stack comes back without the bounds the
+/// verifier knew, and packet pointer arithmetic needs them.
 #[inline(always)]
 pub fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Option<*mut T> {
+    if offset > MAX_HEADER_OFFSET {
+        return None;
+    }
     let start = ctx.data();
     let end = ctx.data_end();
     if start + offset + size_of::<T>() > end {

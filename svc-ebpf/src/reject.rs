@@ -1,7 +1,8 @@
-//! Refusing a flow to a service without endpoints, as kube-proxy's REJECT
-//! does: the packet is turned into an ICMP port unreachable from the
-//! service address and sent back out of the interface it came in on. TCP
-//! clients see ECONNREFUSED, UDP clients an error on their next call.
+//! Refusing a flow to a service without endpoints, or to a port a ClusterIP
+//! does not define, as kube-proxy's REJECT does: the packet is turned into
+//! an ICMP port unreachable from the address it was sent to and sent back
+//! out of the interface it came in on. TCP clients see ECONNREFUSED, UDP
+//! clients an error on their next call.
 
 use aya_ebpf::{
     bindings::{TC_ACT_REDIRECT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},
@@ -41,6 +42,9 @@ pub struct Refusal {
     /// quoted). Not a `bool`: its niche would become the enclosing enum's
     /// tag at a non-zero offset, which the kernel's BTF checks reject.
     pub has_ip_options: u8,
+    /// Non-zero when refused for a port (or protocol) the ClusterIP does
+    /// not define rather than for a service without endpoints.
+    pub unknown_port: u8,
     /// Length of the packet, for the counters.
     pub len: u32,
 }

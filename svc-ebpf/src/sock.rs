@@ -17,7 +17,8 @@ use svc_common::{
 };
 
 use crate::{
-    ct, lb,
+    ct,
+    lb::{self, Destination},
     maps::{SVC_SOCK_REV_V1, config},
     stats,
 };
@@ -28,16 +29,24 @@ pub const ALLOW: i32 = 1;
 pub const REFUSE: i32 = 0;
 /// `ECONNREFUSED`: what kube-proxy's REJECT gives a host process.
 const ECONNREFUSED: i32 = 111;
+/// `EHOSTUNREACH`: an unallocated service address, which kube-proxy drops
+/// (a socket call cannot be dropped; it fails at once instead).
+const EHOSTUNREACH: i32 = 113;
 
-/// Fails the call with `ECONNREFUSED` rather than the hook's default
-/// `EPERM`, as a refused connection would.
+/// Fails the call with `errno` rather than the hook's default `EPERM`.
 #[inline(always)]
-fn refuse(counter: Counter) -> i32 {
+fn fail(counter: Counter, errno: i32) -> i32 {
     stats::count(counter, 0);
     // SAFETY: allowed in connect and sendmsg hooks; only sets the value
     // the call returns.
-    unsafe { bpf_set_retval(-ECONNREFUSED) };
+    unsafe { bpf_set_retval(-errno) };
     REFUSE
+}
+
+/// Fails the call with `ECONNREFUSED`, as a refused connection would.
+#[inline(always)]
+fn refuse(counter: Counter) -> i32 {
+    fail(counter, ECONNREFUSED)
 }
 
 /// `connect4` and `sendmsg4`: a service destination becomes a backend.
@@ -64,8 +73,15 @@ pub fn try_translate_dst(ctx: &SockAddrContext) -> Result<i32, i32> {
     if protocol != proto::TCP && protocol != proto::UDP {
         return Ok(ALLOW);
     }
-    let Some(service) = lb::lookup(daddr, dport, protocol, true) else {
-        return Ok(ALLOW);
+    let service = match lb::destination(daddr, dport, protocol) {
+        // The node's own processes are local: an external frontend with a
+        // Local policy gives way to its in-cluster variant.
+        Destination::Service(key, service) => lb::in_cluster(key, service),
+        Destination::UnknownPort => return Err(refuse(Counter::RejectUnknownPort)),
+        Destination::Unallocated => {
+            return Err(fail(Counter::DropUnallocatedServiceIp, EHOSTUNREACH));
+        }
+        Destination::Other => return Ok(ALLOW),
     };
     // The node's own address stands in for the not yet chosen source, as
     // kube-proxy lets the node through when a range holds its address.
@@ -90,7 +106,7 @@ pub fn try_translate_dst(ctx: &SockAddrContext) -> Result<i32, i32> {
         dport,
         protocol,
     );
-    let Some(choice) = lb::choose(&service, config.masq_addr, hash, ct::now_ns(&config)) else {
+    let Some(choice) = lb::choose(&service, config.masq_addr, hash, ct::now_ns(config)) else {
         stats::count(Counter::DropBadBackend, 0);
         return Err(REFUSE);
     };

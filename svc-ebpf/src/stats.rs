@@ -4,7 +4,7 @@
 use aya_ebpf::maps::PerCpuArray;
 use svc_common::stats::{Counter, CounterValue};
 
-use crate::maps::{SVC_BE_STATS_V1, SVC_STATS_V2, SVC_SVC_CTRS_V1};
+use crate::maps::{SVC_BE_STATS_V1, SVC_STATS_V3, SVC_SVC_CTRS_V1};
 
 #[inline(always)]
 fn bump(map: &PerCpuArray<CounterValue>, index: u32, bytes: u32) {
@@ -21,7 +21,7 @@ fn bump(map: &PerCpuArray<CounterValue>, index: u32, bytes: u32) {
 /// Counts one packet of `bytes` bytes under `counter` on this CPU.
 #[inline(always)]
 pub fn count(counter: Counter, bytes: u32) {
-    bump(&SVC_STATS_V2, counter.index(), bytes);
+    bump(&SVC_STATS_V3, counter.index(), bytes);
 }
 
 /// Counts a translated packet under its frontend and its backend.

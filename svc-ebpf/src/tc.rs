@@ -11,13 +11,14 @@ use svc_common::{
     config::DatapathConfig,
     ct::{CT_F_REPLY, CT_F_SNAT, CtEntry, CtKey},
     hash::flow_hash,
-    lb::{EMPTY_DROP, SVC_F_SNAT_EXTERNAL, ServiceValue},
+    lb::{EMPTY_DROP, SVC_F_IN_CLUSTER, SVC_F_MASQ_ALWAYS, SVC_F_MASQ_NON_LOCAL, ServiceValue},
     proto,
     stats::Counter,
 };
 
 use crate::{
-    ct, frag, icmp, lb,
+    ct, frag, icmp,
+    lb::{self, Destination},
     maps::{SVC_CT_V1, config},
     nat,
     parse::{self, ETH_HLEN, IPV4_MIN_HLEN, Ipv4Packet, L3, L4},
@@ -56,10 +57,28 @@ pub fn try_tc(ctx: &TcContext, hook: Hook) -> Result<i32, i32> {
         Verdict::Refuse(refusal) => {
             let action = reject::port_unreachable(ctx, &refusal)
                 .map_err(|_| drop(Counter::DropRejectFailed, refusal.len))?;
-            stats::count(Counter::RejectNoBackend, refusal.len);
+            let counter = if refusal.unknown_port != 0 {
+                Counter::RejectUnknownPort
+            } else {
+                Counter::RejectNoBackend
+            };
+            stats::count(counter, refusal.len);
             Ok(action)
         }
     }
+}
+
+/// A refusal of the packet's flow (ICMP port unreachable to its sender).
+#[inline(always)]
+fn refusal(packet: &Ipv4Packet, len: u32, unknown_port: bool) -> Verdict {
+    Verdict::Refuse(Refusal {
+        saddr: packet.saddr,
+        daddr: packet.daddr,
+        protocol: packet.protocol,
+        has_ip_options: u8::from(packet.l4_offset != ETH_HLEN + IPV4_MIN_HLEN),
+        unknown_port: u8::from(unknown_port),
+        len,
+    })
 }
 
 /// The packet path proper. Not inlined, so that its stack frame and the
@@ -89,10 +108,20 @@ fn translate(ctx: &TcContext, hook: Hook) -> Result<Verdict, i32> {
     };
     if !matches!(class, Counter::Ipv4Tcp | Counter::Ipv4Udp) {
         stats::count(class, len);
-        if class == Counter::Ipv4Icmp && icmp::reverse(ctx, &packet) {
-            stats::count(Counter::LbIcmpError, len);
-        } else if class == Counter::Ipv4Fragment && frag::translate_later(ctx, &packet) {
-            stats::count(Counter::LbFragment, len);
+        match class {
+            Counter::Ipv4Icmp => {
+                if icmp::reverse(ctx, &packet) {
+                    stats::count(Counter::LbIcmpError, len);
+                } else if icmp::is_echo_request(ctx, &packet) {
+                    return other_protocol(&packet, len);
+                }
+            }
+            Counter::Ipv4Fragment => {
+                if frag::translate_later(ctx, &packet) {
+                    stats::count(Counter::LbFragment, len);
+                }
+            }
+            _ => return other_protocol(&packet, len),
         }
         return Ok(Verdict::Action(TC_ACT_OK));
     }
@@ -111,20 +140,72 @@ fn translate(ctx: &TcContext, hook: Hook) -> Result<Verdict, i32> {
         _pad: [0; 3],
     };
     let config = config();
-    let now = ct::now_ns(&config);
+    let now = ct::now_ns(config);
     if let Some(entry) = ct::lookup(&key) {
         // SAFETY: from a map lookup, valid for this run; read in place
         // (no copy), each reference dropped before `update` writes.
-        if ct::is_live(&config, unsafe { &*entry }, key.protocol, l4.tcp_flags, now) {
-            ct::update(entry, key.protocol, l4.tcp_flags, now);
+        if ct::is_live(config, &key, unsafe { &*entry }, l4.tcp_flags, now) {
+            ct::update(&key, entry, l4.tcp_flags, now);
             // SAFETY: as above.
             return tracked(ctx, &packet, &l4, &key, unsafe { &*entry }, len).map(Verdict::Action);
         }
+        // SAFETY: as above.
+        if unsafe { (*entry).flags } & CT_F_REPLY != 0 {
+            // The reply entry of a dead flow translates nothing (a direct
+            // connection may be meeting its tuple).
+            return Ok(Verdict::Action(TC_ACT_OK));
+        }
+        // A dead flow's original entry: a new flow may take its key, and
+        // its reply entry goes now.
+        // SAFETY: as above.
+        ct::retire_reply(&key, unsafe { &*entry });
     }
-    match lb::lookup(key.daddr, key.dport, key.protocol, hook == Hook::Pod) {
-        Some(service) => new_flow(ctx, hook, &config, &packet, &l4, &key, &service, now),
-        None => Ok(Verdict::Action(TC_ACT_OK)),
+    match lb::destination(key.daddr, key.dport, key.protocol) {
+        Destination::Service(service_key, service) => {
+            let local = service.flags & (SVC_F_IN_CLUSTER | SVC_F_MASQ_NON_LOCAL) != 0
+                && lb::is_local(config, hook == Hook::Pod, key.saddr);
+            let service = if local {
+                lb::in_cluster(service_key, service)
+            } else {
+                service
+            };
+            let flow = NewFlow {
+                packet: &packet,
+                l4: &l4,
+                key: &key,
+                service: &service,
+                local,
+                now,
+            };
+            new_flow(ctx, config, &flow)
+        }
+        Destination::UnknownPort => Ok(refusal(&packet, len, true)),
+        Destination::Unallocated => Err(drop(Counter::DropUnallocatedServiceIp, len)),
+        Destination::Other => Ok(Verdict::Action(TC_ACT_OK)),
     }
+}
+
+/// A packet that is neither TCP nor UDP (nor an ICMP error): to a
+/// ClusterIP it is refused, as kube-proxy's nftables mode rejects it; to
+/// an unallocated service address dropped.
+#[inline(always)]
+fn other_protocol(packet: &Ipv4Packet, len: u32) -> Result<Verdict, i32> {
+    match lb::other_protocol_destination(packet.daddr) {
+        Destination::UnknownPort => Ok(refusal(packet, len, true)),
+        Destination::Unallocated => Err(drop(Counter::DropUnallocatedServiceIp, len)),
+        Destination::Service(..) | Destination::Other => Ok(Verdict::Action(TC_ACT_OK)),
+    }
+}
+
+/// The first packet of a flow to a service, parsed.
+struct NewFlow<'a> {
+    packet: &'a Ipv4Packet,
+    l4: &'a L4,
+    key: &'a CtKey,
+    service: &'a ServiceValue,
+    /// The source is local (this node's pods).
+    local: bool,
+    now: u64,
 }
 
 /// A packet of a tracked flow, either direction.
@@ -155,20 +236,8 @@ fn tracked(
 /// The first packet of a flow to a service: choose a backend, record both
 /// directions in connection tracking, translate.
 #[inline(always)]
-#[expect(
-    clippy::too_many_arguments,
-    reason = "the parsed packet, passed down once"
-)]
-fn new_flow(
-    ctx: &TcContext,
-    hook: Hook,
-    config: &DatapathConfig,
-    packet: &Ipv4Packet,
-    l4: &L4,
-    key: &CtKey,
-    service: &ServiceValue,
-    now: u64,
-) -> Result<Verdict, i32> {
+fn new_flow(ctx: &TcContext, config: &DatapathConfig, flow: &NewFlow<'_>) -> Result<Verdict, i32> {
+    let (packet, key, service, now) = (flow.packet, flow.key, flow.service, flow.now);
     let len = ctx.len();
     if !lb::source_allowed(service, key.saddr) {
         return Err(drop(Counter::DropSourceRange, len));
@@ -177,23 +246,20 @@ fn new_flow(
         if service.on_empty == EMPTY_DROP {
             return Err(drop(Counter::DropNoBackend, len));
         }
-        return Ok(Verdict::Refuse(Refusal {
-            saddr: key.saddr,
-            daddr: key.daddr,
-            protocol: key.protocol,
-            has_ip_options: u8::from(packet.l4_offset != ETH_HLEN + IPV4_MIN_HLEN),
-            len,
-        }));
+        return Ok(refusal(packet, len, false));
     }
     let hash = flow_hash(key.saddr, key.daddr, key.sport, key.dport, key.protocol);
     let choice = lb::choose(service, key.saddr, hash, now)
         .ok_or_else(|| drop(Counter::DropBadBackend, len))?;
 
     // Hairpin (a pod reaching itself through the service) needs the node
-    // as source, or the pod would see a packet from its own address;
-    // external traffic is masqueraded unless the service keeps the source.
+    // as source, or the pod would see a packet from its own address. A
+    // source that is not local is masqueraded where the service says so
+    // (ClusterIPs, external addresses with a Cluster policy), so the
+    // backend's replies come back through this node, as kube-proxy does.
     let hairpin = choice.backend.addr == key.saddr;
-    let masquerade = hook == Hook::Uplink && service.flags & SVC_F_SNAT_EXTERNAL != 0;
+    let masquerade = service.flags & SVC_F_MASQ_ALWAYS != 0
+        || (service.flags & SVC_F_MASQ_NON_LOCAL != 0 && !flow.local);
     let snat = hairpin || masquerade;
     if snat && config.masq_addr == 0 {
         return Err(drop(Counter::DropNoSnatAddr, len));
@@ -232,7 +298,7 @@ fn new_flow(
         ctx,
         "new flow to service {} backend {}", service.id, choice.id
     );
-    nat::rewrite(ctx, l4, packet.l4_offset, key, &forward)
+    nat::rewrite(ctx, flow.l4, packet.l4_offset, key, &forward)
         .map_err(|_| drop(Counter::DropRewriteFailed, len))?;
     if packet.more_fragments {
         frag::remember(packet, forward.saddr, forward.daddr);

@@ -14,6 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod agents;
 pub mod k8s;
 pub mod netns;
 pub mod packet;

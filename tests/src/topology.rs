@@ -23,9 +23,13 @@ use std::{
 };
 
 use svc_agent::datapath::{
-    BackendSpec, Capacities, Datapath, Frontend, LoadOptions, ServicePolicy, current_netns_cookie,
+    BackendSpec, Capacities, Datapath, Frontend, Ipv4Cidr, LoadOptions, ServicePolicy,
+    current_netns_cookie,
 };
-use svc_common::{config::DatapathConfig, lb::BackendId};
+use svc_common::{
+    config::{DatapathConfig, LOCAL_BY_CIDR, LOCAL_BY_INTERFACE},
+    lb::BackendId,
+};
 
 use crate::{
     netns::{NetNs, ip},
@@ -37,6 +41,9 @@ pub const EXTERNAL_ADDR: Ipv4Addr = Ipv4Addr::new(172, 16, 0, 100);
 /// externalIPs and LoadBalancer IPs live here; the external client routes
 /// them to node1.
 pub const EXTERNAL_SERVICE_NET: &str = "172.16.1.0/24";
+/// The service CIDR, which the external client also routes to node1 (as a
+/// router told the service range would).
+pub const SERVICE_CIDR: &str = "10.96.0.0/16";
 pub const TIMEOUT: Duration = Duration::from_secs(3);
 
 static NEXT_LINK: AtomicU32 = AtomicU32::new(0);
@@ -230,8 +237,18 @@ impl Node {
         }
         let mut config = DatapathConfig {
             masq_addr: u32::from_ne_bytes(addr.octets()),
+            local_detect: if options.local_by_cidr {
+                LOCAL_BY_CIDR
+            } else {
+                LOCAL_BY_INTERFACE
+            },
             ..DatapathConfig::DEFAULT
         };
+        if options.quick_timeouts {
+            let quick = u64::try_from(QUICK_TIMEOUT.as_nanos()).expect("a few seconds");
+            config.ct_timeout_tcp_closing_ns = quick;
+            config.ct_timeout_udp_ns = quick;
+        }
         if host_sockets {
             config.host_netns_cookie = ns.run(|| current_netns_cookie().expect("netns cookie"));
         }
@@ -326,6 +343,12 @@ impl Node {
         adopted
     }
 
+    /// This node's pod CIDR, `10.244.<node>.0/24`.
+    #[must_use]
+    pub fn pod_cidr(&self) -> Ipv4Cidr {
+        Ipv4Cidr::new(Ipv4Addr::new(10, 244, self.index, 0), 24).expect("a CIDR")
+    }
+
     /// Adds a pod with address `10.244.<node>.<host>`.
     pub fn add_pod(&mut self, name: &str, host: u8) -> &mut Pod {
         let ns = NetNs::new(name);
@@ -401,6 +424,7 @@ impl External {
 
 /// Options of the cluster.
 #[derive(Clone, Copy, Debug, Default)]
+#[expect(clippy::struct_excessive_bools, reason = "independent switches")]
 pub struct Options {
     /// Attach the host socket hooks on node1.
     pub host_sockets_on_node1: bool,
@@ -410,7 +434,16 @@ pub struct Options {
     /// Load no datapath in this process: the test runs the `svc-agent`
     /// binary on each node, which attaches to the uplink and pod veths.
     pub agent_binary: bool,
+    /// Tell local sources by the local CIDRs rather than by the interface
+    /// they enter at (`--detect-local-mode cluster-cidr` or `node-cidr`).
+    pub local_by_cidr: bool,
+    /// Closed TCP flows and idle UDP flows time out after
+    /// [`QUICK_TIMEOUT`] instead of 10 and 60 seconds.
+    pub quick_timeouts: bool,
 }
+
+/// Closing TCP and idle UDP timeout with [`Options::quick_timeouts`].
+pub const QUICK_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl Drop for Node {
     fn drop(&mut self) {
@@ -443,13 +476,9 @@ impl Cluster {
         veth(&ext_ns, "eth0", &lan, "ext");
         lan.ip(&["link", "set", "ext", "master", "br0"]);
         ext_ns.ip(&["addr", "add", &format!("{EXTERNAL_ADDR}/24"), "dev", "eth0"]);
-        ext_ns.ip(&[
-            "route",
-            "add",
-            EXTERNAL_SERVICE_NET,
-            "via",
-            &node1.addr.to_string(),
-        ]);
+        for net in [EXTERNAL_SERVICE_NET, SERVICE_CIDR] {
+            ext_ns.ip(&["route", "add", net, "via", &node1.addr.to_string()]);
+        }
         Self {
             nodes: [node1, node2],
             external: External {

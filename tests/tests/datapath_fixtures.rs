@@ -7,8 +7,8 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 
 use aya::programs::{TestRun as _, TestRunOptions};
 use svc_agent::datapath::{
-    BackendSpec, Capacities, Datapath, FROM_POD_PROGRAM, FROM_UPLINK_PROGRAM, Frontend,
-    LoadOptions, Maps, ServicePolicy, SourceRange,
+    BackendSpec, Capacities, CidrSetKind, Datapath, FROM_POD_PROGRAM, FROM_UPLINK_PROGRAM,
+    Frontend, Ipv4Cidr, LoadOptions, Maps, Masquerade, ServicePolicy,
 };
 use svc_common::{
     config::DatapathConfig,
@@ -25,7 +25,8 @@ use tests::{
 const TC_ACT_OK: u32 = 0;
 const CLIENT: (Ipv4Addr, u16) = (Ipv4Addr::new(10, 1, 0, 5), 40_000);
 /// Not a service: these packets must pass untouched.
-const SERVER: (Ipv4Addr, u16) = (Ipv4Addr::new(10, 96, 0, 99), 80);
+/// A pod on another node: no service address.
+const SERVER: (Ipv4Addr, u16) = (Ipv4Addr::new(10, 2, 0, 99), 80);
 
 struct Fixture {
     name: &'static str,
@@ -111,8 +112,8 @@ fn pass_fixtures() -> Vec<Fixture> {
             Counter::Ipv4Fragment,
         ),
         fixture(
-            "ICMP echo to a ClusterIP",
-            packet::icmp4_echo(CLIENT.0, CLUSTER),
+            "ICMP echo to the ClusterIP of a service another proxy serves",
+            packet::icmp4_echo(CLIENT.0, FOREIGN_SVC),
             Counter::Ipv4Icmp,
         ),
         fixture(
@@ -129,8 +130,13 @@ fn pass_fixtures() -> Vec<Fixture> {
             Counter::Ipv4Icmp,
         ),
         fixture(
-            "TCP to a ClusterIP on a port it does not serve",
-            packet::tcp4_syn(CLIENT, (CLUSTER, 81)),
+            "UDP to the ClusterIP of a service another proxy serves",
+            packet::udp4(CLIENT, (FOREIGN_SVC, 53), b"?"),
+            Counter::Ipv4Udp,
+        ),
+        fixture(
+            "TCP just outside the service CIDR",
+            packet::tcp4_syn(CLIENT, (Ipv4Addr::new(10, 97, 0, 1), 80)),
             Counter::Ipv4Tcp,
         ),
         fixture(
@@ -188,6 +194,12 @@ const OUTSIDE_RANGES: (Ipv4Addr, u16) = (Ipv4Addr::new(198, 18, 0, 9), 6000);
 const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
 const NODE_PORT: u16 = 30_080;
 const NODE_PORT_LOCAL: u16 = 30_081;
+/// The service CIDR.
+const SERVICE_CIDR: (Ipv4Addr, u8) = (Ipv4Addr::new(10, 96, 0, 0), 16);
+/// In the service CIDR, held by no service.
+const UNALLOCATED: Ipv4Addr = Ipv4Addr::new(10, 96, 7, 7);
+/// The ClusterIP of a service another proxy serves.
+const FOREIGN_SVC: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 40);
 const NAT_PORTS: std::ops::RangeInclusive<u16> = 61_000..=65_535;
 
 /// Backends by id: 1 and 2 on this node, 3 and 4 on another.
@@ -241,6 +253,18 @@ fn more_fragments(mut frame: Vec<u8>) -> Vec<u8> {
 /// The services, written through the agent's map writer.
 fn install(maps: &mut Maps) {
     maps.set_node_addrs(&[NODE]).expect("node addresses");
+    let cluster_ips = [CLUSTER, EMPTY_SVC, SVC_C, SVC_D, AFFINITY_SVC]
+        .into_iter()
+        .map(|addr| (addr, true))
+        .chain([(FOREIGN_SVC, false)])
+        .collect();
+    maps.addrs_mut()
+        .set_cluster_ips(&cluster_ips)
+        .expect("ClusterIPs");
+    let service_cidr = Ipv4Cidr::new(SERVICE_CIDR.0, SERVICE_CIDR.1).expect("a CIDR");
+    maps.addrs_mut()
+        .set_cidrs(CidrSetKind::Service, &[service_cidr])
+        .expect("service CIDRs");
     for (id, addr, port, local) in BACKENDS {
         maps.set_backend(
             id,
@@ -254,10 +278,11 @@ fn install(maps: &mut Maps) {
     }
     let cluster = ServicePolicy::default();
     let external = ServicePolicy {
-        masquerade_external: true,
+        masquerade: Masquerade::NonLocal,
         ..ServicePolicy::default()
     };
     let local = ServicePolicy {
+        masquerade: Masquerade::Never,
         local_only: true,
         drop_when_empty: true,
         ..ServicePolicy::default()
@@ -277,7 +302,7 @@ fn install(maps: &mut Maps) {
         .in_cluster()
         .expect("a node port has an in-cluster variant");
     let ranged = ServicePolicy {
-        source_ranges: vec![SourceRange::new(Ipv4Addr::new(203, 0, 113, 0), 28).expect("a CIDR")],
+        source_ranges: vec![Ipv4Cidr::new(Ipv4Addr::new(203, 0, 113, 0), 28).expect("a CIDR")],
         ..external.clone()
     };
     let services: [(Frontend, &ServicePolicy, &[BackendId]); 13] = [
@@ -789,6 +814,111 @@ fn translation_steps() -> Vec<fn(&Maps) -> Step> {
                 expect: Expect::Packet(packet::tcp4(src, first, SYN, &[])),
                 counters: &[Counter::Ipv4Tcp, Counter::LbNewFlow, Counter::LbAffinityHit],
             }
+        },
+        |_| Step {
+            name: "a ClusterIP on a port its service does not define: refused",
+            program: POD,
+            packet: packet::tcp4(CLIENT, (CLUSTER, 81), SYN, &[]),
+            verdict: TC_ACT_REDIRECT,
+            expect: Expect::Unreachable(CLUSTER),
+            counters: &[Counter::Ipv4Tcp, Counter::RejectUnknownPort],
+        },
+        |_| Step {
+            name: "a ClusterIP over UDP where the service has only TCP: refused",
+            program: UPLINK,
+            packet: packet::udp4(EXTERNAL, (SVC_C, 80), b"?"),
+            verdict: TC_ACT_REDIRECT,
+            expect: Expect::Unreachable(SVC_C),
+            counters: &[Counter::Ipv4Udp, Counter::RejectUnknownPort],
+        },
+        |_| Step {
+            name: "a ping to a ClusterIP: refused, as kube-proxy's nftables mode does",
+            program: POD,
+            packet: packet::icmp4_echo(CLIENT.0, CLUSTER),
+            verdict: TC_ACT_REDIRECT,
+            expect: Expect::Unreachable(CLUSTER),
+            counters: &[Counter::Ipv4Icmp, Counter::RejectUnknownPort],
+        },
+        |_| Step {
+            name: "an address of the service CIDR no service holds: dropped",
+            program: POD,
+            packet: packet::tcp4(CLIENT, (UNALLOCATED, 80), SYN, &[]),
+            verdict: TC_ACT_SHOT,
+            expect: Expect::Dropped,
+            counters: &[Counter::Ipv4Tcp, Counter::DropUnallocatedServiceIp],
+        },
+        |_| Step {
+            name: "a ping to an unallocated service address: dropped",
+            program: UPLINK,
+            packet: packet::icmp4_echo(EXTERNAL.0, UNALLOCATED),
+            verdict: TC_ACT_SHOT,
+            expect: Expect::Dropped,
+            counters: &[Counter::Ipv4Icmp, Counter::DropUnallocatedServiceIp],
+        },
+        |_| {
+            let packet = packet::tcp4(CLIENT, (FOREIGN_SVC, 80), SYN, &[]);
+            step(
+                "the ClusterIP of a service another proxy serves: left alone",
+                POD,
+                packet.clone(),
+                packet,
+                &[Counter::Ipv4Tcp],
+            )
+        },
+        |_| Step {
+            name: "a client outside the cluster routed to a ClusterIP: masqueraded, so replies come back here",
+            program: UPLINK,
+            packet: packet::tcp4((EXTERNAL.0, 5600), (SVC_C, 80), SYN, &[]),
+            verdict: TC_ACT_OK,
+            expect: Expect::NatPacket(|maps| {
+                let port = nat_port(maps, (EXTERNAL.0, 5600), (SVC_C, 80));
+                packet::tcp4((NODE, port), backend_addr(1), SYN, &[])
+            }),
+            counters: NEW_TCP,
+        },
+        |maps| {
+            let port = nat_port(maps, (EXTERNAL.0, 5600), (SVC_C, 80));
+            step(
+                "its reply: back to the client from the ClusterIP",
+                POD,
+                packet::tcp4(backend_addr(1), (NODE, port), SYNACK, &[]),
+                packet::tcp4((SVC_C, 80), (EXTERNAL.0, 5600), SYNACK, &[]),
+                REPLY_TCP,
+            )
+        },
+        |maps| {
+            let src = (CLIENT.0, 40_300);
+            let backend = predict(maps, Frontend::tcp(SVC_D, 80), src, (SVC_D, 80));
+            step(
+                "a flow to a ClusterIP that will close",
+                POD,
+                packet::tcp4(src, (SVC_D, 80), SYN, &[]),
+                packet::tcp4(src, backend, SYN, &[]),
+                NEW_TCP,
+            )
+        },
+        |maps| {
+            let src = (CLIENT.0, 40_300);
+            let backend = predict(maps, Frontend::tcp(SVC_D, 80), src, (SVC_D, 80));
+            step(
+                "its client closes",
+                POD,
+                packet::tcp4(src, (SVC_D, 80), TcpFlags::Fin, &[]),
+                packet::tcp4(src, backend, TcpFlags::Fin, &[]),
+                &[Counter::Ipv4Tcp, Counter::LbEstablished],
+            )
+        },
+        |maps| {
+            let src = (CLIENT.0, 40_300);
+            let backend = predict(maps, Frontend::tcp(SVC_D, 80), src, (SVC_D, 80));
+            let packet = packet::tcp4(backend, src, SYNACK, &[]);
+            step(
+                "a direct connection from the same port meets the closed flow's reply tuple: untranslated",
+                POD,
+                packet.clone(),
+                packet,
+                &[Counter::Ipv4Tcp],
+            )
         },
     ]
 }

@@ -7,101 +7,24 @@
 use std::{
     collections::HashMap,
     fmt::Write as _,
-    fs,
     io::ErrorKind,
     net::{Ipv4Addr, SocketAddrV4, TcpStream},
-    path::PathBuf,
-    sync::atomic::{AtomicU32, Ordering},
     time::Duration,
 };
 
 use svc_agent::{
-    model::{NodeInfo, Settings, Translator},
+    model::{Settings, Translator},
     source::manifests::Watch,
     sync::Applier,
 };
 use tests::{
+    agents::{Agents, node_info},
     servers::read_answer,
     topology::{Cluster, Options, TIMEOUT},
 };
 
 const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const OUTSIDE_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
-
-/// One agent per node, reading one shared directory.
-struct Agents {
-    dir: PathBuf,
-    per_node: Vec<(Watch, Translator, Applier)>,
-}
-
-impl Agents {
-    fn new(cluster: &Cluster) -> Self {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "svc-manifests-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).expect("manifest directory");
-        let per_node = cluster
-            .nodes
-            .iter()
-            .map(|node| {
-                (
-                    Watch::new(&dir),
-                    Translator::new(
-                        NodeInfo {
-                            name: node.name.to_owned(),
-                            addrs: vec![node.addr],
-                            zone: None,
-                        },
-                        Settings::default(),
-                    ),
-                    Applier::new(),
-                )
-            })
-            .collect();
-        Self { dir, per_node }
-    }
-
-    fn write(&self, file: &str, text: &str) {
-        fs::write(self.dir.join(file), text).expect("write manifest");
-    }
-
-    fn remove(&self, file: &str) {
-        fs::remove_file(self.dir.join(file)).expect("remove manifest");
-    }
-
-    /// One poll on every node, as the agent's loop does; panics on any
-    /// problem in the manifests or error applying them.
-    fn sync(&mut self, cluster: &mut Cluster) {
-        for ((watch, translator, applier), datapath_node) in
-            self.per_node.iter_mut().zip(&mut cluster.nodes)
-        {
-            assert!(
-                watch.poll().expect("the directory is readable"),
-                "the edit is seen"
-            );
-            let problems: Vec<_> = watch.problems().collect();
-            assert!(problems.is_empty(), "{problems:?}");
-            translator.update(watch.take_dirty(), &*watch);
-            let problems = translator.problems();
-            assert!(problems.iter().all(|p| !p.warning), "{problems:?}");
-            let report = applier.apply(
-                datapath_node.datapath_mut().maps_mut(),
-                translator.desired(),
-            );
-            assert!(report.errors.is_empty(), "{:?}", report.errors);
-        }
-    }
-}
-
-impl Drop for Agents {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.dir);
-    }
-}
 
 fn web(endpoints: &[(&str, &str)]) -> String {
     let mut text = format!(
@@ -272,6 +195,7 @@ fn the_applier_writes_only_what_changed_and_shares_backends() {
         kind: svc_agent::model::FrontendKind::ClusterIp,
         policy: svc_agent::datapath::ServicePolicy::default(),
         endpoints: endpoints.iter().copied().collect(),
+        serving: std::collections::BTreeSet::new(),
     };
     let mut desired = Desired::default();
     desired
@@ -380,14 +304,7 @@ fn established_connections_survive_an_agent_restart() {
         // A restarted agent starts from nothing but the files.
         let mut watch = Watch::new(&agents.dir);
         assert!(watch.poll().expect("manifests"));
-        *translator = Translator::new(
-            NodeInfo {
-                name: node.name.to_owned(),
-                addrs: vec![node.addr],
-                zone: None,
-            },
-            Settings::default(),
-        );
+        *translator = Translator::new(node_info(node), Settings::default());
         translator.update(watch.take_dirty(), &watch);
         let report = applier.apply(node.datapath_mut().maps_mut(), translator.desired());
         assert!(

@@ -1,53 +1,39 @@
 //! The kernel's tick, so the programs can read time as jiffies (one
 //! inlined load) instead of calling a clock helper on every packet.
 
-use std::{fs, sync::OnceLock, thread, time::Duration};
-
 /// Tick rates Linux is built with (`CONFIG_HZ`).
 const KNOWN_HZ: [u64; 4] = [100, 250, 300, 1000];
 
-/// Nanoseconds per kernel tick, measured once per process from
-/// `/proc/timer_list` (root only): two samples of `jiffies` and of the
-/// monotonic clock 100 ms apart. `None` when the file is unreadable or the
-/// rate is not one Linux is built with.
+/// Nanoseconds per kernel tick: the resolution of the coarse monotonic
+/// clock, which the kernel keeps in jiffies (`clock_getres` reports one
+/// tick). A system call, so it works where `/proc/timer_list` is masked
+/// (unprivileged containers), and the same on every start on one kernel,
+/// so a restarted agent reads its pinned entries with the same clock.
+/// `None` when the resolution is not a tick Linux is built with.
+#[must_use]
 pub fn tick_ns() -> Option<u64> {
-    static TICK: OnceLock<Option<u64>> = OnceLock::new();
-    *TICK.get_or_init(measure)
-}
-
-fn measure() -> Option<u64> {
-    let (ns0, jiffies0) = sample()?;
-    thread::sleep(Duration::from_millis(100));
-    let (ns1, jiffies1) = sample()?;
-    let hz = hz_from(ns1.checked_sub(ns0)?, jiffies1.checked_sub(jiffies0)?)?;
-    Some(1_000_000_000 / hz)
-}
-
-/// The closest known rate to `ticks` per `elapsed_ns`, if within 10%.
-fn hz_from(elapsed_ns: u64, ticks: u64) -> Option<u64> {
-    if elapsed_ns == 0 {
+    let mut res = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid clock id and out-parameter.
+    if unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &raw mut res) } != 0 {
         return None;
     }
-    let measured = ticks.saturating_mul(1_000_000_000) / elapsed_ns;
-    KNOWN_HZ
-        .into_iter()
-        .find(|&hz| measured.abs_diff(hz) * 10 <= hz)
+    let ns = u64::try_from(res.tv_sec)
+        .ok()?
+        .checked_mul(1_000_000_000)?
+        .checked_add(u64::try_from(res.tv_nsec).ok()?)?;
+    tick_of(ns)
 }
 
-/// `now at <ns> nsecs` and the first `jiffies: <n>` of `/proc/timer_list`.
-fn sample() -> Option<(u64, u64)> {
-    let text = fs::read_to_string("/proc/timer_list").ok()?;
-    let now = text.lines().find_map(|line| {
-        line.strip_prefix("now at ")?
-            .strip_suffix(" nsecs")?
-            .trim()
-            .parse()
-            .ok()
-    })?;
-    let jiffies = text
-        .lines()
-        .find_map(|line| line.strip_prefix("jiffies: ")?.trim().parse().ok())?;
-    Some((now, jiffies))
+/// `resolution_ns` if it is the tick of a rate Linux is built with (the
+/// kernel rounds 10⁹ / HZ to the nearest nanosecond).
+fn tick_of(resolution_ns: u64) -> Option<u64> {
+    KNOWN_HZ
+        .into_iter()
+        .map(|hz| (1_000_000_000 + hz / 2) / hz)
+        .find(|&tick| tick == resolution_ns)
 }
 
 #[cfg(test)]
@@ -55,15 +41,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn rates_round_to_what_linux_is_built_with() {
-        assert_eq!(hz_from(1_000_000_000, 250), Some(250));
-        assert_eq!(
-            hz_from(100_000_000, 26),
-            Some(250),
-            "a tick more, within 10%"
+    fn ticks_are_those_of_the_rates_linux_is_built_with() {
+        assert_eq!(tick_of(4_000_000), Some(4_000_000), "250 Hz");
+        assert_eq!(tick_of(3_333_333), Some(3_333_333), "300 Hz");
+        assert_eq!(tick_of(1_000_000), Some(1_000_000), "1000 Hz");
+        assert_eq!(tick_of(1), None, "a high-resolution clock is no tick");
+        assert_eq!(tick_of(2_000_000), None, "500 Hz is not a Linux rate");
+    }
+
+    #[test]
+    fn this_kernel_has_a_tick() {
+        assert!(
+            tick_ns().is_some(),
+            "the coarse clock's resolution should be a tick"
         );
-        assert_eq!(hz_from(100_000_000, 100), Some(1000));
-        assert_eq!(hz_from(100_000_000, 50), None, "500 Hz is not a Linux rate");
-        assert_eq!(hz_from(0, 10), None);
     }
 }

@@ -9,7 +9,8 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader, include_bytes_aligned,
     programs::{
-        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType,
+        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, TestRun as _,
+        TestRunOptions,
         links::{FdLink, PinnedLink},
         tc::SchedClassifierLink,
     },
@@ -19,16 +20,16 @@ use svc_common::{
     config::{CONFIG_GLOBAL, DatapathConfig},
     ct::{CT_MAP, DEFAULT_CT_ENTRIES, FRAG_MAP},
     lb::{
-        AFFINITY_MAP, BACKEND_STATS_MAP, BACKENDS_MAP, DEFAULT_MAGLEV_SLOTS, DEFAULT_MAX_AFFINITY,
-        DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, MAGLEV_MAP, NODE_ADDRS_MAP, SERVICE_STATS_MAP,
-        SERVICES_MAP, SOURCE_RANGES_MAP,
+        ADDRS_MAP, AFFINITY_MAP, BACKEND_STATS_MAP, BACKENDS_MAP, CIDRS_MAP, DEFAULT_MAGLEV_SLOTS,
+        DEFAULT_MAX_AFFINITY, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, MAGLEV_MAP,
+        MAX_NODE_ADDRS, SERVICE_STATS_MAP, SERVICES_MAP, SOURCE_RANGES_MAP,
     },
     maglev::DEFAULT_SLOTS_PER_BACKEND,
     sock::{DEFAULT_SOCK_REVNAT_ENTRIES, SOCK_REVNAT_MAP},
     stats::STATS_MAP,
 };
 
-use super::{Error, Maps, Result, StatsSnapshot};
+use super::{Error, Maps, Result, StatsSnapshot, conntrack, sys};
 
 /// The eBPF object built by `build.rs` from `svc-ebpf`.
 pub static EBPF_OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/svc-ebpf"));
@@ -37,6 +38,8 @@ pub static EBPF_OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 pub const FROM_POD_PROGRAM: &str = "svc_from_pod";
 /// tc ingress on node uplinks.
 pub const FROM_UPLINK_PROGRAM: &str = "svc_from_uplink";
+/// Never attached: run to read the programs' clock.
+pub const CLOCK_PROGRAM: &str = "svc_clock";
 /// The cgroup `sock_addr` programs for host processes.
 pub const SOCK_PROGRAMS: [&str; 4] = [
     "svc_connect4",
@@ -55,7 +58,8 @@ const REQUIRED_MAPS: &[&str] = &[
     SERVICES_MAP,
     BACKENDS_MAP,
     MAGLEV_MAP,
-    NODE_ADDRS_MAP,
+    ADDRS_MAP,
+    CIDRS_MAP,
     AFFINITY_MAP,
     CT_MAP,
     SERVICE_STATS_MAP,
@@ -134,6 +138,8 @@ impl Default for LoadOptions {
 pub struct Datapath {
     ebpf: Ebpf,
     maps: Maps,
+    /// The configuration the programs were loaded with.
+    config: DatapathConfig,
     pin_dir: Option<PathBuf>,
     /// Whether the maps came from an earlier run's pins.
     adopted: bool,
@@ -178,6 +184,7 @@ impl Datapath {
             .override_global(CONFIG_GLOBAL, &config, true)
             .map_max_entries(CT_MAP, caps.ct_entries)
             .map_max_entries(SERVICES_MAP, caps.services)
+            .map_max_entries(ADDRS_MAP, caps.services.saturating_add(MAX_NODE_ADDRS))
             .map_max_entries(SERVICE_STATS_MAP, caps.services)
             .map_max_entries(BACKENDS_MAP, caps.backends)
             .map_max_entries(BACKEND_STATS_MAP, caps.backends)
@@ -190,19 +197,23 @@ impl Datapath {
                 return Err(Error::MissingMap(name));
             }
         }
-        for name in [FROM_POD_PROGRAM, FROM_UPLINK_PROGRAM] {
-            classifier_mut(&mut ebpf, name)?
-                .load()
+        for name in [FROM_POD_PROGRAM, FROM_UPLINK_PROGRAM, CLOCK_PROGRAM] {
+            let program = classifier_mut(&mut ebpf, name)?;
+            retry_interrupted(|| program.load())
                 .map_err(|source| Error::Program { name, source })?;
         }
         for name in SOCK_PROGRAMS {
-            sock_program_mut(&mut ebpf, name)?
-                .load()
+            let program = sock_program_mut(&mut ebpf, name)?;
+            retry_interrupted(|| program.load())
                 .map_err(|source| Error::Program { name, source })?;
         }
         let mut maps = Maps::take(&mut ebpf, options.maglev_slots_per_backend)?;
         if adopted {
-            maps.adopt()?;
+            // Ids that only live flows name stay reserved.
+            let now = clock_now(&ebpf)?;
+            let named = conntrack::named_ids(maps.sweep_maps(), now, &config)
+                .map_err(|err| Error::Adopt(format!("reading connection tracking: {err}")))?;
+            maps.adopt(named)?;
         }
         if let Some(dir) = &options.pin_dir {
             remove_stale_pins(dir);
@@ -210,10 +221,23 @@ impl Datapath {
         Ok(Self {
             ebpf,
             maps,
+            config,
             pin_dir: options.pin_dir.clone(),
             adopted,
             pinned_links: Vec::new(),
         })
+    }
+
+    /// The configuration the programs were loaded with.
+    #[must_use]
+    pub const fn config(&self) -> &DatapathConfig {
+        &self.config
+    }
+
+    /// The programs' clock now, as connection-tracking stamps read it
+    /// (the clock program run through `BPF_PROG_TEST_RUN`).
+    pub fn now_ns(&self) -> Result<u64> {
+        clock_now(&self.ebpf)
     }
 
     /// Whether the maps were adopted from an earlier run's pins.
@@ -321,7 +345,7 @@ impl Datapath {
                 // An earlier run's link: swap our program in, so host
                 // sockets stay translated across the restart.
                 let prog_fd = program.fd().map_err(attach_error)?;
-                if link_update(pin, prog_fd.as_fd().as_raw_fd()).is_ok() {
+                if sys::link_update(pin, prog_fd.as_fd()).is_ok() {
                     continue;
                 }
                 let _ = fs::remove_file(pin);
@@ -362,6 +386,57 @@ impl Datapath {
     pub fn stats(&self) -> Result<StatsSnapshot> {
         StatsSnapshot::read(&self.ebpf)
     }
+}
+
+/// Loads a program, again when the verifier gave up with `EAGAIN`: it does
+/// when a signal arrives for the thread while it works (a child process
+/// exiting, in a process that runs commands), as libbpf knows and retries.
+fn retry_interrupted(
+    mut load: impl FnMut() -> std::result::Result<(), aya::programs::ProgramError>,
+) -> std::result::Result<(), aya::programs::ProgramError> {
+    const ATTEMPTS: usize = 5;
+    let mut attempt = 1;
+    loop {
+        match load() {
+            Err(aya::programs::ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EAGAIN) && attempt < ATTEMPTS =>
+            {
+                attempt += 1;
+            }
+            result => return result,
+        }
+    }
+}
+
+/// Runs the clock program (see [`Datapath::now_ns`]).
+fn clock_now(ebpf: &Ebpf) -> Result<u64> {
+    let program: &SchedClassifier = ebpf
+        .program(CLOCK_PROGRAM)
+        .ok_or(Error::MissingProgram(CLOCK_PROGRAM))?
+        .try_into()
+        .map_err(|source| Error::Program {
+            name: CLOCK_PROGRAM,
+            source,
+        })?;
+    // An Ethernet header's worth, the least a tc program is run with.
+    let data = [0u8; 64];
+    let mut out = [0u8; 64];
+    let result = program
+        .test_run(TestRunOptions {
+            data_in: Some(&data),
+            data_out: Some(&mut out),
+            ..TestRunOptions::default()
+        })
+        .map_err(|err| Error::Clock(err.to_string()))?;
+    if result.return_value != 0 {
+        return Err(Error::Clock(format!(
+            "the clock program returned {}",
+            result.return_value
+        )));
+    }
+    let mut now = [0u8; 8];
+    now.copy_from_slice(&out[..8]);
+    Ok(u64::from_ne_bytes(now))
 }
 
 fn classifier_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier> {
@@ -417,73 +492,6 @@ fn remove_stale_pins(dir: &Path) {
             }
         }
     }
-}
-
-/// Points the link pinned at `pin` to program `prog_fd`
-/// (`BPF_LINK_UPDATE`, atomic): aya offers this for tc links only.
-fn link_update(pin: &Path, prog_fd: i32) -> std::io::Result<()> {
-    const BPF_OBJ_GET: libc::c_long = 7;
-    const BPF_LINK_UPDATE: libc::c_long = 29;
-    #[repr(C)]
-    struct ObjGet {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
-        path_fd: i32,
-        _pad: u32,
-    }
-    #[repr(C)]
-    struct LinkUpdate {
-        link_fd: u32,
-        new_prog_fd: u32,
-        flags: u32,
-        old_prog_fd: u32,
-    }
-    let path = std::ffi::CString::new(pin.as_os_str().as_encoded_bytes())
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
-    let get = ObjGet {
-        pathname: path.as_ptr() as u64,
-        bpf_fd: 0,
-        file_flags: 0,
-        path_fd: 0,
-        _pad: 0,
-    };
-    // SAFETY: bpf(2) with an attribute of the size given, and a path that
-    // outlives the call.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            &raw const get,
-            size_of::<ObjGet>(),
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let link_fd =
-        i32::try_from(fd).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidData))?;
-    // SAFETY: a fresh descriptor we own.
-    let link = unsafe { OwnedFd::from_raw_fd(link_fd) };
-    let update = LinkUpdate {
-        link_fd: u32::try_from(link.as_raw_fd()).unwrap_or(u32::MAX),
-        new_prog_fd: u32::try_from(prog_fd).unwrap_or(u32::MAX),
-        flags: 0,
-        old_prog_fd: 0,
-    };
-    // SAFETY: as above.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_UPDATE,
-            &raw const update,
-            size_of::<LinkUpdate>(),
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 /// Where bpffs lives.

@@ -1,10 +1,10 @@
-//! Writing the datapath's maps: node addresses, backends, services with
-//! their Maglev tables, and reading connection tracking. This is the only
-//! code that writes them; the agent and the tests both go through it.
+//! Writing the datapath's maps: addresses, backends, services with their
+//! Maglev tables, and reading connection tracking. This is the only code
+//! that writes them; the agent and the tests both go through it.
 
 use std::{
     collections::{HashMap as StdHashMap, HashSet},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::Ipv4Addr,
 };
 
 use aya::{
@@ -17,297 +17,32 @@ use aya::{
 use svc_common::{
     ct::{CT_MAP, CtEntry, CtKey},
     lb::{
-        AFFINITY_MAP, AffinityKey, AffinityValue, BACKEND_F_LOCAL, BACKEND_F_TERMINATING,
-        BACKEND_STATS_MAP, BACKENDS_MAP, Backend, BackendId, EMPTY_DROP, EMPTY_REJECT, MAGLEV_MAP,
-        NODE_ADDRS_MAP, NodeAddr, SCOPE_ADDR, SCOPE_IN_CLUSTER, SCOPE_NODEPORT, SERVICE_STATS_MAP,
-        SERVICES_MAP, SOURCE_RANGES_MAP, SVC_F_AFFINITY, SVC_F_IN_CLUSTER, SVC_F_LOCAL_ONLY,
-        SVC_F_SNAT_EXTERNAL, SVC_F_SOURCE_RANGES, ServiceKey, ServiceValue, SourceRangeKey,
+        ADDRS_MAP, AFFINITY_MAP, BACKEND_STATS_MAP, BACKENDS_MAP, Backend, BackendId, CIDRS_MAP,
+        MAGLEV_MAP, MAX_NODE_ADDRS, SERVICE_STATS_MAP, SERVICES_MAP, SOURCE_RANGES_MAP, ServiceKey,
+        ServiceValue, SourceRangeKey,
     },
-    maglev, proto,
+    maglev,
     stats::CounterValue,
 };
 
 use super::{
-    Error, Result,
+    BackendSpec, Error, Frontend, Ipv4Cidr, Result, ServicePolicy,
+    addrs::Addrs,
+    conntrack::SweepMaps,
+    ids::IdPool,
     maglev::{Block, MaglevArea, SlotAllocator},
 };
 
-/// A service's transport protocol.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Protocol {
-    Tcp,
-    Udp,
-}
-
-impl Protocol {
-    #[must_use]
-    pub const fn number(self) -> u8 {
-        match self {
-            Self::Tcp => proto::TCP,
-            Self::Udp => proto::UDP,
-        }
-    }
-}
-
-/// What a service answers on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Frontend {
-    /// A ClusterIP, an externalIP or a LoadBalancer ingress IP, on the
-    /// service port.
-    Address {
-        addr: Ipv4Addr,
-        port: u16,
-        protocol: Protocol,
-    },
-    /// A node port, on every node address.
-    NodePort { port: u16, protocol: Protocol },
-    /// The in-cluster variant of an external address (externalIP or
-    /// LoadBalancer IP) with a Local traffic policy: what this node's pods
-    /// and processes reach there (every endpoint, as kube-proxy does).
-    AddressInCluster {
-        addr: Ipv4Addr,
-        port: u16,
-        protocol: Protocol,
-    },
-    /// The in-cluster variant of a node port with a Local traffic policy.
-    NodePortInCluster { port: u16, protocol: Protocol },
-}
-
-impl Frontend {
-    /// A TCP service port on an address.
-    #[must_use]
-    pub const fn tcp(addr: Ipv4Addr, port: u16) -> Self {
-        Self::Address {
-            addr,
-            port,
-            protocol: Protocol::Tcp,
-        }
-    }
-
-    /// A UDP service port on an address.
-    #[must_use]
-    pub const fn udp(addr: Ipv4Addr, port: u16) -> Self {
-        Self::Address {
-            addr,
-            port,
-            protocol: Protocol::Udp,
-        }
-    }
-
-    /// A TCP node port.
-    #[must_use]
-    pub const fn node_port_tcp(port: u16) -> Self {
-        Self::NodePort {
-            port,
-            protocol: Protocol::Tcp,
-        }
-    }
-
-    /// The in-cluster variant of an external frontend; `None` for one
-    /// that already is a variant.
-    #[must_use]
-    pub const fn in_cluster(self) -> Option<Self> {
-        match self {
-            Self::Address {
-                addr,
-                port,
-                protocol,
-            } => Some(Self::AddressInCluster {
-                addr,
-                port,
-                protocol,
-            }),
-            Self::NodePort { port, protocol } => Some(Self::NodePortInCluster { port, protocol }),
-            Self::AddressInCluster { .. } | Self::NodePortInCluster { .. } => None,
-        }
-    }
-
-    /// The key the datapath looks the frontend up with.
-    #[must_use]
-    pub fn key(&self) -> ServiceKey {
-        let (addr, port, protocol, scope) = match *self {
-            Self::Address {
-                addr,
-                port,
-                protocol,
-            } => (addr, port, protocol, SCOPE_ADDR),
-            Self::NodePort { port, protocol } => {
-                (Ipv4Addr::UNSPECIFIED, port, protocol, SCOPE_NODEPORT)
-            }
-            Self::AddressInCluster {
-                addr,
-                port,
-                protocol,
-            } => (addr, port, protocol, SCOPE_ADDR | SCOPE_IN_CLUSTER),
-            Self::NodePortInCluster { port, protocol } => (
-                Ipv4Addr::UNSPECIFIED,
-                port,
-                protocol,
-                SCOPE_NODEPORT | SCOPE_IN_CLUSTER,
-            ),
-        };
-        ServiceKey {
-            addr: u32::from_ne_bytes(addr.octets()),
-            port: port.to_be(),
-            protocol: protocol.number(),
-            scope,
-        }
-    }
-}
-
-impl Frontend {
-    /// The frontend a map key stands for; `None` for a key no frontend
-    /// writes (an unknown scope or protocol).
-    #[must_use]
-    pub fn from_key(key: &ServiceKey) -> Option<Self> {
-        let protocol = match key.protocol {
-            proto::TCP => Protocol::Tcp,
-            proto::UDP => Protocol::Udp,
-            _ => return None,
-        };
-        let port = u16::from_be(key.port);
-        let frontend = match key.scope & !SCOPE_IN_CLUSTER {
-            SCOPE_ADDR => Self::Address {
-                addr: Ipv4Addr::from(key.addr.to_ne_bytes()),
-                port,
-                protocol,
-            },
-            SCOPE_NODEPORT => Self::NodePort { port, protocol },
-            _ => return None,
-        };
-        if key.scope & SCOPE_IN_CLUSTER == 0 {
-            Some(frontend)
-        } else {
-            frontend.in_cluster()
-        }
-    }
-}
-
-/// An IPv4 CIDR of `loadBalancerSourceRanges`, its address masked to the
-/// prefix.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct SourceRange {
-    pub addr: Ipv4Addr,
-    pub prefix: u8,
-}
-
-impl SourceRange {
-    /// `addr/prefix` with the host bits cleared; `None` for a prefix over
-    /// 32.
-    #[must_use]
-    pub fn new(addr: Ipv4Addr, prefix: u8) -> Option<Self> {
-        let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
-        (prefix <= 32).then(|| Self {
-            addr: Ipv4Addr::from(u32::from(addr) & mask),
-            prefix,
-        })
-    }
-
-    /// Whether `addr` lies inside.
-    #[must_use]
-    pub fn contains(&self, addr: Ipv4Addr) -> bool {
-        Self::new(addr, self.prefix).is_some_and(|masked| masked.addr == self.addr)
-    }
-
-    fn key(self, service_id: u32) -> LpmKey<SourceRangeKey> {
-        LpmKey::new(
-            32 + u32::from(self.prefix),
-            SourceRangeKey {
-                service_id,
-                addr: u32::from_ne_bytes(self.addr.octets()),
-            },
-        )
-    }
-}
-
-/// How a frontend treats its traffic.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-#[expect(
-    clippy::struct_excessive_bools,
-    reason = "independent switches, each a flag bit of the service entry"
-)]
-pub struct ServicePolicy {
-    /// Masquerade traffic from outside the node (externalTrafficPolicy
-    /// Cluster on node ports, externalIPs and LoadBalancer IPs).
-    pub masquerade_external: bool,
-    /// The backends given are this node's only (a Local traffic policy).
-    pub local_only: bool,
-    /// sessionAffinity ClientIP with this timeout.
-    pub affinity_timeout_secs: Option<u32>,
-    /// With no backends, drop instead of refusing.
-    pub drop_when_empty: bool,
-    /// New flows only from these sources (`loadBalancerSourceRanges`);
-    /// empty: from anywhere. Sorted.
-    pub source_ranges: Vec<SourceRange>,
-    /// An in-cluster variant of this frontend exists
-    /// ([`Frontend::in_cluster`]): this node's pods and processes use it.
-    pub in_cluster_variant: bool,
-}
-
-/// An endpoint.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct BackendSpec {
-    pub addr: SocketAddrV4,
-    /// Runs on this node.
-    pub local: bool,
-    pub terminating: bool,
-}
-
-impl ServicePolicy {
-    /// The `SVC_F_*` bits of this policy.
-    fn flags(&self) -> u16 {
-        [
-            (self.masquerade_external, SVC_F_SNAT_EXTERNAL),
-            (self.local_only, SVC_F_LOCAL_ONLY),
-            (self.affinity_timeout_secs.is_some(), SVC_F_AFFINITY),
-            (!self.source_ranges.is_empty(), SVC_F_SOURCE_RANGES),
-            (self.in_cluster_variant, SVC_F_IN_CLUSTER),
-        ]
-        .iter()
-        .filter(|(on, _)| *on)
-        .fold(0, |flags, (_, bit)| flags | bit)
-    }
-
-    fn from_value(value: &ServiceValue, source_ranges: Vec<SourceRange>) -> Self {
-        Self {
-            source_ranges,
-            in_cluster_variant: value.flags & SVC_F_IN_CLUSTER != 0,
-            masquerade_external: value.flags & SVC_F_SNAT_EXTERNAL != 0,
-            local_only: value.flags & SVC_F_LOCAL_ONLY != 0,
-            affinity_timeout_secs: (value.flags & SVC_F_AFFINITY != 0)
-                .then_some(value.affinity_timeout_secs),
-            drop_when_empty: value.on_empty == EMPTY_DROP,
-        }
-    }
-}
-
-impl BackendSpec {
-    fn from_value(value: Backend) -> Self {
-        Self {
-            addr: SocketAddrV4::new(
-                Ipv4Addr::from(value.addr.to_ne_bytes()),
-                u16::from_be(value.port),
-            ),
-            local: value.flags & BACKEND_F_LOCAL != 0,
-            terminating: value.flags & BACKEND_F_TERMINATING != 0,
-        }
-    }
-
-    fn value(self) -> Backend {
-        let mut flags = 0;
-        if self.local {
-            flags |= BACKEND_F_LOCAL;
-        }
-        if self.terminating {
-            flags |= BACKEND_F_TERMINATING;
-        }
-        Backend {
-            addr: u32::from_ne_bytes(self.addr.ip().octets()),
-            port: self.addr.port().to_be(),
-            flags,
-            _pad: 0,
-        }
-    }
+/// The source-range trie's key for a CIDR of frontend `service_id`: the
+/// id always matches whole, then the CIDR's prefix.
+fn range_key(range: Ipv4Cidr, service_id: u32) -> LpmKey<SourceRangeKey> {
+    LpmKey::new(
+        32 + u32::from(range.prefix()),
+        SourceRangeKey {
+            service_id,
+            addr: u32::from_ne_bytes(range.addr().octets()),
+        },
+    )
 }
 
 /// A frontend as installed.
@@ -323,22 +58,25 @@ struct Installed {
 pub struct Maps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     backends: Array<MapData, Backend>,
-    node_addrs: HashMap<MapData, u32, NodeAddr>,
-    affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+    addrs: Addrs,
     ct: HashMap<MapData, CtKey, CtEntry>,
+    ct_capacity: u32,
     service_stats: PerCpuArray<MapData, CounterValue>,
     backend_stats: PerCpuArray<MapData, CounterValue>,
     source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
     /// Each frontend id's source ranges, sorted.
-    ranges_by_id: StdHashMap<u32, Vec<SourceRange>>,
+    ranges_by_id: StdHashMap<u32, Vec<Ipv4Cidr>>,
     maglev: MaglevArea,
     slots: SlotAllocator,
     slots_per_backend: u32,
     installed: StdHashMap<ServiceKey, Installed>,
     backend_values: StdHashMap<BackendId, Backend>,
-    node_addr_set: HashSet<Ipv4Addr>,
-    free_ids: Vec<u32>,
-    next_id: u32,
+    /// Frontend ids (index the per-frontend counters).
+    ids: IdPool,
+    /// Handles for sweeps of connection tracking on another thread.
+    sweep: SweepMaps,
+    /// Backend ids that live flows named when the maps were adopted.
+    named_backends: HashSet<BackendId>,
 }
 
 fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Map> {
@@ -355,11 +93,23 @@ impl Maps {
             HashMap::try_from(take(ebpf, SERVICES_MAP)?).map_err(map_error(SERVICES_MAP))?;
         let backends =
             Array::try_from(take(ebpf, BACKENDS_MAP)?).map_err(map_error(BACKENDS_MAP))?;
-        let node_addrs =
-            HashMap::try_from(take(ebpf, NODE_ADDRS_MAP)?).map_err(map_error(NODE_ADDRS_MAP))?;
-        let affinity =
-            HashMap::try_from(take(ebpf, AFFINITY_MAP)?).map_err(map_error(AFFINITY_MAP))?;
-        let ct = HashMap::try_from(take(ebpf, CT_MAP)?).map_err(map_error(CT_MAP))?;
+        let addrs = Addrs::new(
+            HashMap::try_from(take(ebpf, ADDRS_MAP)?).map_err(map_error(ADDRS_MAP))?,
+            Array::try_from(take(ebpf, CIDRS_MAP)?).map_err(map_error(CIDRS_MAP))?,
+        );
+        let affinity_map = take(ebpf, AFFINITY_MAP)?;
+        let ct_map = take(ebpf, CT_MAP)?;
+        let sweep = match (&ct_map, &affinity_map) {
+            (Map::LruHashMap(ct), Map::LruHashMap(affinity)) => {
+                SweepMaps::new(ct, affinity).map_err(Error::Dup)?
+            }
+            _ => return Err(Error::MissingMap(CT_MAP)),
+        };
+        let ct_capacity = match &ct_map {
+            Map::LruHashMap(data) => data.info().map_err(map_error(CT_MAP))?.max_entries(),
+            _ => 0,
+        };
+        let ct = HashMap::try_from(ct_map).map_err(map_error(CT_MAP))?;
         let service_stats = PerCpuArray::try_from(take(ebpf, SERVICE_STATS_MAP)?)
             .map_err(map_error(SERVICE_STATS_MAP))?;
         let backend_stats = PerCpuArray::try_from(take(ebpf, BACKEND_STATS_MAP)?)
@@ -374,12 +124,13 @@ impl Maps {
             .map_err(map_error(MAGLEV_MAP))?
             .max_entries();
         let maglev = MaglevArea::new(maglev_data, maglev_slots)?;
+        let capacity = service_stats.len();
         Ok(Self {
             services,
             backends,
-            node_addrs,
-            affinity,
+            addrs,
             ct,
+            ct_capacity,
             service_stats,
             backend_stats,
             source_ranges,
@@ -389,21 +140,19 @@ impl Maps {
             slots_per_backend: slots_per_backend.max(1),
             installed: StdHashMap::new(),
             backend_values: StdHashMap::new(),
-            node_addr_set: HashSet::new(),
-            free_ids: Vec::new(),
-            next_id: 0,
+            ids: IdPool::new(0, capacity),
+            sweep,
+            named_backends: HashSet::new(),
         })
     }
 
     /// Rebuilds the bookkeeping from the maps' contents: maps pinned by a
     /// previous run keep their services, backends, tables and connection
-    /// tracking, and this run carries on from them.
-    pub(super) fn adopt(&mut self) -> Result<()> {
-        for entry in self.node_addrs.keys() {
-            let addr = entry.map_err(map_error(NODE_ADDRS_MAP))?;
-            self.node_addr_set
-                .insert(Ipv4Addr::from(addr.to_ne_bytes()));
-        }
+    /// tracking, and this run carries on from them. `named` are the
+    /// (frontend, backend) ids live flows name: ids only they name stay
+    /// reserved until a sweep finds them unnamed.
+    pub(super) fn adopt(&mut self, named: (HashSet<u32>, HashSet<BackendId>)) -> Result<()> {
+        self.addrs.adopt()?;
         for (id, backend) in self.backends.iter().enumerate() {
             let backend = backend.map_err(map_error(BACKENDS_MAP))?;
             if backend.addr != 0 {
@@ -420,9 +169,9 @@ impl Maps {
             let key = entry.map_err(map_error(SOURCE_RANGES_MAP))?;
             let data = key.data();
             let prefix = key.prefix_len().saturating_sub(32);
-            let range = u8::try_from(prefix).ok().and_then(|prefix| {
-                SourceRange::new(Ipv4Addr::from(data.addr.to_ne_bytes()), prefix)
-            });
+            let range = u8::try_from(prefix)
+                .ok()
+                .and_then(|prefix| Ipv4Cidr::new(Ipv4Addr::from(data.addr.to_ne_bytes()), prefix));
             if let Some(range) = range {
                 self.ranges_by_id
                     .entry(data.service_id)
@@ -462,11 +211,26 @@ impl Maps {
                 },
             );
         }
-        self.next_id = used_ids.iter().max().map_or(0, |max| max + 1);
-        self.free_ids = (0..self.next_id)
-            .filter(|id| !used_ids.contains(id))
-            .collect();
+        self.ids.adopt(&used_ids, &named.0);
+        self.named_backends = named.1;
         Ok(())
+    }
+
+    /// Backend ids that live flows named when the maps were adopted.
+    #[must_use]
+    pub fn named_backends(&self) -> &HashSet<BackendId> {
+        &self.named_backends
+    }
+
+    /// Handles for sweeping connection tracking on another thread.
+    #[must_use]
+    pub const fn sweep_maps(&self) -> &SweepMaps {
+        &self.sweep
+    }
+
+    /// The frontend ids, for sweeps.
+    pub fn frontend_ids(&mut self) -> &mut IdPool {
+        &mut self.ids
     }
 
     /// Every installed frontend: its policy and the backends its table
@@ -500,34 +264,24 @@ impl Maps {
             .collect()
     }
 
-    /// The node addresses installed.
+    /// The node addresses, ClusterIPs and CIDR sets.
     #[must_use]
-    pub fn installed_node_addrs(&self) -> Vec<Ipv4Addr> {
-        let mut addrs: Vec<Ipv4Addr> = self.node_addr_set.iter().copied().collect();
-        addrs.sort_unstable();
-        addrs
+    pub const fn addrs(&self) -> &Addrs {
+        &self.addrs
+    }
+
+    pub fn addrs_mut(&mut self) -> &mut Addrs {
+        &mut self.addrs
     }
 
     /// Sets the node's own addresses (where node ports answer).
     pub fn set_node_addrs(&mut self, addrs: &[Ipv4Addr]) -> Result<()> {
-        let wanted: HashSet<Ipv4Addr> = addrs.iter().copied().collect();
-        for addr in self.node_addr_set.difference(&wanted) {
-            match self.node_addrs.remove(&u32::from_ne_bytes(addr.octets())) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(source) => return Err(map_error(NODE_ADDRS_MAP)(source)),
-            }
-        }
-        for addr in wanted.difference(&self.node_addr_set) {
-            self.node_addrs
-                .insert(u32::from_ne_bytes(addr.octets()), NodeAddr::default(), 0)
-                .map_err(map_error(NODE_ADDRS_MAP))?;
-        }
-        self.node_addr_set = wanted;
-        Ok(())
+        self.addrs.set_nodes(addrs)
     }
 
-    /// Writes backend `id`. Changing an existing id's address or port ends
-    /// the flows to its old address.
+    /// Writes backend `id`: a new one (its counters start at zero), or new
+    /// flags for the same address. An id never moves to another address
+    /// while installed: flows name it.
     pub fn set_backend(&mut self, id: BackendId, spec: &BackendSpec) -> Result<()> {
         if id == 0 || id >= self.backends.len() {
             return Err(Error::BackendIdOutOfRange {
@@ -540,24 +294,31 @@ impl Maps {
         if old == Some(value) {
             return Ok(());
         }
+        if let Some(old) = old
+            && (old.addr, old.port) != (value.addr, value.port)
+        {
+            return Err(Error::BackendMoved {
+                id,
+                from: BackendSpec::from_value(old).addr,
+                to: spec.addr,
+            });
+        }
         self.backends
             .set(id, value, 0)
             .map_err(map_error(BACKENDS_MAP))?;
-        match old {
-            None => self.reset_counters(BACKEND_STATS_MAP, id)?,
-            Some(old) if (old.addr, old.port) != (value.addr, value.port) => {
-                self.purge_backend_flows(id)?;
-            }
-            Some(_) => {}
+        if old.is_none() {
+            self.reset_counters(BACKEND_STATS_MAP, id)?;
         }
         self.backend_values.insert(id, value);
         Ok(())
     }
 
-    /// Removes backend `id`, which no service may still use, and ends its
-    /// flows: their connection-tracking and affinity entries go, so a UDP
-    /// client's next packet picks a live backend and a TCP client's next
-    /// segment is answered with a reset by the new pick.
+    /// Removes backend `id`, which no table may still name. Its flows are
+    /// left alone: connection tracking holds their addresses, so TCP
+    /// connections finish on the pod that served them (a sweep clears the
+    /// UDP ones), and the caller keeps the id reserved while flows name
+    /// it. Affinity to it lapses: the datapath ignores an entry naming a
+    /// removed backend, and a sweep deletes it.
     pub fn remove_backend(&mut self, id: BackendId) -> Result<()> {
         if self.backend_values.remove(&id).is_none() {
             return Ok(());
@@ -574,8 +335,7 @@ impl Maps {
         }
         self.backends
             .set(id, Backend::default(), 0)
-            .map_err(map_error(BACKENDS_MAP))?;
-        self.purge_backend_flows(id)
+            .map_err(map_error(BACKENDS_MAP))
     }
 
     /// Installs or updates a frontend with these backends. A new Maglev
@@ -611,7 +371,7 @@ impl Maps {
             && previous.backends == ids
             && previous.value.flags == flags
             && previous.value.affinity_timeout_secs == policy.affinity_timeout_secs.unwrap_or(0)
-            && previous.value.on_empty == on_empty(policy)
+            && previous.value.on_empty == policy.on_empty()
             && self.ranges(previous.value.id) == policy.source_ranges.as_slice()
         {
             return Ok(previous.value.id);
@@ -623,7 +383,7 @@ impl Maps {
 
         let (id, is_new_id) = if let Some(id) = previous_id {
             (id, false)
-        } else if let Some(id) = self.allocate_id() {
+        } else if let Some(id) = self.ids.allocate() {
             (id, true)
         } else {
             if let Some(block) = block {
@@ -640,7 +400,7 @@ impl Maps {
             backend_count: count,
             affinity_timeout_secs: policy.affinity_timeout_secs.unwrap_or(0),
             flags,
-            on_empty: on_empty(policy),
+            on_empty: policy.on_empty(),
             _pad: 0,
         };
         if is_new_id {
@@ -655,7 +415,7 @@ impl Maps {
                     self.slots.free(block);
                 }
                 if is_new_id {
-                    self.free_ids.push(id);
+                    self.ids.unallocate(id);
                 }
                 return Err(err);
             }
@@ -665,7 +425,7 @@ impl Maps {
                 self.slots.free(block);
             }
             if is_new_id {
-                self.free_ids.push(id);
+                self.ids.unallocate(id);
             }
             return Err(map_error(SERVICES_MAP)(source));
         }
@@ -687,17 +447,17 @@ impl Maps {
         Ok(id)
     }
 
-    fn ranges(&self, id: u32) -> &[SourceRange] {
+    fn ranges(&self, id: u32) -> &[Ipv4Cidr] {
         self.ranges_by_id.get(&id).map_or(&[], Vec::as_slice)
     }
 
     /// Inserts the ranges of `wanted` that `id` lacks and records `wanted`
     /// as its ranges; returns those it had and no longer wants.
-    fn add_ranges(&mut self, id: u32, wanted: &[SourceRange]) -> Result<Vec<SourceRange>> {
+    fn add_ranges(&mut self, id: u32, wanted: &[Ipv4Cidr]) -> Result<Vec<Ipv4Cidr>> {
         let had = self.ranges(id).to_vec();
         for range in wanted.iter().filter(|range| !had.contains(range)) {
             self.source_ranges
-                .insert(&range.key(id), 1, 0)
+                .insert(&range_key(*range, id), 1, 0)
                 .map_err(map_error(SOURCE_RANGES_MAP))?;
         }
         if wanted.is_empty() {
@@ -711,15 +471,17 @@ impl Maps {
             .collect())
     }
 
-    fn remove_ranges(&mut self, id: u32, ranges: &[SourceRange]) {
+    fn remove_ranges(&mut self, id: u32, ranges: &[Ipv4Cidr]) {
         for range in ranges {
             // Already gone is fine: the goal is its absence.
-            let _ = self.source_ranges.remove(&range.key(id));
+            let _ = self.source_ranges.remove(&range_key(*range, id));
         }
     }
 
-    /// Removes a frontend and its counters; its flows in connection
-    /// tracking stay until they end (their backends are unchanged).
+    /// Removes a frontend and zeroes its counters. Its flows in connection
+    /// tracking finish (a sweep clears the UDP ones), and its id stays
+    /// reserved while flows name it; affinity entries under it are
+    /// unreachable and a sweep deletes them.
     pub fn remove_service(&mut self, frontend: &Frontend) -> Result<()> {
         let key = frontend.key();
         let Some(installed) = self.installed.remove(&key) else {
@@ -738,16 +500,7 @@ impl Maps {
             self.remove_ranges(installed.value.id, &ranges);
         }
         self.reset_counters(SERVICE_STATS_MAP, installed.value.id)?;
-        self.free_ids.push(installed.value.id);
-        let stale: Vec<AffinityKey> = self
-            .affinity
-            .keys()
-            .filter_map(std::result::Result::ok)
-            .filter(|key| key.service_id == installed.value.id)
-            .collect();
-        for key in stale {
-            let _ = self.affinity.remove(&key);
-        }
+        self.ids.release(installed.value.id);
         Ok(())
     }
 
@@ -785,7 +538,18 @@ impl Maps {
                 maglev_capacity - u64::from(self.slots.free_slots()),
                 maglev_capacity,
             ),
+            (
+                ADDRS_MAP,
+                self.addrs.len() as u64,
+                u64::from(self.service_stats.len()) + u64::from(MAX_NODE_ADDRS),
+            ),
         ]
+    }
+
+    /// Capacity of connection tracking (entries; two per flow).
+    #[must_use]
+    pub const fn ct_capacity(&self) -> u32 {
+        self.ct_capacity
     }
 
     /// Slots of the Maglev array not owned by a table.
@@ -838,17 +602,6 @@ impl Maps {
         Ok(Some(block))
     }
 
-    fn allocate_id(&mut self) -> Option<u32> {
-        if let Some(id) = self.free_ids.pop() {
-            return Some(id);
-        }
-        let capacity = self.service_stats.len();
-        (self.next_id < capacity).then(|| {
-            self.next_id += 1;
-            self.next_id - 1
-        })
-    }
-
     fn reset_counters(&mut self, name: &'static str, id: u32) -> Result<()> {
         let map = if name == SERVICE_STATS_MAP {
             &mut self.service_stats
@@ -859,41 +612,6 @@ impl Maps {
         let zeros =
             PerCpuValues::try_from(vec![CounterValue::default(); cpus]).map_err(Error::Cpus)?;
         map.set(id, zeros, 0).map_err(map_error(name))
-    }
-
-    fn purge_backend_flows(&mut self, id: BackendId) -> Result<()> {
-        let flows: Vec<CtKey> = self
-            .ct
-            .iter()
-            .filter_map(std::result::Result::ok)
-            .filter(|(_, entry)| entry.backend_id == id)
-            .map(|(key, _)| key)
-            .collect();
-        for key in flows {
-            match self.ct.remove(&key) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(source) => return Err(map_error(CT_MAP)(source)),
-            }
-        }
-        let stale: Vec<AffinityKey> = self
-            .affinity
-            .iter()
-            .filter_map(std::result::Result::ok)
-            .filter(|(_, value)| value.backend_id == id)
-            .map(|(key, _)| key)
-            .collect();
-        for key in stale {
-            let _ = self.affinity.remove(&key);
-        }
-        Ok(())
-    }
-}
-
-const fn on_empty(policy: &ServicePolicy) -> u8 {
-    if policy.drop_when_empty {
-        EMPTY_DROP
-    } else {
-        EMPTY_REJECT
     }
 }
 

@@ -1,22 +1,31 @@
 //! Everything that touches the kernel: loading the eBPF object, attaching its
 //! programs and reading or writing its maps.
 
+mod addrs;
+mod cidr;
 mod clock;
+pub mod conntrack;
+mod frontend;
+pub mod ids;
 pub mod ifaces;
 mod loader;
 mod maglev;
 mod maps;
 mod stats;
+mod sys;
 
 use std::path::PathBuf;
 
+pub use addrs::{Addrs, CidrSetKind};
+pub use cidr::{CidrError, Ipv4Cidr};
 pub use clock::tick_ns;
+pub use frontend::{BackendSpec, Frontend, Masquerade, Protocol, ServicePolicy};
 pub use loader::{
     BpfLogLevel, Capacities, DEFAULT_PIN_DIR, Datapath, EBPF_OBJECT, FROM_POD_PROGRAM,
     FROM_UPLINK_PROGRAM, LoadOptions, SOCK_PROGRAMS, cgroup2_mount, current_netns_cookie,
 };
 pub use maglev::{Block, SlotAllocator};
-pub use maps::{BackendSpec, Frontend, Maps, Protocol, ServicePolicy, SourceRange};
+pub use maps::Maps;
 pub use stats::StatsSnapshot;
 use svc_common::lb::{BackendId, ServiceKey};
 
@@ -78,6 +87,16 @@ pub enum Error {
     UnknownBackend(BackendId),
     #[error("backend id {id} is still used by service {service:?}")]
     BackendInUse { id: BackendId, service: ServiceKey },
+    #[error("backend id {id} is {from}; it cannot become {to} while installed")]
+    BackendMoved {
+        id: BackendId,
+        from: std::net::SocketAddrV4,
+        to: std::net::SocketAddrV4,
+    },
+    #[error("duplicating a map descriptor for the connection-tracking sweep: {0}")]
+    Dup(#[source] std::io::Error),
+    #[error("running the clock program: {0}")]
+    Clock(String),
     #[error("the services map is full ({capacity} frontends)")]
     ServicesFull { capacity: u32 },
     #[error("no room for a Maglev table of {needed} slots ({free} free slots, fragmented or used)")]

@@ -17,6 +17,7 @@ use futures::{Stream, StreamExt as _};
 use k8s_openapi::api::{
     core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
+    networking::v1::ServiceCIDR,
 };
 use kube::{
     Api, Client, Config, Resource, ResourceExt as _,
@@ -30,7 +31,10 @@ use kube::{
 };
 use tokio::sync::mpsc;
 
-use crate::model::{Inputs, ObjectKey, slice_service};
+use crate::{
+    datapath::Ipv4Cidr,
+    model::{Inputs, ObjectKey, slice_service},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -74,6 +78,7 @@ pub enum Kind {
     Service,
     EndpointSlice,
     Node,
+    ServiceCidr,
 }
 
 impl Kind {
@@ -83,9 +88,14 @@ impl Kind {
             Self::Service => "Service",
             Self::EndpointSlice => "EndpointSlice",
             Self::Node => "Node",
+            Self::ServiceCidr => "ServiceCIDR",
         }
     }
 }
+
+/// Every kind the agent watches; all are listed before anything is
+/// applied.
+const KINDS: usize = 4;
 
 /// What one watch event means to the agent; the objects themselves stay in
 /// the stores.
@@ -102,6 +112,14 @@ pub enum Change {
     SliceDeleted(ObjectKey),
     /// This node's object changed.
     Node,
+    /// A `ServiceCIDR` changed.
+    ServiceCidrs,
+    /// The kind cannot be watched (the API server lacks it, or the
+    /// identity may not read it): the agent goes on without it.
+    Unavailable {
+        kind: Kind,
+        reason: String,
+    },
     /// A (re)list finished: the store holds exactly what the API server
     /// has.
     Listed(Kind),
@@ -120,6 +138,8 @@ pub struct Dirty {
     pub all: bool,
     /// Read the node's addresses again.
     pub node: bool,
+    /// Read the service CIDRs again.
+    pub service_cidrs: bool,
     /// Watch failures, for the log and the metrics.
     pub failures: Vec<(Kind, String)>,
 }
@@ -129,6 +149,7 @@ pub struct KubeSource {
     services: Store<Service>,
     slices: Store<EndpointSlice>,
     nodes: Store<Node>,
+    service_cidrs: Store<ServiceCIDR>,
     node_name: String,
     /// The service each slice serves, as of the last event for it.
     slice_owner: HashMap<ObjectKey, ObjectKey>,
@@ -215,19 +236,31 @@ impl KubeSource {
         let nodes = watch(Api::all(client.clone()), own, Kind::Node, &tx, |_| {
             Change::Node
         });
-        (Self::new(services, slices, nodes, node_name), rx)
+        let service_cidrs =
+            watch_optional(Api::all(client.clone()), Kind::ServiceCidr, &tx, |_| {
+                Change::ServiceCidrs
+            });
+        let stores = Stores {
+            services,
+            slices,
+            nodes,
+            service_cidrs,
+        };
+        (Self::new(stores, node_name), rx)
     }
 
-    fn new(
-        services: Store<Service>,
-        slices: Store<EndpointSlice>,
-        nodes: Store<Node>,
-        node_name: &str,
-    ) -> Self {
+    fn new(stores: Stores, node_name: &str) -> Self {
+        let Stores {
+            services,
+            slices,
+            nodes,
+            service_cidrs,
+        } = stores;
         Self {
             services,
             slices,
             nodes,
+            service_cidrs,
             node_name: node_name.to_owned(),
             slice_owner: HashMap::new(),
             by_service: HashMap::new(),
@@ -240,7 +273,7 @@ impl KubeSource {
     /// agent installed).
     #[must_use]
     pub fn ready(&self) -> bool {
-        self.listed.len() == 3
+        self.listed.len() == KINDS
     }
 
     /// Folds `change` into `dirty`, keeping the slice index current.
@@ -273,6 +306,11 @@ impl KubeSource {
                 }
             }
             Change::Node => dirty.node = true,
+            Change::ServiceCidrs => dirty.service_cidrs = true,
+            Change::Unavailable { kind, reason } => {
+                self.listed.insert(kind);
+                dirty.failures.push((kind, reason));
+            }
             Change::Listed(kind) => {
                 self.listed.insert(kind);
                 match kind {
@@ -282,6 +320,7 @@ impl KubeSource {
                         dirty.all = true;
                     }
                     Kind::Node => dirty.node = true,
+                    Kind::ServiceCidr => dirty.service_cidrs = true,
                 }
             }
             Change::Failed { kind, error } => dirty.failures.push((kind, error)),
@@ -352,6 +391,30 @@ impl KubeSource {
     pub fn node(&self) -> Option<Arc<Node>> {
         self.nodes.get(&ObjectRef::new(&self.node_name))
     }
+
+    /// The IPv4 CIDRs of every `ServiceCIDR`, sorted.
+    #[must_use]
+    pub fn service_cidrs(&self) -> Vec<Ipv4Cidr> {
+        let mut cidrs: Vec<Ipv4Cidr> = self
+            .service_cidrs
+            .state()
+            .iter()
+            .filter_map(|object| object.spec.as_ref())
+            .flat_map(|spec| spec.cidrs.iter().flatten())
+            .filter_map(|text| text.parse().ok())
+            .collect();
+        cidrs.sort_unstable();
+        cidrs.dedup();
+        cidrs
+    }
+}
+
+/// The reflector stores of the watched kinds.
+struct Stores {
+    services: Store<Service>,
+    slices: Store<EndpointSlice>,
+    nodes: Store<Node>,
+    service_cidrs: Store<ServiceCIDR>,
 }
 
 /// Starts a watch of `api` feeding the returned store, its changes sent to
@@ -378,6 +441,50 @@ where
         .modify(slim)
         .reflect(writer);
     tokio::spawn(forward(stream, kind, tx.clone(), applied));
+    store
+}
+
+/// Like [`watch`] for a kind the agent can do without (`ServiceCIDR`: the
+/// API is GA since Kubernetes 1.33, and an older RBAC may not grant it).
+/// A first list answered 404 or 403 is reported as [`Change::Unavailable`]
+/// and not retried; anything else starts the watch.
+fn watch_optional<K>(
+    api: Api<K>,
+    kind: Kind,
+    tx: &mpsc::Sender<Change>,
+    applied: impl Fn(&K) -> Change + Send + 'static,
+) -> Store<K>
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let (store, writer) = reflector::store();
+    let tx = tx.clone();
+    tokio::spawn(async move {
+        let probe = api
+            .list_metadata(&kube::api::ListParams::default().limit(1))
+            .await;
+        if let Err(kube::Error::Api(status)) = &probe
+            && matches!(status.code, 403 | 404)
+        {
+            let reason = format!(
+                "{} ({}): going on without them",
+                status.message, status.code
+            );
+            let _ = tx.send(Change::Unavailable { kind, reason }).await;
+            return;
+        }
+        let stream = watcher(api, watcher::Config::default())
+            .backoff(WatchBackoff::default())
+            .modify(slim)
+            .reflect(writer);
+        forward(stream, kind, tx, applied).await;
+    });
     store
 }
 
@@ -456,6 +563,19 @@ pub fn node_zone(node: &Node) -> Option<String> {
     node.metadata.labels.as_ref()?.get(ZONE_LABEL).cloned()
 }
 
+/// The node's IPv4 pod CIDRs (`spec.podCIDRs`, or the older `podCIDR`).
+#[must_use]
+pub fn node_pod_cidrs(node: &Node) -> Vec<Ipv4Cidr> {
+    let Some(spec) = node.spec.as_ref() else {
+        return Vec::new();
+    };
+    let listed = spec.pod_cidrs.iter().flatten().chain(spec.pod_cidr.iter());
+    let mut cidrs: Vec<Ipv4Cidr> = listed.filter_map(|text| text.parse().ok()).collect();
+    cidrs.sort_unstable();
+    cidrs.dedup();
+    cidrs
+}
+
 /// The IPv4 addresses node ports answer on: the node's internal and
 /// external addresses.
 #[must_use]
@@ -512,8 +632,15 @@ mod tests {
             let (services, services_writer) = reflector::store();
             let (slices, slices_writer) = reflector::store();
             let (nodes, _) = reflector::store();
+            let (service_cidrs, _) = reflector::store();
+            let stores = Stores {
+                services,
+                slices,
+                nodes,
+                service_cidrs,
+            };
             Self {
-                source: KubeSource::new(services, slices, nodes, "n1"),
+                source: KubeSource::new(stores, "n1"),
                 services: services_writer,
                 slices: slices_writer,
             }
@@ -594,7 +721,18 @@ mod tests {
         for kind in [Kind::Service, Kind::Node] {
             fixture.source.absorb(Change::Listed(kind), &mut dirty);
         }
-        assert!(fixture.source.ready(), "all three kinds listed");
+        assert!(!fixture.source.ready(), "ServiceCIDRs not listed yet");
+        fixture.source.absorb(
+            Change::Unavailable {
+                kind: Kind::ServiceCidr,
+                reason: "forbidden (403)".to_owned(),
+            },
+            &mut dirty,
+        );
+        assert!(
+            fixture.source.ready(),
+            "every kind listed, or known to be unavailable"
+        );
         assert_eq!(fixture.source.service_keys(), [key("a")]);
     }
 

@@ -114,6 +114,7 @@ impl Agent {
                     name: "node-1".to_owned(),
                     addrs: vec![Ipv4Addr::new(192, 168, 1, 10)],
                     zone: None,
+                    pod_cidrs: Vec::new(),
                 },
                 Settings::default(),
             ),

@@ -21,7 +21,7 @@ use std::{
 use aya::programs::{TestRun as _, TestRunOptions};
 use svc_agent::datapath::{
     BackendSpec, Capacities, Datapath, FROM_POD_PROGRAM, FROM_UPLINK_PROGRAM, Frontend,
-    LoadOptions, Maps, Protocol, ServicePolicy,
+    LoadOptions, Maps, Masquerade, Protocol, ServicePolicy,
 };
 use svc_common::{config::DatapathConfig, hash::flow_hash, lb::BackendId, proto, stats::Counter};
 use tests::packet::{self, TcpFlags};
@@ -143,7 +143,7 @@ fn install(services: u32, config: DatapathConfig) -> Datapath {
             .map(|i| backend(maps, SocketAddrV4::new(node_addr(i), other), false))
             .collect();
         let policy = ServicePolicy {
-            masquerade_external: true,
+            masquerade: Masquerade::NonLocal,
             ..ServicePolicy::default()
         };
         maps.upsert_service(
