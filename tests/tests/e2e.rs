@@ -506,11 +506,22 @@ struct Chatter {
 
 impl Chatter {
     fn new(stream: TcpStream) -> Self {
+        Self::start(stream, false)
+    }
+
+    /// A chatter on a connection whose greeting was read already.
+    fn greeted(stream: TcpStream) -> Self {
+        Self::start(stream, true)
+    }
+
+    fn start(stream: TcpStream, greeted: bool) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let exchanges = Arc::new(AtomicU32::new(0));
         let (flag, count) = (Arc::clone(&stop), Arc::clone(&exchanges));
         let thread = thread::spawn(move || {
-            read_answer(&stream, TIMEOUT).map_err(|err| format!("greeting: {err}"))?;
+            if !greeted {
+                read_answer(&stream, TIMEOUT).map_err(|err| format!("greeting: {err}"))?;
+            }
             let mut stream = stream;
             // Bounded: at most ten minutes of 50 ms exchanges.
             for round in 0..12_000u32 {
@@ -540,6 +551,21 @@ impl Chatter {
         }
     }
 
+    /// Exchanges made so far.
+    fn exchanges(&self) -> u32 {
+        self.exchanges.load(Ordering::Relaxed)
+    }
+
+    /// Waits (bounded) for a few more exchanges than now: the connection
+    /// still carries traffic.
+    fn assert_alive(&self, what: &str) {
+        let before = self.exchanges();
+        assert!(
+            eventually(Duration::from_secs(5), || self.exchanges() >= before + 5),
+            "{what}: the established connection stalled at {before} exchanges"
+        );
+    }
+
     /// Stops and returns the exchanges made; panics if the connection broke.
     fn finish(mut self, what: &str) -> u32 {
         self.stop.store(true, Ordering::Relaxed);
@@ -561,6 +587,8 @@ fn services_through_a_real_control_plane() {
     let mut e2e = E2e::start();
     selector_service_reaches_the_selected_pods(&mut e2e);
     scaling_and_readiness_are_followed(&mut e2e);
+    connections_outlive_deleted_pods(&mut e2e);
+    cluster_ips_refuse_unknown_ports_and_the_service_range_drops_the_rest(&mut e2e);
     type_changes_install_and_remove_frontends(&mut e2e);
     affinity_and_traffic_policies(&mut e2e);
     traffic_distribution_keeps_traffic_in_the_zone(&mut e2e);
@@ -676,6 +704,155 @@ fn scaling_and_readiness_are_followed(e2e: &mut E2e) {
     });
     e2e.create_pod(0, "web-1", web1, "web", true);
     e2e.converge(&frontend, Some(&[web1, web2]));
+}
+
+/// A connection from `connect` that lands on pod `name` (Maglev spreads
+/// connections by source port), its greeting read; at most 60 tries.
+fn connection_to(
+    name: &str,
+    what: &str,
+    mut connect: impl FnMut() -> std::io::Result<TcpStream>,
+) -> TcpStream {
+    for _ in 0..60 {
+        let stream = connect().unwrap_or_else(|err| panic!("{what}: {err}"));
+        let answer = read_answer(&stream, TIMEOUT).unwrap_or_else(|err| panic!("{what}: {err}"));
+        if answer.name == name {
+            return stream;
+        }
+    }
+    panic!("{what}: no connection in 60 reached {name}");
+}
+
+/// Scenario 2b: a pod deleted as the API server deletes it (terminating
+/// for its grace period, then no longer serving, then gone) keeps its
+/// established connections, from a pod and from outside through a node
+/// port, while new connections go elsewhere.
+fn connections_outlive_deleted_pods(e2e: &mut E2e) {
+    e2e.add_pod(1, "drain-1", 21, "drain", true);
+    e2e.add_pod(0, "drain-2", 21, "drain", true);
+    let service = e2e.apply_service(
+        "drain",
+        &json!({"type": "NodePort", "selector": {"app": "drain"},
+               "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}),
+    );
+    let ip = E2e::cluster_ip(&service);
+    let node_port = node_port(&service);
+    let (drain1, drain2) = (e2e.pod_addr("drain-1"), e2e.pod_addr("drain-2"));
+    let frontend = format!("{ip}:80/TCP");
+    e2e.converge(&frontend, Some(&[drain1, drain2]));
+    e2e.converge(&format!("*:{node_port}/TCP"), Some(&[drain1, drain2]));
+    let node1 = e2e.cluster.nodes[0].addr;
+    let chatters = [
+        (
+            "pod to ClusterIP",
+            Chatter::greeted(connection_to("drain-1", "pod to ClusterIP", || {
+                e2e.cluster.pod("client").connect(addr(&ip, 80))
+            })),
+        ),
+        (
+            "outside to node port",
+            Chatter::greeted(connection_to("drain-1", "outside to node port", || {
+                e2e.cluster
+                    .external
+                    .connect(SocketAddrV4::new(node1, node_port))
+            })),
+        ),
+    ];
+    let alive = |when: &str| {
+        for (what, chatter) in &chatters {
+            chatter.assert_alive(&format!("{what}, {when}"));
+        }
+    };
+    alive("before the deletion");
+
+    // Deleted with a grace period: terminating, still serving.
+    e2e.delete_pod("drain-1", 300);
+    let took = e2e.converge(&frontend, Some(&[drain2]));
+    eprintln!("scenario 2b: the terminating pod left the tables {took:?} after the delete");
+    alive("drain-1 terminating");
+    assert_eq!(
+        e2e.answers("client", addr(&ip, 80), 10),
+        BTreeSet::from(["drain-2".to_owned()]),
+        "new connections avoid the terminating pod"
+    );
+    // Its containers stop: not serving.
+    e2e.set_ready("drain-1", false);
+    thread::sleep(Duration::from_secs(1));
+    alive("drain-1 no longer serving");
+    // Its grace period ends: the Pod object goes, and the slice with it.
+    e2e.delete_pod("drain-1", 0);
+    let slices: Api<EndpointSlice> = Api::namespaced(e2e.plane.client(), NS);
+    let drain1_text = drain1.to_string();
+    let gone = eventually(CONVERGE, || {
+        e2e.plane
+            .block_on(slices.list(&ListParams::default().labels("kubernetes.io/service-name=drain")))
+            .is_ok_and(|list| {
+                !list
+                    .items
+                    .iter()
+                    .flat_map(|slice| slice.endpoints.iter().flatten())
+                    .any(|endpoint| endpoint.addresses.contains(&drain1_text))
+            })
+    });
+    assert!(gone, "the deleted pod leaves the slice");
+    thread::sleep(Duration::from_secs(1));
+    alive("drain-1 gone from the slice");
+    for (what, chatter) in chatters {
+        let exchanges = chatter.finish(what);
+        eprintln!("scenario 2b: {what}: {exchanges} exchanges, never broken");
+    }
+    e2e.delete_service("drain");
+}
+
+/// Scenario 2c: the agents read the cluster's `ServiceCIDR` (the API
+/// server's default one, from `--service-cluster-ip-range`): a ClusterIP
+/// refuses a port its service lacks, and an address of the range that no
+/// service holds is dropped, as kube-proxy's nftables mode does.
+fn cluster_ips_refuse_unknown_ports_and_the_service_range_drops_the_rest(e2e: &mut E2e) {
+    let ip = E2e::cluster_ip(&e2e.apply_service(
+        "web",
+        &json!({"selector": {"app": "web"},
+               "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}),
+    ));
+    let err = e2e
+        .cluster
+        .pod("client")
+        .connect(addr(&ip, 81))
+        .expect_err("web has no port 81");
+    assert_eq!(
+        err.kind(),
+        std::io::ErrorKind::ConnectionRefused,
+        "refused at once: {err}"
+    );
+    let node1 = &e2e.cluster.nodes[0].ns;
+    let dropped = || {
+        metrics(node1)
+            .lines()
+            .find_map(|line| {
+                line.strip_prefix(
+                    "svc_datapath_packets_total{counter=\"drop_unallocated_service_ip\"} ",
+                )
+            })
+            .and_then(|value| value.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let before = dropped();
+    let unallocated = addr("10.96.255.254", 80);
+    let err = e2e
+        .cluster
+        .pod("client")
+        .ns
+        .run(|| TcpStream::connect_timeout(&unallocated.into(), Duration::from_secs(1)))
+        .expect_err("no service holds the address");
+    assert_eq!(
+        err.kind(),
+        std::io::ErrorKind::TimedOut,
+        "dropped, not refused: {err}"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || dropped() > before),
+        "node1 counted the drop: the service CIDR came from the ServiceCIDR objects"
+    );
 }
 
 /// Scenario 3.
