@@ -1478,6 +1478,160 @@ endpoints:
     }
 
     #[test]
+    fn udp_ports_record_every_serving_endpoint_whatever_the_table_keeps() {
+        let service = "
+apiVersion: v1
+kind: Service
+metadata: {name: dns, namespace: ns}
+spec:
+  clusterIP: 10.96.0.53
+  internalTrafficPolicy: Local
+  ports:
+  - {name: dns, port: 53, protocol: UDP}
+  - {name: tcp, port: 53, protocol: TCP}
+";
+        let slice = "
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: dns-1, namespace: ns, labels: {kubernetes.io/service-name: dns}}
+addressType: IPv4
+ports: [{name: dns, port: 5353, protocol: UDP}, {name: tcp, port: 5353, protocol: TCP}]
+endpoints:
+  - {addresses: [10.1.0.1], nodeName: node-1}
+  - {addresses: [10.2.0.1], nodeName: node-2}
+  - {addresses: [10.2.0.2], nodeName: node-2, conditions: {ready: false, serving: true, terminating: true}}
+  - {addresses: [10.2.0.3], nodeName: node-2, conditions: {ready: false, serving: false, terminating: true}}
+";
+        let t = run(&[service, slice]);
+        let udp = spec(&t, Frontend::udp(Ipv4Addr::new(10, 96, 0, 53), 53));
+        assert_eq!(
+            udp.endpoints.len(),
+            1,
+            "internalTrafficPolicy Local: the table holds the local endpoint"
+        );
+        let serving: Vec<String> = udp.serving.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            serving,
+            ["10.1.0.1:5353", "10.2.0.1:5353", "10.2.0.2:5353"],
+            "UDP flows to any serving endpoint stay, as kube-proxy keeps them"
+        );
+        assert!(
+            spec(&t, tcp([10, 96, 0, 53], 53)).serving.is_empty(),
+            "TCP flows are never cleared: nothing to record"
+        );
+    }
+
+    #[test]
+    fn cluster_ips_are_recorded_even_for_services_another_proxy_serves() {
+        let other = SERVICE
+            .replace(
+                "name: s,",
+                "name: other, labels: {service.kubernetes.io/service-proxy-name: other},",
+            )
+            .replace("10.96.0.50", "10.96.0.51");
+        let headless = "
+apiVersion: v1
+kind: Service
+metadata: {name: headless, namespace: ns}
+spec:
+  clusterIP: None
+  ports: [{port: 80}]
+";
+        let t = run(&[SERVICE, &other, headless]);
+        assert_eq!(
+            t.desired.cluster_ips,
+            BTreeMap::from([
+                (Ipv4Addr::new(10, 96, 0, 50), true),
+                (Ipv4Addr::new(10, 96, 0, 51), false),
+            ]),
+            "served ones refuse unknown ports; another proxy's are only allocated"
+        );
+    }
+
+    #[test]
+    fn masquerade_all_reaches_cluster_ips_and_cluster_policies_only() {
+        let service = SERVICE.replace(
+            "type: NodePort",
+            "type: NodePort\n  externalTrafficPolicy: Local",
+        );
+        let objects = objects(&[SERVICE, &slice(TWO_NODES)]);
+        let local_objects = objects_local(&service);
+        let settings = Settings {
+            masquerade_all: true,
+            ..Settings::default()
+        };
+        let node = NodeInfo {
+            name: "node-1".to_owned(),
+            addrs: vec![NODE1],
+            ..NodeInfo::default()
+        };
+        let t = translate(&objects.services, &objects.slices, &node, &settings);
+        for frontend in [tcp([10, 96, 0, 50], 80), node_port(30050)] {
+            assert_eq!(
+                spec(&t, frontend).policy.masquerade,
+                Masquerade::Always,
+                "{frontend:?}"
+            );
+        }
+        let t = translate(
+            &local_objects.services,
+            &local_objects.slices,
+            &node,
+            &settings,
+        );
+        assert_eq!(
+            spec(&t, node_port(30050)).policy.masquerade,
+            Masquerade::Never,
+            "a Local policy keeps the client's address all the same"
+        );
+        assert_eq!(
+            spec(&t, tcp([10, 96, 0, 50], 80)).policy.masquerade,
+            Masquerade::Always
+        );
+    }
+
+    fn objects_local(service: &str) -> Objects {
+        objects(&[service, &slice(TWO_NODES)])
+    }
+
+    #[test]
+    fn local_cidrs_follow_the_detection_mode() {
+        let cluster_cidr: Ipv4Cidr = "10.0.0.0/8".parse().expect("a CIDR");
+        let pod_cidr: Ipv4Cidr = "10.1.0.0/24".parse().expect("a CIDR");
+        let node = NodeInfo {
+            pod_cidrs: vec![pod_cidr],
+            ..NodeInfo::default()
+        };
+        let with = |local_detect| {
+            Translator::new(
+                node.clone(),
+                Settings {
+                    local_detect,
+                    ..Settings::default()
+                },
+            )
+        };
+        assert!(
+            with(LocalDetect::Interface)
+                .desired()
+                .local_cidrs
+                .is_empty()
+        );
+        assert_eq!(
+            with(LocalDetect::ClusterCidr(vec![cluster_cidr]))
+                .desired()
+                .local_cidrs,
+            [cluster_cidr]
+        );
+        let mut by_node = with(LocalDetect::NodeCidr);
+        assert_eq!(by_node.desired().local_cidrs, [pod_cidr]);
+        let moved: Ipv4Cidr = "10.1.7.0/24".parse().expect("a CIDR");
+        assert!(by_node.set_pod_cidrs(vec![moved]));
+        assert_eq!(by_node.desired().local_cidrs, [moved]);
+        assert!(!by_node.set_pod_cidrs(vec![moved]), "unchanged");
+    }
+
+    #[test]
     fn no_endpoints_anywhere_refuses_even_with_a_local_policy() {
         let service = SERVICE.replace(
             "type: NodePort",

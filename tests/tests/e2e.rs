@@ -785,7 +785,9 @@ fn connections_outlive_deleted_pods(e2e: &mut E2e) {
     let drain1_text = drain1.to_string();
     let gone = eventually(CONVERGE, || {
         e2e.plane
-            .block_on(slices.list(&ListParams::default().labels("kubernetes.io/service-name=drain")))
+            .block_on(
+                slices.list(&ListParams::default().labels("kubernetes.io/service-name=drain")),
+            )
             .is_ok_and(|list| {
                 !list
                     .items

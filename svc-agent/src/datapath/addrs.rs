@@ -91,7 +91,11 @@ impl Addrs {
                 .get(&kind.index(), 0)
                 .map_err(map_error(CIDRS_MAP))?;
             let count = usize::try_from(set.count).unwrap_or(0).min(set.cidrs.len());
-            let cidrs = set.cidrs[..count].iter().copied().filter_map(from_map).collect();
+            let cidrs = set.cidrs[..count]
+                .iter()
+                .copied()
+                .filter_map(from_map)
+                .collect();
             *self.cidrs_mut(kind) = cidrs;
         }
         Ok(())

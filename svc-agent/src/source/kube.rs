@@ -625,6 +625,7 @@ mod tests {
         source: KubeSource,
         services: Writer<Service>,
         slices: Writer<EndpointSlice>,
+        service_cidrs: Writer<ServiceCIDR>,
     }
 
     impl Fixture {
@@ -632,7 +633,7 @@ mod tests {
             let (services, services_writer) = reflector::store();
             let (slices, slices_writer) = reflector::store();
             let (nodes, _) = reflector::store();
-            let (service_cidrs, _) = reflector::store();
+            let (service_cidrs, service_cidrs_writer) = reflector::store();
             let stores = Stores {
                 services,
                 slices,
@@ -643,6 +644,7 @@ mod tests {
                 source: KubeSource::new(stores, "n1"),
                 services: services_writer,
                 slices: slices_writer,
+                service_cidrs: service_cidrs_writer,
             }
         }
 
@@ -734,6 +736,28 @@ mod tests {
             "every kind listed, or known to be unavailable"
         );
         assert_eq!(fixture.source.service_keys(), [key("a")]);
+    }
+
+    #[test]
+    fn pod_cidrs_and_service_cidrs_keep_the_ipv4_ones() {
+        let node: Node = yaml(
+            "apiVersion: v1\nkind: Node\nmetadata:\n  name: n1\nspec:\n  podCIDR: 10.244.1.0/24\n  podCIDRs: [10.244.1.0/24, 'fd00:10:244:1::/64']\n",
+        );
+        assert_eq!(
+            node_pod_cidrs(&node),
+            ["10.244.1.0/24".parse::<Ipv4Cidr>().expect("a CIDR")]
+        );
+        let mut fixture = Fixture::new();
+        let cidr: ServiceCIDR = yaml(
+            "apiVersion: networking.k8s.io/v1\nkind: ServiceCIDR\nmetadata:\n  name: kubernetes\nspec:\n  cidrs: [10.96.0.0/16, 'fd00:10:96::/112']\n",
+        );
+        fixture
+            .service_cidrs
+            .apply_watcher_event(&Event::Apply(cidr));
+        assert_eq!(
+            fixture.source.service_cidrs(),
+            ["10.96.0.0/16".parse::<Ipv4Cidr>().expect("a CIDR")]
+        );
     }
 
     #[test]
