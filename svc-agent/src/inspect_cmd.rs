@@ -17,11 +17,22 @@ fn print<T: Serialize>(
     headers: &[&str],
     rows: &[Vec<String>],
 ) -> Result<()> {
-    match output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(value)?),
-        Output::Table => print!("{}", table(headers, rows)),
+    let text = match output {
+        Output::Json => format!("{}\n", serde_json::to_string_pretty(value)?),
+        Output::Table => table(headers, rows),
+    };
+    write_stdout(&text)
+}
+
+/// Writes to standard output. A reader that went away (`| head`) ends the
+/// output quietly rather than as an error (or a panic, as `print!` would).
+fn write_stdout(text: &str) -> Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other.context("writing to standard output"),
     }
-    Ok(())
 }
 
 pub fn services(args: &InspectArgs) -> Result<()> {
@@ -173,7 +184,7 @@ pub fn maglev(frontend: &str, args: &InspectArgs) -> Result<()> {
             .collect(),
     };
     if matches!(args.output, Output::Table) {
-        println!("{frontend}: {size} slots");
+        write_stdout(&format!("{frontend}: {size} slots\n"))?;
     }
     let cells: Vec<Vec<String>> = table_rows
         .backends

@@ -211,4 +211,48 @@ fn run_serves_manifests_metrics_and_inspection() {
     );
     let after = inspect(&["services"], &fixture.pins, &fixture.state);
     assert_eq!(after.as_array().map(Vec::len), Some(2), "{after}");
+
+    // Into a pipe whose reader is gone (`| head` once it has its lines):
+    // a quiet, successful exit, not a panic.
+    for command in [
+        &["services"][..],
+        &["conntrack"],
+        &["maglev", "10.96.0.10:80/TCP"],
+    ] {
+        let (status, stderr) = into_closed_pipe(command, &fixture.pins, &fixture.state);
+        assert!(
+            status.success() && !stderr.contains("panicked"),
+            "svc-agent {command:?} into a closed pipe: {status}: {stderr}"
+        );
+    }
+}
+
+/// Runs `svc-agent <args>` with its standard output a pipe whose read end
+/// is closed already: every write fails with `EPIPE`.
+fn into_closed_pipe(
+    args: &[&str],
+    pins: &Path,
+    state: &Path,
+) -> (std::process::ExitStatus, String) {
+    use std::os::fd::{FromRawFd as _, OwnedFd};
+    let mut fds = [0i32; 2];
+    // SAFETY: a valid two-int array for pipe(2).
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0, "pipe");
+    // SAFETY: fresh descriptors we own.
+    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    drop(read);
+    let out = Command::new(AGENT)
+        .args(args)
+        .arg("--pin-dir")
+        .arg(pins)
+        .arg("--state-file")
+        .arg(state)
+        .stdout(std::process::Stdio::from(write))
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .expect("run svc-agent");
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }

@@ -99,43 +99,77 @@ pub fn update(key: &CtKey, entry: *mut CtEntry, tcp_flags: u8, now: u64) {
     }
 }
 
-/// Whether `reply_key` is the reply tuple of a live flow other than the
-/// one starting at `original`, so a new flow must not take it. A reply
-/// entry whose original is gone or now belongs to another flow is an
-/// orphan: free.
+/// Who holds a reply key a new flow wants.
+pub enum Owner {
+    /// Nobody.
+    Free,
+    /// The flow starting at the same original tuple (its old, dead self).
+    Ours,
+    /// Another flow, alive.
+    Live,
+    /// A dead flow, or an orphan entry no flow points back to.
+    Dead,
+}
+
+/// Who holds `reply_key`, for a new flow starting at `original`.
 #[inline(always)]
-pub fn reply_key_taken(
+pub fn reply_key_owner(
     config: &DatapathConfig,
     reply_key: &CtKey,
     original: &CtKey,
     now: u64,
-) -> bool {
+) -> Owner {
     let Some(reply) = lookup(reply_key) else {
-        return false;
+        return Owner::Free;
     };
     // SAFETY: from a map lookup.
     let reply = unsafe { &*reply };
     let owner_key = reply.peer_key(reply_key.protocol);
     if owner_key == *original {
-        // Our own flow's old entry: the new flow replaces it.
-        return false;
+        return Owner::Ours;
     }
     let Some(owner) = lookup(&owner_key) else {
-        return false;
+        return Owner::Dead;
     };
     // SAFETY: from a map lookup.
     let owner = unsafe { &*owner };
-    owner.is_peer_of(reply_key)
+    if owner.is_peer_of(reply_key)
         && (owner.is_fresh(config, reply_key.protocol, now)
             || reply.is_fresh(config, reply_key.protocol, now))
+    {
+        Owner::Live
+    } else {
+        Owner::Dead
+    }
 }
 
-/// Removes the reply entry of a flow whose original entry (keyed `key`,
-/// holding `old`) a new flow is replacing, so no packet of the old flow is
-/// translated as the new one's.
+/// Removes both entries of the dead flow that `entry` (keyed `key`)
+/// belongs to.
 #[inline(always)]
-pub fn retire_reply(key: &CtKey, old: &CtEntry) {
-    let reply_key = old.peer_key(key.protocol);
+pub fn end_flow(key: &CtKey, entry: &CtEntry) {
+    let peer_key = entry.peer_key(key.protocol);
+    if let Some(peer) = lookup(&peer_key) {
+        // SAFETY: from a map lookup.
+        if unsafe { (*peer).is_peer_of(key) } {
+            let _ = SVC_CT_V1.remove(&peer_key);
+        }
+    }
+    let _ = SVC_CT_V1.remove(key);
+}
+
+/// Removes the reply entry of the dead flow whose original entry (keyed
+/// `key`) a new flow is replacing, unless it is `kept` (the new flow's own
+/// reply key), so no packet of the old flow is translated as the new one's.
+#[inline(always)]
+pub fn retire_reply(key: &CtKey, kept: &CtKey) {
+    let Some(old) = lookup(key) else {
+        return;
+    };
+    // SAFETY: from a map lookup.
+    let reply_key = unsafe { (*old).peer_key(key.protocol) };
+    if reply_key == *kept {
+        return;
+    }
     if let Some(reply) = lookup(&reply_key) {
         // SAFETY: from a map lookup.
         if unsafe { (*reply).is_peer_of(key) } {

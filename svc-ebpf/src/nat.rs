@@ -13,7 +13,7 @@ use svc_common::{
 };
 
 use crate::{
-    ct,
+    ct::{self, Owner},
     maps::SVC_CT_V1,
     parse::{ETH_HLEN, Ipv4Hdr, L4, ptr_at},
 };
@@ -221,13 +221,17 @@ fn try_claim(
     reply: &CtEntry,
     now: u64,
 ) -> bool {
-    if ct::reply_key_taken(config, reply_key, original, now) {
-        return false;
-    }
-    // A stale entry (its flow is gone) is removed first; the key is then
-    // claimed with NOEXIST, so of two CPUs racing for it only one wins.
-    if ct::lookup(reply_key).is_some() {
-        let _ = SVC_CT_V1.remove(reply_key);
+    match ct::reply_key_owner(config, reply_key, original, now) {
+        Owner::Free => {}
+        Owner::Live => return false,
+        // Our own flow's old entry: only packets of this very tuple race
+        // for it, and the new flow overwrites it in place.
+        Owner::Ours => return SVC_CT_V1.insert(reply_key, reply, 0).is_ok(),
+        // Another flow's dead entry: removed first, then claimed with
+        // NOEXIST, so of two CPUs racing for it only one wins.
+        Owner::Dead => {
+            let _ = SVC_CT_V1.remove(reply_key);
+        }
     }
     SVC_CT_V1
         .insert(reply_key, reply, u64::from(BPF_NOEXIST))

@@ -141,6 +141,7 @@ fn translate(ctx: &TcContext, hook: Hook) -> Result<Verdict, i32> {
     };
     let config = config();
     let now = ct::now_ns(config);
+    let mut replacing = false;
     if let Some(entry) = ct::lookup(&key) {
         // SAFETY: from a map lookup, valid for this run; read in place
         // (no copy), each reference dropped before `update` writes.
@@ -152,13 +153,14 @@ fn translate(ctx: &TcContext, hook: Hook) -> Result<Verdict, i32> {
         // SAFETY: as above.
         if unsafe { (*entry).flags } & CT_F_REPLY != 0 {
             // The reply entry of a dead flow translates nothing (a direct
-            // connection may be meeting its tuple).
+            // connection may be meeting its tuple): the flow's entries go,
+            // so the rest of that connection is not translated either.
+            // SAFETY: as above.
+            ct::end_flow(&key, unsafe { &*entry });
             return Ok(Verdict::Action(TC_ACT_OK));
         }
-        // A dead flow's original entry: a new flow may take its key, and
-        // its reply entry goes now.
-        // SAFETY: as above.
-        ct::retire_reply(&key, unsafe { &*entry });
+        // A dead flow's original entry: a new flow takes its key below.
+        replacing = true;
     }
     match lb::destination(key.daddr, key.dport, key.protocol) {
         Destination::Service(service_key, service) => {
@@ -175,6 +177,7 @@ fn translate(ctx: &TcContext, hook: Hook) -> Result<Verdict, i32> {
                 key: &key,
                 service: &service,
                 local,
+                replacing,
                 now,
             };
             new_flow(ctx, config, &flow)
@@ -205,6 +208,8 @@ struct NewFlow<'a> {
     service: &'a ServiceValue,
     /// The source is local (this node's pods).
     local: bool,
+    /// A dead flow's original entry holds the key.
+    replacing: bool,
     now: u64,
 }
 
@@ -289,6 +294,11 @@ fn new_flow(ctx: &TcContext, config: &DatapathConfig, flow: &NewFlow<'_>) -> Res
     };
     if !nat::claim_reply(config, key, &mut forward, &reply, snat, now) {
         return Err(drop(Counter::DropNatPortsExhausted, len));
+    }
+    if flow.replacing {
+        // The dead flow's reply entry goes with it, unless this flow just
+        // took its key over.
+        ct::retire_reply(key, &nat::reply_key(&forward, key.protocol));
     }
     if SVC_CT_V1.insert(key, forward, 0).is_err() {
         let _ = SVC_CT_V1.remove(nat::reply_key(&forward, key.protocol));

@@ -920,6 +920,18 @@ fn translation_steps() -> Vec<fn(&Maps) -> Step> {
                 &[Counter::Ipv4Tcp],
             )
         },
+        |maps| {
+            let src = (CLIENT.0, 40_300);
+            let backend = predict(maps, Frontend::tcp(SVC_D, 80), src, (SVC_D, 80));
+            let packet = packet::tcp4(backend, src, TcpFlags::Ack, b"hello");
+            step(
+                "the rest of that direct connection: untranslated too (the closed flow is gone)",
+                POD,
+                packet.clone(),
+                packet,
+                &[Counter::Ipv4Tcp],
+            )
+        },
     ]
 }
 
