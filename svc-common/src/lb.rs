@@ -8,6 +8,7 @@
 //! | [`ADDRS_MAP`] | hash | IPv4 address (network order) | [`AddrInfo`] |
 //! | [`CIDRS_MAP`] | array | [`CIDRS_SERVICE`] or [`CIDRS_LOCAL`] | [`CidrSet`] |
 //! | [`AFFINITY_MAP`] | LRU hash | [`AffinityKey`] | [`AffinityValue`] |
+//! | [`MEMBERS_MAP`] | hash | [`MemberKey`] | `u32` (unused) |
 
 use crate::{assert_layout, impl_user_pod};
 
@@ -20,6 +21,10 @@ pub const ADDRS_MAP: &str = "SVC_ADDRS_V1";
 /// Sets of CIDRs, one per index: the service CIDRs and the local CIDRs.
 pub const CIDRS_MAP: &str = "SVC_CIDRS_V1";
 pub const AFFINITY_MAP: &str = "SVC_AFFINITY_V1";
+/// The backends in each session-affinity frontend's table: an affinity
+/// entry is honoured only while its backend is still a member, not merely
+/// installed for another service.
+pub const MEMBERS_MAP: &str = "SVC_MEMBERS_V1";
 /// Per-CPU array of `CounterValue` indexed by [`ServiceValue::id`].
 pub const SERVICE_STATS_MAP: &str = "SVC_SVC_CTRS_V1";
 /// `loadBalancerSourceRanges`: an LPM trie of [`SourceRangeKey`] → `u8`
@@ -245,6 +250,17 @@ pub struct AffinityValue {
 }
 assert_layout!(AffinityValue, size = 16, align = 8);
 
+/// A backend in a frontend's table ([`MEMBERS_MAP`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct MemberKey {
+    /// [`ServiceValue::id`].
+    pub service_id: u32,
+    pub backend_id: BackendId,
+}
+assert_layout!(MemberKey, size = 8, align = 4);
+
 /// The data of a [`SOURCE_RANGES_MAP`] key: the trie's prefix length is 32
 /// plus the CIDR's, so the frontend id always matches whole (its byte
 /// order therefore does not matter; it is host order).
@@ -273,7 +289,8 @@ impl_user_pod!(
     Cidr,
     CidrSet,
     AffinityKey,
-    AffinityValue
+    AffinityValue,
+    MemberKey
 );
 
 #[cfg(test)]

@@ -5,7 +5,7 @@ use svc_common::{
     config::{DatapathConfig, LOCAL_BY_INTERFACE, NS_PER_SEC},
     lb::{
         ADDR_F_CLUSTER_IP, ADDR_F_NODE, AffinityKey, AffinityValue, Backend, BackendId,
-        CIDRS_LOCAL, CIDRS_SERVICE, SCOPE_ADDR, SCOPE_IN_CLUSTER, SCOPE_NODEPORT,
+        CIDRS_LOCAL, CIDRS_SERVICE, MemberKey, SCOPE_ADDR, SCOPE_IN_CLUSTER, SCOPE_NODEPORT,
         SOURCE_RANGE_LOOKUP_PREFIX, SVC_F_AFFINITY, SVC_F_IN_CLUSTER, SVC_F_SOURCE_RANGES,
         ServiceKey, ServiceValue, SourceRangeKey,
     },
@@ -14,8 +14,8 @@ use svc_common::{
 use aya_ebpf::maps::lpm_trie::Key;
 
 use crate::maps::{
-    SVC_ADDRS_V1, SVC_AFFINITY_V1, SVC_BACKENDS_V1, SVC_CIDRS_V1, SVC_MAGLEV_V1, SVC_SERVICES_V1,
-    SVC_SRC_RANGES_V1,
+    SVC_ADDRS_V1, SVC_AFFINITY_V1, SVC_BACKENDS_V1, SVC_CIDRS_V1, SVC_MAGLEV_V1, SVC_MEMBERS_V1,
+    SVC_SERVICES_V1, SVC_SRC_RANGES_V1,
 };
 
 /// What a packet's destination is to the proxy.
@@ -167,6 +167,16 @@ pub struct Choice {
     pub from_affinity: bool,
 }
 
+/// Whether backend `id` is in the table of affinity frontend `service_id`.
+#[inline(always)]
+fn is_member(service_id: u32, id: BackendId) -> bool {
+    let key = MemberKey {
+        service_id,
+        backend_id: id,
+    };
+    SVC_MEMBERS_V1.get_ptr(key).is_some()
+}
+
 /// Picks the backend for a new flow: the client's affinity entry if it is
 /// fresh and its backend is still in the service's table, else Maglev on
 /// the flow hash. Records affinity for the next flow.
@@ -182,6 +192,7 @@ pub fn choose(service: &ServiceValue, client: u32, hash: u32, now: u64) -> Optio
         let entry = unsafe { &mut *entry };
         let timeout = u64::from(service.affinity_timeout_secs) * NS_PER_SEC;
         if now.saturating_sub(entry.last_used_ns) < timeout
+            && is_member(service.id, entry.backend_id)
             && let Some(backend) = backend(entry.backend_id)
         {
             entry.last_used_ns = now;

@@ -15,7 +15,8 @@ use svc_common::{
     lb::{
         AddrInfo, AffinityKey, AffinityValue, Backend, BackendId, CIDR_SETS, CidrSet,
         DEFAULT_MAGLEV_SLOTS, DEFAULT_MAX_AFFINITY, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES,
-        DEFAULT_MAX_SOURCE_RANGES, MAX_NODE_ADDRS, ServiceKey, ServiceValue, SourceRangeKey,
+        DEFAULT_MAX_SOURCE_RANGES, MAX_NODE_ADDRS, MemberKey, ServiceKey, ServiceValue,
+        SourceRangeKey,
     },
     sock::{DEFAULT_SOCK_REVNAT_ENTRIES, SockRevKey, SockRevValue},
     stats::{COUNTERS, CounterValue},
@@ -75,6 +76,12 @@ pub static SVC_SRC_RANGES_V1: LpmTrie<SourceRangeKey, u8> =
 #[map]
 pub static SVC_AFFINITY_V1: LruHashMap<AffinityKey, AffinityValue> =
     LruHashMap::with_max_entries(DEFAULT_MAX_AFFINITY, 0);
+
+/// `svc_common::lb::MEMBERS_MAP` (written by the agent only, allocated as
+/// it grows).
+#[map]
+pub static SVC_MEMBERS_V1: HashMap<MemberKey, u32> =
+    HashMap::with_max_entries(DEFAULT_MAX_BACKENDS, BPF_F_NO_PREALLOC);
 
 /// `svc_common::ct::CT_MAP`.
 #[map]

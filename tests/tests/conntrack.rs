@@ -3,6 +3,7 @@
 //! their flow's.
 
 use std::{
+    fmt::Write as _,
     io::{Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     thread,
@@ -10,6 +11,7 @@ use std::{
 
 use svc_agent::datapath::{Frontend, ServicePolicy};
 use tests::{
+    agents::Agents,
     servers::read_answer,
     topology::{Cluster, Options, QUICK_TIMEOUT, TIMEOUT},
 };
@@ -72,4 +74,81 @@ fn a_direct_connection_from_the_port_a_service_connection_used_is_left_alone() {
             "{backend}: direct, later"
         );
     }
+}
+
+/// `name`: a ClusterIP service on `ip` port 80 (session affinity if
+/// `sticky`), and its slice with `pods` (from a, on node1, and b, on
+/// node2).
+fn service(name: &str, ip: Ipv4Addr, sticky: bool, pods: &[&str]) -> String {
+    let affinity = if sticky {
+        "\n  sessionAffinity: ClientIP"
+    } else {
+        ""
+    };
+    let mut text = format!(
+        "apiVersion: v1
+kind: Service
+metadata: {{name: {name}}}
+spec:
+  clusterIP: {ip}{affinity}
+  ports: [{{name: http, port: 80, targetPort: 8080}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: {name}-1, labels: {{kubernetes.io/service-name: {name}}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080}}]
+endpoints:
+"
+    );
+    for pod in pods {
+        let (addr, node) = match *pod {
+            "a" => ("10.244.1.2", "node1"),
+            _ => ("10.244.2.2", "node2"),
+        };
+        let _ = writeln!(text, "  - {{addresses: [{addr}], nodeName: {node}}}");
+    }
+    text
+}
+
+#[test]
+fn affinity_ends_when_its_backend_leaves_the_service_though_another_keeps_it() {
+    const STICKY: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
+    const PLAIN: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 21);
+    let mut cluster = Cluster::new(Options::default());
+    cluster.nodes[0].add_pod("z", 5);
+    cluster.nodes[0].add_pod("a", 2).serve_tcp(8080);
+    cluster.nodes[1].add_pod("b", 2).serve_tcp(8080);
+    let mut agents = Agents::new(&cluster);
+    agents.write("plain.yaml", &service("plain", PLAIN, false, &["a", "b"]));
+    agents.write("sticky.yaml", &service("sticky", STICKY, true, &["a", "b"]));
+    agents.sync(&mut cluster);
+    let ask = |cluster: &Cluster, to: Ipv4Addr| {
+        cluster
+            .pod("z")
+            .ask(addr(to, 80))
+            .unwrap_or_else(|err| panic!("{to}: {err}"))
+            .name
+    };
+    let pinned = ask(&cluster, STICKY);
+    for _ in 0..5 {
+        assert_eq!(ask(&cluster, STICKY), pinned, "affinity holds");
+    }
+    // The pinned pod leaves sticky but stays in plain (two services
+    // selecting the same pods).
+    let other = if pinned == "a" { "b" } else { "a" };
+    agents.write("sticky.yaml", &service("sticky", STICKY, true, &[other]));
+    agents.sync(&mut cluster);
+    for i in 0..10 {
+        assert_eq!(
+            ask(&cluster, STICKY),
+            other,
+            "connection {i}: affinity to a pod no longer in sticky's table is not honoured"
+        );
+    }
+    let seen: std::collections::BTreeSet<String> = (0..12).map(|_| ask(&cluster, PLAIN)).collect();
+    assert!(
+        seen.contains(&pinned),
+        "plain still sends to {pinned}: {seen:?}"
+    );
 }

@@ -22,7 +22,7 @@ use svc_common::{
     lb::{
         ADDRS_MAP, AFFINITY_MAP, BACKEND_STATS_MAP, BACKENDS_MAP, CIDRS_MAP, DEFAULT_MAGLEV_SLOTS,
         DEFAULT_MAX_AFFINITY, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, MAGLEV_MAP,
-        MAX_NODE_ADDRS, SERVICE_STATS_MAP, SERVICES_MAP, SOURCE_RANGES_MAP,
+        MAX_NODE_ADDRS, MEMBERS_MAP, SERVICE_STATS_MAP, SERVICES_MAP, SOURCE_RANGES_MAP,
     },
     maglev::DEFAULT_SLOTS_PER_BACKEND,
     sock::{DEFAULT_SOCK_REVNAT_ENTRIES, SOCK_REVNAT_MAP},
@@ -61,6 +61,7 @@ const REQUIRED_MAPS: &[&str] = &[
     ADDRS_MAP,
     CIDRS_MAP,
     AFFINITY_MAP,
+    MEMBERS_MAP,
     CT_MAP,
     SERVICE_STATS_MAP,
     BACKEND_STATS_MAP,
@@ -188,6 +189,7 @@ impl Datapath {
             .map_max_entries(SERVICE_STATS_MAP, caps.services)
             .map_max_entries(BACKENDS_MAP, caps.backends)
             .map_max_entries(BACKEND_STATS_MAP, caps.backends)
+            .map_max_entries(MEMBERS_MAP, caps.backends)
             .map_max_entries(MAGLEV_MAP, caps.maglev_slots)
             .map_max_entries(AFFINITY_MAP, caps.affinity_entries)
             .map_max_entries(SOCK_REVNAT_MAP, caps.sock_revnat_entries)

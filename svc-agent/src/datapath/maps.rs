@@ -18,8 +18,8 @@ use svc_common::{
     ct::{CT_MAP, CtEntry, CtKey},
     lb::{
         ADDRS_MAP, AFFINITY_MAP, BACKEND_STATS_MAP, BACKENDS_MAP, Backend, BackendId, CIDRS_MAP,
-        MAGLEV_MAP, MAX_NODE_ADDRS, SERVICE_STATS_MAP, SERVICES_MAP, SOURCE_RANGES_MAP, ServiceKey,
-        ServiceValue, SourceRangeKey,
+        MAGLEV_MAP, MAX_NODE_ADDRS, MEMBERS_MAP, MemberKey, SERVICE_STATS_MAP, SERVICES_MAP,
+        SOURCE_RANGES_MAP, ServiceKey, ServiceValue, SourceRangeKey,
     },
     maglev,
     stats::CounterValue,
@@ -66,6 +66,9 @@ pub struct Maps {
     source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
     /// Each frontend id's source ranges, sorted.
     ranges_by_id: StdHashMap<u32, Vec<Ipv4Cidr>>,
+    member_map: HashMap<MapData, MemberKey, u32>,
+    /// Each affinity frontend id's members (its table's backends).
+    members: StdHashMap<u32, Vec<BackendId>>,
     maglev: MaglevArea,
     slots: SlotAllocator,
     slots_per_backend: u32,
@@ -116,6 +119,8 @@ impl Maps {
             .map_err(map_error(BACKEND_STATS_MAP))?;
         let source_ranges = LpmTrie::try_from(take(ebpf, SOURCE_RANGES_MAP)?)
             .map_err(map_error(SOURCE_RANGES_MAP))?;
+        let member_map =
+            HashMap::try_from(take(ebpf, MEMBERS_MAP)?).map_err(map_error(MEMBERS_MAP))?;
         let Map::Array(maglev_data) = take(ebpf, MAGLEV_MAP)? else {
             return Err(Error::MissingMap(MAGLEV_MAP));
         };
@@ -135,6 +140,8 @@ impl Maps {
             backend_stats,
             source_ranges,
             ranges_by_id: StdHashMap::new(),
+            member_map,
+            members: StdHashMap::new(),
             maglev,
             slots: SlotAllocator::new(maglev_slots),
             slots_per_backend: slots_per_backend.max(1),
@@ -181,6 +188,13 @@ impl Maps {
         }
         for ranges in self.ranges_by_id.values_mut() {
             ranges.sort_unstable();
+        }
+        for entry in self.member_map.keys() {
+            let key = entry.map_err(map_error(MEMBERS_MAP))?;
+            self.members
+                .entry(key.service_id)
+                .or_default()
+                .push(key.backend_id);
         }
         let mut used_ids = HashSet::new();
         for (key, value) in entries {
@@ -408,8 +422,17 @@ impl Maps {
         }
         // Ranges the frontend gains go in before its entry says to check
         // them; those it loses go once it no longer names them.
-        let stale = match self.add_ranges(id, &policy.source_ranges) {
-            Ok(stale) => stale,
+        // Likewise the members an affinity entry may name.
+        let members: &[BackendId] = if policy.affinity_timeout_secs.is_some() {
+            &ids
+        } else {
+            &[]
+        };
+        let written = self
+            .add_ranges(id, &policy.source_ranges)
+            .and_then(|stale| Ok((stale, self.add_members(id, members)?)));
+        let (stale, (gone, added)) = match written {
+            Ok(written) => written,
             Err(err) => {
                 if let Some(block) = block {
                     self.slots.free(block);
@@ -427,6 +450,9 @@ impl Maps {
             if is_new_id {
                 self.ids.unallocate(id);
             }
+            // The old table stays: so do its members, and no others.
+            self.remove_members(id, &added);
+            self.members.entry(id).or_default().extend(gone);
             return Err(map_error(SERVICES_MAP)(source));
         }
         let old_block = self
@@ -444,7 +470,57 @@ impl Maps {
             self.slots.free(old_block);
         }
         self.remove_ranges(id, &stale);
+        self.remove_members(id, &gone);
         Ok(id)
+    }
+
+    /// Records `wanted` as frontend `id`'s members, inserting those it
+    /// lacks; returns (those it had and no longer wants, those inserted).
+    /// The ones it loses are deleted once the new table is in place.
+    fn add_members(
+        &mut self,
+        id: u32,
+        wanted: &[BackendId],
+    ) -> Result<(Vec<BackendId>, Vec<BackendId>)> {
+        let had = self.members.remove(&id).unwrap_or_default();
+        let mut added = Vec::new();
+        for &backend_id in wanted.iter().filter(|member| !had.contains(member)) {
+            let key = MemberKey {
+                service_id: id,
+                backend_id,
+            };
+            if let Err(source) = self.member_map.insert(key, 0, 0) {
+                self.remove_members(id, &added);
+                self.members.insert(id, had);
+                return Err(map_error(MEMBERS_MAP)(source));
+            }
+            added.push(backend_id);
+        }
+        if !wanted.is_empty() {
+            self.members.insert(id, wanted.to_vec());
+        }
+        let gone = had
+            .into_iter()
+            .filter(|member| !wanted.contains(member))
+            .collect();
+        Ok((gone, added))
+    }
+
+    /// Deletes `members` of frontend `id` from the map and the record.
+    fn remove_members(&mut self, id: u32, members: &[BackendId]) {
+        for &backend_id in members {
+            // Already gone is fine: the goal is its absence.
+            let _ = self.member_map.remove(&MemberKey {
+                service_id: id,
+                backend_id,
+            });
+        }
+        if let Some(record) = self.members.get_mut(&id) {
+            record.retain(|member| !members.contains(member));
+            if record.is_empty() {
+                self.members.remove(&id);
+            }
+        }
     }
 
     fn ranges(&self, id: u32) -> &[Ipv4Cidr] {
@@ -494,10 +570,13 @@ impl Maps {
         if let Some(block) = installed.block {
             self.slots.free(block);
         }
-        // A removed service's counters and ranges go with it (counters are
-        // zeroed again when the id is reused).
+        // A removed service's counters, ranges and members go with it
+        // (counters are zeroed again when the id is reused).
         if let Some(ranges) = self.ranges_by_id.remove(&installed.value.id) {
             self.remove_ranges(installed.value.id, &ranges);
+        }
+        if let Some(members) = self.members.remove(&installed.value.id) {
+            self.remove_members(installed.value.id, &members);
         }
         self.reset_counters(SERVICE_STATS_MAP, installed.value.id)?;
         self.ids.release(installed.value.id);
