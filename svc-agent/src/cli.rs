@@ -4,7 +4,7 @@ use std::{net::Ipv4Addr, path::PathBuf};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use svc_agent::{
-    datapath::{BpfLogLevel, DEFAULT_PIN_DIR, Ipv4Cidr},
+    datapath::{BpfLogLevel, DEFAULT_PIN_DIR, Ipv4Cidr, ports::PortRange},
     inspect::DEFAULT_STATE_FILE,
 };
 use svc_common::{
@@ -187,6 +187,13 @@ pub struct RunArgs {
     /// given; without either, nothing is dropped.
     #[arg(long = "service-cidr", value_name = "CIDR")]
     pub service_cidrs: Vec<Ipv4Cidr>,
+    /// Source ports masqueraded flows take, `MIN-MAX`: as many concurrent
+    /// masqueraded flows to one backend as ports. By default the widest
+    /// run of ports from 1024 outside the node's own ephemeral ports
+    /// (`net.ipv4.ip_local_port_range`; with Linux's default,
+    /// 1024-32767).
+    #[arg(long, value_name = "MIN-MAX")]
+    pub nat_port_range: Option<PortRange>,
     /// Seconds between sweeps of connection tracking (timed-out flows
     /// removed, UDP flows moved off endpoints that stopped serving, ids
     /// freed); a sync that removes something sweeps at once too.

@@ -17,6 +17,7 @@ use k8s_openapi::api::core::v1::Node;
 use svc_agent::{
     datapath::{
         Capacities, Datapath, Frontend, LoadOptions, StatsSnapshot, current_netns_cookie, ifaces,
+        ports,
     },
     metrics,
     model::{LocalDetect, NodeInfo, ObjectKey, Problem, Settings, Translator},
@@ -28,7 +29,10 @@ use svc_agent::{
     sweeper::Sweeper,
     sync::Applier,
 };
-use svc_common::config::{DatapathConfig, LOCAL_BY_CIDR, LOCAL_BY_INTERFACE};
+use svc_common::{
+    config::{DatapathConfig, LOCAL_BY_CIDR, LOCAL_BY_INTERFACE},
+    stats::Counter,
+};
 use tokio::{io::unix::AsyncFd, signal, sync::mpsc, time};
 use tracing::{info, warn};
 
@@ -77,6 +81,31 @@ fn init_tracing(format: LogFormat) {
     }
 }
 
+/// The NAT source ports: the flag's, else the default next to the node's
+/// ephemeral ports; a flag overlapping them is kept but warned about.
+fn nat_port_range(args: &RunArgs) -> ports::PortRange {
+    let local = ports::local_port_range();
+    let range = match (args.nat_port_range, &local) {
+        (Some(range), _) => range,
+        (None, Ok(local)) => ports::default_range(local),
+        (None, Err(err)) => {
+            warn!(error = %err, "reading ip_local_port_range; NAT ports above Linux's default ephemeral range");
+            ports::default_range(&(32_768..=60_999))
+        }
+    };
+    if let Ok(local) = &local
+        && ports::overlaps_local(range, local)
+    {
+        warn!(
+            %range,
+            local = %format!("{}-{}", local.start(), local.end()),
+            "the NAT port range overlaps the node's ephemeral ports: a masqueraded flow may share a tuple with the node's own connection"
+        );
+    }
+    info!(%range, ports = range.len(), "NAT source ports of masqueraded flows");
+    range
+}
+
 /// Loads the datapath as the flags say (adopting pinned maps).
 fn load_datapath(args: &RunArgs) -> Result<Datapath> {
     let mut config = DatapathConfig::DEFAULT;
@@ -90,6 +119,9 @@ fn load_datapath(args: &RunArgs) -> Result<Datapath> {
         config.host_netns_cookie =
             current_netns_cookie().context("reading this network namespace's cookie")?;
     }
+    let nat_ports = nat_port_range(args);
+    config.nat_port_min = nat_ports.min;
+    config.nat_port_max = nat_ports.max;
     config.local_detect = match args.detect_local_mode {
         DetectLocalMode::Interface => LOCAL_BY_INTERFACE,
         DetectLocalMode::ClusterCidr | DetectLocalMode::NodeCidr => LOCAL_BY_CIDR,
@@ -397,16 +429,27 @@ async fn run(mut args: RunArgs) -> Result<()> {
     }
 }
 
-/// Logs what the counters moved since `last`; returns them now.
+/// Logs what the counters moved since `last`; returns them now. The
+/// counters that mean trouble are warned about.
 fn log_counters(datapath: &Datapath, last: &StatsSnapshot) -> Result<StatsSnapshot> {
     let now = datapath.stats().context("reading counters")?;
     for (counter, delta) in now.since(last) {
-        info!(
-            counter = counter.name(),
-            packets = delta.packets,
-            bytes = delta.bytes,
-            "packets"
-        );
+        match counter {
+            Counter::DropNatPortsExhausted => warn!(
+                packets = delta.packets,
+                "new masqueraded flows dropped: every NAT source port to their backend is taken (--nat-port-range)"
+            ),
+            Counter::LbNewFlowMidstream => warn!(
+                packets = delta.packets,
+                "TCP segments of connections connection tracking had lost (evicted from a full table?) started new flows"
+            ),
+            _ => info!(
+                counter = counter.name(),
+                packets = delta.packets,
+                bytes = delta.bytes,
+                "packets"
+            ),
+        }
     }
     Ok(now)
 }

@@ -43,8 +43,28 @@ pub struct Sweeper {
     wanted: bool,
     every: Duration,
     last_start: Option<Instant>,
+    /// When the table was last said to be full (warned once a minute).
+    last_full_warning: Option<Instant>,
     pub stats: SweepStats,
 }
+
+/// A sweep finding connection tracking at least this full warns.
+const FULL_PERCENT: usize = 90;
+/// Free entries the kernel's LRU keeps aside per CPU at most
+/// (`LOCAL_FREE_TARGET`); at least, half a CPU's share of the map.
+const LRU_SLACK_PER_CPU: usize = 128;
+
+/// Whether an LRU map holding `entries` of `capacity` is full enough that
+/// it evicts: at 90%, or within what the kernel keeps aside on each CPU's
+/// free list (a full map of 256 entries on 2 CPUs holds about 192).
+#[must_use]
+pub fn nearly_full(entries: usize, capacity: usize, cpus: usize) -> bool {
+    let cpus = cpus.max(1);
+    let slack = LRU_SLACK_PER_CPU.min(capacity / cpus / 2) * cpus;
+    capacity > 0 && (entries * 100 >= capacity * FULL_PERCENT || entries + slack >= capacity)
+}
+/// Between two warnings that the table is full.
+const WARN_EVERY: Duration = Duration::from_mins(1);
 
 impl Sweeper {
     #[must_use]
@@ -54,6 +74,7 @@ impl Sweeper {
             wanted: false,
             every,
             last_start: None,
+            last_full_warning: None,
             stats: SweepStats::default(),
         }
     }
@@ -116,6 +137,29 @@ impl Sweeper {
         }
     }
 
+    /// Warns (once a minute at most) when connection tracking is nearly
+    /// full: the LRU then evicts flows that are still alive.
+    fn warn_if_full(&mut self, entries: usize, capacity: u32) {
+        let capacity = usize::try_from(capacity).unwrap_or(usize::MAX);
+        let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        if !nearly_full(entries, capacity, cpus) {
+            return;
+        }
+        if self
+            .last_full_warning
+            .is_some_and(|last| last.elapsed() < WARN_EVERY)
+        {
+            return;
+        }
+        self.last_full_warning = Some(Instant::now());
+        warn!(
+            entries,
+            capacity,
+            "connection tracking is {}% full: the least recently used flows, live ones included, are evicted, and an evicted TCP connection is reset if its service's table changed since; raise --ct-entries (two per flow)",
+            entries * 100 / capacity
+        );
+    }
+
     /// Takes the result of the sweep [`Sweeper::finished`] returned:
     /// frees the ids no live flow names.
     pub fn finish(
@@ -141,6 +185,7 @@ impl Sweeper {
                 stats.reserved_backends = applier.retired_backends();
                 stats.reserved_frontends = datapath.maps_mut().frontend_ids().quarantined();
                 stats.last_duration = report.elapsed;
+                self.warn_if_full(report.entries, datapath.maps().ct_capacity());
                 debug!(
                     entries = report.entries,
                     flows = report.flows,
@@ -160,5 +205,19 @@ impl Sweeper {
                 warn!(error = %err, "sweeping connection tracking failed");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::nearly_full;
+
+    #[test]
+    fn full_is_ninety_percent_or_the_lru_slack() {
+        assert!(nearly_full(472_000, 524_288, 2));
+        assert!(!nearly_full(400_000, 524_288, 2));
+        assert!(nearly_full(192, 256, 2), "a full small map on 2 CPUs");
+        assert!(!nearly_full(100, 256, 2));
+        assert!(!nearly_full(0, 0, 2));
     }
 }

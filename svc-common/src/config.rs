@@ -74,6 +74,27 @@ impl DatapathConfig {
     };
 }
 
+/// A pinned one-entry array of [`DatapathMeta`]: what the pinned maps were
+/// written with, so a restarted agent reads them the same way.
+pub const META_MAP: &str = "SVC_META_V1";
+
+/// [`DatapathMeta::flags`]: `ns_per_tick` is set.
+pub const META_F_CLOCK: u32 = 1 << 0;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct DatapathMeta {
+    /// [`DatapathConfig::ns_per_tick`] of the programs that stamped the
+    /// pinned connection-tracking entries (0: the coarse clock).
+    pub ns_per_tick: u64,
+    /// `META_F_*` bits.
+    pub flags: u32,
+    pub _pad: u32,
+}
+assert_layout!(DatapathMeta, size = 16, align = 8);
+impl_user_pod!(DatapathMeta);
+
 impl Default for DatapathConfig {
     fn default() -> Self {
         Self::DEFAULT

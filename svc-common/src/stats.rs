@@ -90,6 +90,11 @@ counters! {
     LbReply = "lb_reply",
     /// The backend came from session affinity.
     LbAffinityHit = "lb_affinity_hit",
+    /// A new flow started by a TCP segment that is not a SYN: its
+    /// connection-tracking entries were evicted (a full table) or it
+    /// predates the datapath. If the service's table changed since, the
+    /// backend it now reaches resets it.
+    LbNewFlowMidstream = "lb_new_flow_midstream",
     /// An ICMP error quoting a translated packet: the quote translated back
     /// and the error sent on to the quote's original sender.
     LbIcmpError = "lb_icmp_error",

@@ -8,13 +8,19 @@ use aya_ebpf::{
     programs::TcContext,
 };
 
-use crate::{ct, maps::config};
+use crate::{
+    ct,
+    maps::{SVC_META_V1, config},
+};
 
 /// Writes the datapath's time, a native-endian `u64`, over the first 8
-/// bytes of the packet.
+/// bytes of the packet, and the tick the pinned maps were written with
+/// (`DatapathMeta::ns_per_tick`) over the next 8.
 #[inline(always)]
 pub fn try_sample(ctx: &TcContext) -> Result<i32, i32> {
     let now = ct::now_ns(config());
+    let pinned_tick = SVC_META_V1.get(0).map_or(0, |meta| meta.ns_per_tick);
     ctx.store(0, &now, 0).map_err(|_| TC_ACT_SHOT)?;
+    ctx.store(8, &pinned_tick, 0).map_err(|_| TC_ACT_SHOT)?;
     Ok(TC_ACT_OK)
 }

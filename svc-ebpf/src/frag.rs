@@ -25,8 +25,9 @@ fn key(packet: &Ipv4Packet) -> FragKey {
 }
 
 /// Remembers the addresses the first fragment of `packet`'s datagram was
-/// translated to.
-#[inline(always)]
+/// translated to. Not inlined: rare, and its keys would add to the packet
+/// path's stack frame.
+#[inline(never)]
 pub fn remember(packet: &Ipv4Packet, saddr: u32, daddr: u32) {
     // Best effort: without the entry, the later fragments pass as they are.
     let _ = SVC_FRAGS_V1.insert(key(packet), FragValue { saddr, daddr }, 0);

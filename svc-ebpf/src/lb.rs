@@ -20,8 +20,10 @@ use crate::maps::{
 
 /// What a packet's destination is to the proxy.
 pub enum Destination {
-    /// A frontend (its key and entry).
-    Service(ServiceKey, ServiceValue),
+    /// A frontend: its key and its entry, read in place (valid for the
+    /// program run: an update swaps in a new element and frees the old one
+    /// only after readers are done).
+    Service(ServiceKey, &'static ServiceValue),
     /// The ClusterIP of a served service, on a port or protocol it does not
     /// define: refused.
     UnknownPort,
@@ -44,8 +46,8 @@ pub fn destination(daddr: u32, dport: u16, protocol: u8) -> Destination {
         scope: SCOPE_ADDR,
     };
     if let Some(service) = SVC_SERVICES_V1.get_ptr(key) {
-        // SAFETY: from a map lookup.
-        return Destination::Service(key, unsafe { *service });
+        // SAFETY: from a map lookup, valid for the program run.
+        return Destination::Service(key, unsafe { &*service });
     }
     let Some(info) = SVC_ADDRS_V1.get_ptr(daddr) else {
         return if in_cidrs(CIDRS_SERVICE, daddr) {
@@ -64,8 +66,8 @@ pub fn destination(daddr: u32, dport: u16, protocol: u8) -> Destination {
             scope: SCOPE_NODEPORT,
         };
         if let Some(service) = SVC_SERVICES_V1.get_ptr(key) {
-            // SAFETY: from a map lookup.
-            return Destination::Service(key, unsafe { *service });
+            // SAFETY: from a map lookup, valid for the program run.
+            return Destination::Service(key, unsafe { &*service });
         }
     }
     if flags & ADDR_F_CLUSTER_IP != 0 {
@@ -113,12 +115,12 @@ pub fn is_local(config: &DatapathConfig, from_pod: bool, saddr: u32) -> bool {
 /// frontend with a Local policy gives way to its in-cluster variant, which
 /// holds every endpoint.
 #[inline(always)]
-pub fn in_cluster(mut key: ServiceKey, service: ServiceValue) -> ServiceValue {
+pub fn in_cluster(mut key: ServiceKey, service: &'static ServiceValue) -> &'static ServiceValue {
     if service.flags & SVC_F_IN_CLUSTER != 0 {
         key.scope |= SCOPE_IN_CLUSTER;
         if let Some(variant) = SVC_SERVICES_V1.get_ptr(key) {
-            // SAFETY: from a map lookup.
-            return unsafe { *variant };
+            // SAFETY: from a map lookup, valid for the program run.
+            return unsafe { &*variant };
         }
     }
     service
@@ -128,13 +130,17 @@ pub fn in_cluster(mut key: ServiceKey, service: ServiceValue) -> ServiceValue {
 /// frontend has `loadBalancerSourceRanges` and none of them holds it.
 #[inline(always)]
 pub fn source_allowed(service: &ServiceValue, saddr: u32) -> bool {
-    if service.flags & SVC_F_SOURCE_RANGES == 0 {
-        return true;
-    }
+    service.flags & SVC_F_SOURCE_RANGES == 0 || in_source_ranges(service.id, saddr)
+}
+
+/// Whether `saddr` is in frontend `service_id`'s source ranges. Not
+/// inlined: its key would add to the packet path's stack frame.
+#[inline(never)]
+fn in_source_ranges(service_id: u32, saddr: u32) -> bool {
     let key = Key::new(
         SOURCE_RANGE_LOOKUP_PREFIX,
         SourceRangeKey {
-            service_id: service.id,
+            service_id,
             addr: saddr,
         },
     );
@@ -165,6 +171,19 @@ pub struct Choice {
     pub id: BackendId,
     pub backend: Backend,
     pub from_affinity: bool,
+}
+
+/// Records the client's backend for its next flow. Best effort: without the
+/// entry the next flow still gets a backend. Not inlined: its value would
+/// add to the packet path's stack frame.
+#[inline(never)]
+fn remember_affinity(key: &AffinityKey, backend_id: BackendId, now: u64) {
+    let value = AffinityValue {
+        last_used_ns: now,
+        backend_id,
+        _pad: 0,
+    };
+    let _ = SVC_AFFINITY_V1.insert(key, value, 0);
 }
 
 /// Whether backend `id` is in the table of affinity frontend `service_id`.
@@ -206,13 +225,7 @@ pub fn choose(service: &ServiceValue, client: u32, hash: u32, now: u64) -> Optio
     let id = maglev(service, hash)?;
     let backend = backend(id)?;
     if with_affinity {
-        let value = AffinityValue {
-            last_used_ns: now,
-            backend_id: id,
-            _pad: 0,
-        };
-        // Best effort: without the entry the next flow still gets a backend.
-        let _ = SVC_AFFINITY_V1.insert(affinity_key, value, 0);
+        remember_affinity(&affinity_key, id, now);
     }
     Some(Choice {
         id,

@@ -10,7 +10,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use svc_common::{
-    config::DatapathConfig,
+    config::{DatapathConfig, DatapathMeta},
     ct::{CtEntry, CtKey, DEFAULT_CT_ENTRIES, DEFAULT_FRAG_ENTRIES, FragKey, FragValue},
     lb::{
         AddrInfo, AffinityKey, AffinityValue, Backend, BackendId, CIDR_SETS, CidrSet,
@@ -38,6 +38,11 @@ pub fn config() -> &'static DatapathConfig {
     // value, which lives as long as the program.
     unsafe { &*core::ptr::read_volatile(&raw const ptr) }
 }
+
+/// `svc_common::config::META_MAP`: written by the agent, read by the clock
+/// program (which keeps it in the object).
+#[map]
+pub static SVC_META_V1: Array<DatapathMeta> = Array::with_max_entries(1, 0);
 
 /// `svc_common::stats::STATS_MAP`.
 #[map]
@@ -87,6 +92,11 @@ pub static SVC_MEMBERS_V1: HashMap<MemberKey, u32> =
 #[map]
 pub static SVC_CT_V1: LruHashMap<CtKey, CtEntry> =
     LruHashMap::with_max_entries(DEFAULT_CT_ENTRIES, 0);
+
+/// Scratch space of a NAT port scan (`nat::NatScan`), one per CPU; not
+/// shared with the agent.
+#[map]
+pub static SVC_NAT_SCAN: PerCpuArray<crate::nat::NatScan> = PerCpuArray::with_max_entries(1, 0);
 
 /// `svc_common::ct::FRAG_MAP`.
 #[map]

@@ -1,8 +1,11 @@
 //! Rewriting a packet's tuple with incremental checksum updates, and
 //! finding a free reply tuple for a new flow.
 
+use core::ffi::c_void;
+
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST},
+    helpers::bpf_loop,
     programs::TcContext,
 };
 use svc_common::{
@@ -14,12 +17,12 @@ use svc_common::{
 
 use crate::{
     ct::{self, Owner},
-    maps::SVC_CT_V1,
+    maps::{SVC_CT_V1, SVC_NAT_SCAN, config},
     parse::{ETH_HLEN, Ipv4Hdr, L4, ptr_at},
 };
 
-/// How many source ports a new flow tries before giving up.
-const PORT_ATTEMPTS: u32 = 16;
+/// NAT ports a new flow tries at hashed places before it scans the range.
+const PORT_ATTEMPTS: u32 = 8;
 
 /// The rewrite failed; the packet must not go out half-translated.
 pub struct RewriteFailed;
@@ -210,7 +213,106 @@ pub fn claim_reply(
             return true;
         }
     }
-    false
+    // A busy range: every port in order from the flow's place, so a port is
+    // found while any is free.
+    scan_range(original, &reply_key, reply, now, start, range).is_some_and(|port| {
+        new.sport = port;
+        true
+    })
+}
+
+/// The state of a scan of the NAT range, kept in a per-CPU map rather than
+/// on the stack: the scan's callback runs a call deeper than the packet
+/// path, whose frames may sum to 512 bytes at most. Keys are built here
+/// too, so the callback needs next to no stack of its own.
+#[repr(C)]
+pub struct NatScan {
+    original: CtKey,
+    reply_key: CtKey,
+    /// The original key of the flow holding `reply_key`, if any.
+    owner_key: CtKey,
+    reply: CtEntry,
+    now: u64,
+    start: u32,
+    range: u32,
+    /// The port claimed, network order; 0: none.
+    port: u16,
+    _pad: [u8; 6],
+}
+
+/// Tries every port of the NAT range once, in order from `start`
+/// (`bpf_loop`). Returns the port claimed (network order).
+#[inline(always)]
+fn scan_range(
+    original: &CtKey,
+    reply_key: &CtKey,
+    reply: &CtEntry,
+    now: u64,
+    start: u32,
+    range: u32,
+) -> Option<u16> {
+    let scan = SVC_NAT_SCAN.get_ptr_mut(0)?;
+    // SAFETY: this CPU's slot; nothing else runs on it meanwhile.
+    unsafe {
+        (*scan).original = *original;
+        (*scan).reply_key = *reply_key;
+        (*scan).reply = *reply;
+        (*scan).now = now;
+        (*scan).start = start;
+        (*scan).range = range;
+        (*scan).port = 0;
+        bpf_loop(range, scan_step as *mut c_void, core::ptr::null_mut(), 0);
+        let port = (*scan).port;
+        (port != 0).then_some(port)
+    }
+}
+
+/// One port of a scan: claimed (stop), or on to the next. The same rules
+/// as [`try_claim`], with every key in the scan's slot.
+extern "C" fn scan_step(index: u32, _ctx: *mut c_void) -> i64 {
+    let Some(scan) = SVC_NAT_SCAN.get_ptr_mut(0) else {
+        return 1;
+    };
+    // SAFETY: this CPU's slot, filled by `scan_range`.
+    let scan = unsafe { &mut *scan };
+    let config = config();
+    let offset = scan.start.wrapping_add(index) % scan.range.max(1);
+    #[expect(clippy::cast_possible_truncation, reason = "offset < range")]
+    let port = (u32::from(config.nat_port_min) + offset) as u16;
+    scan.reply_key.dport = port.to_be();
+    let protocol = scan.reply_key.protocol;
+    if let Some(held) = ct::lookup(&scan.reply_key) {
+        // SAFETY: from a map lookup.
+        let held = unsafe { &*held };
+        scan.owner_key = held.peer_key(protocol);
+        if scan.owner_key == scan.original {
+            // Our own flow's old entry (see `Owner::Ours`).
+            if SVC_CT_V1.insert(&scan.reply_key, &scan.reply, 0).is_ok() {
+                scan.port = port.to_be();
+                return 1;
+            }
+            return 0;
+        }
+        let live = ct::lookup(&scan.owner_key).is_some_and(|owner| {
+            // SAFETY: from a map lookup.
+            let owner = unsafe { &*owner };
+            owner.is_peer_of(&scan.reply_key)
+                && (owner.is_fresh(config, protocol, scan.now)
+                    || held.is_fresh(config, protocol, scan.now))
+        });
+        if live {
+            return 0;
+        }
+        let _ = SVC_CT_V1.remove(&scan.reply_key);
+    }
+    if SVC_CT_V1
+        .insert(&scan.reply_key, &scan.reply, u64::from(BPF_NOEXIST))
+        .is_ok()
+    {
+        scan.port = port.to_be();
+        return 1;
+    }
+    0
 }
 
 #[inline(always)]

@@ -85,7 +85,7 @@ pub fn try_translate_dst(ctx: &SockAddrContext) -> Result<i32, i32> {
     };
     // The node's own address stands in for the not yet chosen source, as
     // kube-proxy lets the node through when a range holds its address.
-    if !lb::source_allowed(&service, config.masq_addr) {
+    if !lb::source_allowed(service, config.masq_addr) {
         return Err(refuse(Counter::DropSourceRange));
     }
     if service.maglev_size == 0 {
@@ -106,7 +106,7 @@ pub fn try_translate_dst(ctx: &SockAddrContext) -> Result<i32, i32> {
         dport,
         protocol,
     );
-    let Some(choice) = lb::choose(&service, config.masq_addr, hash, ct::now_ns(config)) else {
+    let Some(choice) = lb::choose(service, config.masq_addr, hash, ct::now_ns(config)) else {
         stats::count(Counter::DropBadBackend, 0);
         return Err(REFUSE);
     };

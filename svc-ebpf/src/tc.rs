@@ -21,7 +21,7 @@ use crate::{
     lb::{self, Destination},
     maps::{SVC_CT_V1, config},
     nat,
-    parse::{self, ETH_HLEN, IPV4_MIN_HLEN, Ipv4Packet, L3, L4},
+    parse::{self, ETH_HLEN, IPV4_MIN_HLEN, Ipv4Packet, L3, L4, TCP_SYN},
     reject::{self, Refusal},
     stats,
 };
@@ -175,7 +175,7 @@ fn translate(ctx: &TcContext, hook: Hook) -> Result<Verdict, i32> {
                 packet: &packet,
                 l4: &l4,
                 key: &key,
-                service: &service,
+                service,
                 local,
                 replacing,
                 now,
@@ -314,6 +314,9 @@ fn new_flow(ctx: &TcContext, config: &DatapathConfig, flow: &NewFlow<'_>) -> Res
         frag::remember(packet, forward.saddr, forward.daddr);
     }
     stats::count(Counter::LbNewFlow, len);
+    if key.protocol == proto::TCP && flow.l4.tcp_flags & TCP_SYN == 0 {
+        stats::count(Counter::LbNewFlowMidstream, len);
+    }
     if choice.from_affinity {
         stats::count(Counter::LbAffinityHit, len);
     }

@@ -87,6 +87,8 @@ pub struct Pod {
     /// The veth's name on the node.
     pub host_iface: String,
     servers: Vec<Server>,
+    /// Listening sockets nothing accepts on.
+    listeners: Vec<TcpListener>,
 }
 
 impl Pod {
@@ -98,6 +100,24 @@ impl Pod {
             .run(|| TcpListener::bind(addr))
             .unwrap_or_else(|err| panic!("{}: bind TCP {addr}: {err}", self.name));
         self.servers.push(Server::tcp(&self.name, listener));
+    }
+
+    /// Listens on TCP `port` with room for `backlog` connections and
+    /// never accepts: the kernel completes their handshakes and queues
+    /// them, so many connections cost the test no open files.
+    pub fn listen_tcp(&mut self, port: u16, backlog: i32) {
+        let addr = SocketAddrV4::new(self.addr, port);
+        self.ns.sysctl("net.core.somaxconn", &backlog.to_string());
+        self.ns
+            .sysctl("net.ipv4.tcp_max_syn_backlog", &backlog.to_string());
+        let listener = self
+            .ns
+            .run(|| TcpListener::bind(addr))
+            .unwrap_or_else(|err| panic!("{}: bind TCP {addr}: {err}", self.name));
+        // SAFETY: listen(2) on our own socket, again, with a longer queue.
+        let rc = unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&listener), backlog) };
+        assert_eq!(rc, 0, "listen: {}", std::io::Error::last_os_error());
+        self.listeners.push(listener);
     }
 
     /// Starts a UDP backend on `port`.
@@ -244,6 +264,10 @@ impl Node {
             },
             ..DatapathConfig::DEFAULT
         };
+        if let Some((min, max)) = options.nat_ports {
+            config.nat_port_min = min;
+            config.nat_port_max = max;
+        }
         if options.quick_timeouts {
             let quick = u64::try_from(QUICK_TIMEOUT.as_nanos()).expect("a few seconds");
             config.ct_timeout_tcp_closing_ns = quick;
@@ -262,7 +286,7 @@ impl Node {
         let options = LoadOptions {
             config,
             capacities: Capacities {
-                ct_entries: 65_536,
+                ct_entries: options.ct_entries.unwrap_or(65_536),
                 maglev_slots: 1 << 18,
                 services: 1024,
                 backends: 1024,
@@ -318,6 +342,12 @@ impl Node {
     /// maps stay in the kernel and keep serving.
     pub fn stop_agent(&mut self) {
         self.datapath = None;
+    }
+
+    /// The pinned maps' directory, if pinned.
+    #[must_use]
+    pub fn pin_dir(&self) -> Option<&std::path::Path> {
+        self.options.pin_dir.as_deref()
     }
 
     /// Starts the agent: loads the datapath and attaches it to the uplink
@@ -384,6 +414,7 @@ impl Node {
             ns,
             host_iface,
             servers: Vec::new(),
+            listeners: Vec::new(),
         });
         self.pods.last_mut().expect("just pushed")
     }
@@ -440,6 +471,10 @@ pub struct Options {
     /// Closed TCP flows and idle UDP flows time out after
     /// [`QUICK_TIMEOUT`] instead of 10 and 60 seconds.
     pub quick_timeouts: bool,
+    /// The NAT source ports (first, last) instead of the default.
+    pub nat_ports: Option<(u16, u16)>,
+    /// Connection-tracking entries instead of 65,536.
+    pub ct_entries: Option<u32>,
 }
 
 /// Closing TCP and idle UDP timeout with [`Options::quick_timeouts`].

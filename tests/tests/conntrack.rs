@@ -152,3 +152,242 @@ fn affinity_ends_when_its_backend_leaves_the_service_though_another_keeps_it() {
         "plain still sends to {pinned}: {seen:?}"
     );
 }
+
+/// Runs `f` on a thread with a private mount namespace in which
+/// `/proc/timer_list` reads as empty, as in an unprivileged container.
+fn with_timer_list_masked<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                // SAFETY: this thread leaves the process's mount namespace
+                // (and its filesystem attributes) for a private copy.
+                let rc = unsafe { libc::unshare(libc::CLONE_NEWNS | libc::CLONE_FS) };
+                assert_eq!(rc, 0, "unshare: {}", std::io::Error::last_os_error());
+                let mount = |source: &std::ffi::CStr, target: &std::ffi::CStr, flags| {
+                    // SAFETY: NUL-terminated strings that outlive the call.
+                    let rc = unsafe {
+                        libc::mount(
+                            source.as_ptr(),
+                            target.as_ptr(),
+                            std::ptr::null(),
+                            flags,
+                            std::ptr::null(),
+                        )
+                    };
+                    assert_eq!(rc, 0, "mount: {}", std::io::Error::last_os_error());
+                };
+                mount(c"none", c"/", libc::MS_REC | libc::MS_PRIVATE);
+                mount(c"/dev/null", c"/proc/timer_list", libc::MS_BIND);
+                assert_eq!(
+                    std::fs::read_to_string("/proc/timer_list").expect("readable"),
+                    "",
+                    "masked"
+                );
+                f()
+            })
+            .join()
+            .expect("the masked thread")
+    })
+}
+
+#[test]
+fn a_restart_keeps_the_clock_the_pinned_entries_were_stamped_with() {
+    const NODE_PORT: u16 = 30_080;
+    const NAT_PORTS: u16 = 8;
+    let mut cluster = Cluster::new(Options {
+        pinned: true,
+        quick_timeouts: true,
+        nat_ports: Some((61_000, 61_000 + NAT_PORTS - 1)),
+        ..Options::default()
+    });
+    cluster.nodes[1].add_pod("b", 2).serve_tcp(8080);
+    cluster.apply(
+        &[Frontend::node_port_tcp(NODE_PORT)],
+        &ServicePolicy::default(),
+        &[("b", 8080)],
+    );
+    let node1 = cluster.nodes[0].addr;
+    // Every NAT port once: masqueraded connections from outside, closed.
+    let fill = |cluster: &Cluster, when: &str| {
+        for i in 0..NAT_PORTS {
+            let answer = cluster
+                .external
+                .ask(addr(node1, NODE_PORT))
+                .unwrap_or_else(|err| panic!("{when}: connection {i}: {err}"));
+            assert_eq!(answer.peer.ip(), std::net::IpAddr::V4(node1), "masqueraded");
+        }
+    };
+    fill(&cluster, "before the restart");
+    let tick = cluster.nodes[0].datapath().config().ns_per_tick;
+
+    // The agent restarts where /proc/timer_list cannot be read.
+    cluster.nodes[0].stop_agent();
+    let adopted = with_timer_list_masked(|| cluster.nodes[0].start_agent());
+    assert!(adopted, "the pinned maps are adopted");
+    assert_eq!(
+        cluster.nodes[0].datapath().config().ns_per_tick,
+        tick,
+        "the same clock"
+    );
+    // The closed flows time out as they would have, freeing their ports.
+    thread::sleep(QUICK_TIMEOUT + QUICK_TIMEOUT / 2);
+    fill(&cluster, "after the restart");
+
+    // Pins of an agent that did not record its clock: the stamps tell.
+    let meta = cluster.nodes[0]
+        .pin_dir()
+        .expect("pinned")
+        .join(svc_common::config::META_MAP);
+    cluster.nodes[0].stop_agent();
+    std::fs::remove_file(&meta).expect("unpin the record of the clock");
+    assert!(cluster.nodes[0].start_agent(), "adopted again");
+    assert_eq!(
+        cluster.nodes[0].datapath().config().ns_per_tick,
+        tick,
+        "the clock is read off the pinned stamps"
+    );
+    thread::sleep(QUICK_TIMEOUT + QUICK_TIMEOUT / 2);
+    fill(&cluster, "after the second restart");
+}
+
+#[test]
+fn a_full_table_evicts_live_flows_and_says_so() {
+    const CT_ENTRIES: u32 = 256;
+    let mut cluster = Cluster::new(Options {
+        ct_entries: Some(CT_ENTRIES),
+        ..Options::default()
+    });
+    cluster.nodes[0].add_pod("z", 5);
+    cluster.nodes[0].add_pod("a", 2).serve_tcp(8080);
+    cluster.nodes[1].add_pod("b", 2).serve_tcp(8080);
+    let mut agents = Agents::new(&cluster);
+    agents.write("web.yaml", &service("web", CLUSTER_IP, false, &["a", "b"]));
+    agents.sync(&mut cluster);
+    // Twice as many flows as the table holds entries for (two each).
+    let mut streams: Vec<std::net::TcpStream> = (0..CT_ENTRIES)
+        .map(|i| {
+            let stream = cluster
+                .pod("z")
+                .connect(addr(CLUSTER_IP, 80))
+                .unwrap_or_else(|err| panic!("connection {i}: {err}"));
+            read_answer(&stream, TIMEOUT).unwrap_or_else(|err| panic!("connection {i}: {err}"));
+            stream
+        })
+        .collect();
+    let report = &agents.sweep(&mut cluster)[0];
+    let cpus = thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    assert!(
+        svc_agent::sweeper::nearly_full(report.entries, CT_ENTRIES as usize, cpus),
+        "the sweep sees the table full (the agent warns): {} of {CT_ENTRIES}",
+        report.entries
+    );
+    let midstream = |cluster: &Cluster| {
+        cluster.nodes[0]
+            .datapath()
+            .stats()
+            .expect("counters")
+            .get(svc_common::stats::Counter::LbNewFlowMidstream)
+            .packets
+    };
+    let before = midstream(&cluster);
+    for (i, stream) in streams.iter_mut().enumerate() {
+        // The table did not change: a flow that lost its entries starts
+        // again on the same backend and goes on.
+        stream.write_all(b"ping\n").expect("write");
+        let mut buf = [0u8; 5];
+        stream
+            .read_exact(&mut buf)
+            .unwrap_or_else(|err| panic!("connection {i}: {err}"));
+    }
+    assert!(
+        midstream(&cluster) > before,
+        "segments of evicted connections are counted (lb_new_flow_midstream)"
+    );
+}
+
+/// As many concurrent masqueraded connections to one backend as the NAT
+/// range has ports: every one connects, and one more finds no port.
+/// `SVC_NAT_TEST_CONNECTIONS` sets how many (2,000 by default); client
+/// processes of at most 10,000 connections each hold them, and the backend
+/// leaves them in its accept queue, so no process needs more open files
+/// than this machine allows.
+#[test]
+fn masqueraded_connections_fill_the_whole_nat_range() {
+    use std::{
+        io::{BufRead as _, BufReader},
+        process::{Command, Stdio},
+    };
+    const NODE_PORT: u16 = 30_080;
+    const PER_CLIENT: u16 = 10_000;
+    let connections: u16 = std::env::var("SVC_NAT_TEST_CONNECTIONS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(2_000);
+    let first_port = 20_000;
+    let mut cluster = Cluster::new(Options {
+        nat_ports: Some((first_port, first_port + connections - 1)),
+        ..Options::default()
+    });
+    // The client needs as many source ports.
+    cluster
+        .external
+        .ns
+        .sysctl("net.ipv4.ip_local_port_range", "1024 65535");
+    cluster.nodes[1]
+        .add_pod("b", 2)
+        .listen_tcp(8080, i32::from(connections) + 1);
+    cluster.apply(
+        &[Frontend::node_port_tcp(NODE_PORT)],
+        &ServicePolicy::default(),
+        &[("b", 8080)],
+    );
+    let to = addr(cluster.nodes[0].addr, NODE_PORT);
+    let started = std::time::Instant::now();
+    let mut clients = Vec::new();
+    let mut left = connections;
+    while left > 0 {
+        let count = left.min(PER_CLIENT);
+        left -= count;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_hold-connections"))
+            .args([
+                cluster.external.ns.name(),
+                &to.to_string(),
+                &count.to_string(),
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start a client");
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().expect("stdout"))
+            .read_line(&mut line)
+            .expect("its report");
+        assert_eq!(line.trim(), format!("ok {count}"), "a client's connections");
+        clients.push(child);
+    }
+    eprintln!(
+        "{connections} masqueraded connections through {connections} NAT ports in {:?}",
+        started.elapsed()
+    );
+    let exhausted = |cluster: &Cluster| {
+        cluster.nodes[0]
+            .datapath()
+            .stats()
+            .expect("counters")
+            .get(svc_common::stats::Counter::DropNatPortsExhausted)
+            .packets
+    };
+    assert_eq!(exhausted(&cluster), 0, "no port ran out");
+    // One more finds none.
+    let err = cluster
+        .external
+        .ns
+        .run(|| std::net::TcpStream::connect_timeout(&to.into(), std::time::Duration::from_secs(1)))
+        .expect_err("the range is full");
+    assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "{err}");
+    assert!(exhausted(&cluster) > 0, "counted");
+    for mut client in clients {
+        drop(client.stdin.take());
+        let _ = client.wait();
+    }
+}

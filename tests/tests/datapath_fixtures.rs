@@ -887,6 +887,21 @@ fn translation_steps() -> Vec<fn(&Maps) -> Step> {
             )
         },
         |maps| {
+            let src = (CLIENT.0, 40_400);
+            let backend = predict(maps, Frontend::tcp(CLUSTER, 80), src, (CLUSTER, 80));
+            step(
+                "a segment of a connection nothing tracks (its entries evicted): a new flow, counted as such",
+                POD,
+                packet::tcp4(src, (CLUSTER, 80), TcpFlags::Ack, b"data"),
+                packet::tcp4(src, backend, TcpFlags::Ack, b"data"),
+                &[
+                    Counter::Ipv4Tcp,
+                    Counter::LbNewFlow,
+                    Counter::LbNewFlowMidstream,
+                ],
+            )
+        },
+        |maps| {
             let src = (CLIENT.0, 40_300);
             let backend = predict(maps, Frontend::tcp(SVC_D, 80), src, (SVC_D, 80));
             step(
@@ -1131,6 +1146,44 @@ fn an_exhausted_nat_port_range_drops_and_counts() {
         one_packet(
             &[Counter::Ipv4Tcp, Counter::DropNatPortsExhausted],
             second.len()
+        )
+    );
+}
+
+#[test]
+fn every_nat_port_is_taken_before_new_flows_are_dropped() {
+    const PORTS: u16 = 64;
+    require_root();
+    let datapath = load(DatapathConfig {
+        nat_port_min: 62_000,
+        nat_port_max: 62_000 + PORTS - 1,
+        ..config()
+    });
+    let mut taken = std::collections::BTreeSet::new();
+    for i in 0..PORTS {
+        let client = (EXTERNAL.0, 20_000 + i);
+        let packet = packet::tcp4(client, (NODE, NODE_PORT), SYN, &[]);
+        let run = run(&datapath, UPLINK, "a masqueraded flow", &packet);
+        assert_eq!(
+            run.verdict, TC_ACT_OK,
+            "flow {i}: a port is left (counters moved: {:?})",
+            run.moved
+        );
+        taken.insert(nat_port(datapath.maps(), client, (NODE, NODE_PORT)));
+    }
+    assert_eq!(
+        taken.len(),
+        usize::from(PORTS),
+        "each flow its own port: the whole range, found by scanning once the hashed places are taken"
+    );
+    let packet = packet::tcp4((EXTERNAL.0, 30_000), (NODE, NODE_PORT), SYN, &[]);
+    let run = run(&datapath, UPLINK, "one flow too many", &packet);
+    assert_eq!(run.verdict, TC_ACT_SHOT, "the range is full");
+    assert_eq!(
+        run.moved,
+        one_packet(
+            &[Counter::Ipv4Tcp, Counter::DropNatPortsExhausted],
+            packet.len()
         )
     );
 }

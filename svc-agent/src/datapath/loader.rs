@@ -17,8 +17,8 @@ use aya::{
 };
 use aya_log::EbpfLogger;
 use svc_common::{
-    config::{CONFIG_GLOBAL, DatapathConfig},
-    ct::{CT_MAP, DEFAULT_CT_ENTRIES, FRAG_MAP},
+    config::{CONFIG_GLOBAL, DatapathConfig, DatapathMeta, META_F_CLOCK, META_MAP},
+    ct::{CT_MAP, CtEntry, CtKey, DEFAULT_CT_ENTRIES, FRAG_MAP},
     lb::{
         ADDRS_MAP, AFFINITY_MAP, BACKEND_STATS_MAP, BACKENDS_MAP, CIDRS_MAP, DEFAULT_MAGLEV_SLOTS,
         DEFAULT_MAX_AFFINITY, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, MAGLEV_MAP,
@@ -54,6 +54,7 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/svc-proxy";
 /// Maps the agent relies on (and pins); loading fails if the object lacks
 /// one.
 const REQUIRED_MAPS: &[&str] = &[
+    META_MAP,
     STATS_MAP,
     SERVICES_MAP,
     BACKENDS_MAP,
@@ -174,6 +175,20 @@ impl Datapath {
         if config.ns_per_tick == 0 {
             config.ns_per_tick = super::tick_ns().unwrap_or(0);
         }
+        // Pinned entries keep the clock they were stamped with: read with
+        // another, they would never expire, or expire at once.
+        if adopted
+            && let Some(dir) = &options.pin_dir
+            && let Some(tick) = pinned_tick(dir)
+        {
+            if tick != config.ns_per_tick {
+                tracing::info!(
+                    ns_per_tick = tick,
+                    "keeping the clock the pinned connection tracking was stamped with"
+                );
+            }
+            config.ns_per_tick = tick;
+        }
         let mut loader = EbpfLoader::new();
         if let Some(dir) = &options.pin_dir {
             for &name in REQUIRED_MAPS {
@@ -209,6 +224,7 @@ impl Datapath {
             retry_interrupted(|| program.load())
                 .map_err(|source| Error::Program { name, source })?;
         }
+        record_tick(&mut ebpf, config.ns_per_tick)?;
         let mut maps = Maps::take(&mut ebpf, options.maglev_slots_per_backend)?;
         if adopted {
             // Ids that only live flows name stay reserved.
@@ -388,6 +404,50 @@ impl Datapath {
     pub fn stats(&self) -> Result<StatsSnapshot> {
         StatsSnapshot::read(&self.ebpf)
     }
+}
+
+/// The clock the maps pinned under `dir` were stamped with: as recorded in
+/// `SVC_META_V1`, or for pins of an agent that did not record it, as their
+/// connection-tracking stamps tell ([`super::clock::infer_tick`]); `None`
+/// when nothing tells.
+fn pinned_tick(dir: &Path) -> Option<u64> {
+    let meta = dir.join(META_MAP);
+    if meta.exists() {
+        let map = aya::maps::MapData::from_pin(&meta).ok()?;
+        let array: aya::maps::Array<_, DatapathMeta> =
+            aya::maps::Array::try_from(aya::maps::Map::Array(map)).ok()?;
+        let value = array.get(&0, 0).ok()?;
+        if value.flags & META_F_CLOCK != 0 {
+            return Some(value.ns_per_tick);
+        }
+    }
+    let ct = aya::maps::MapData::from_pin(dir.join(CT_MAP)).ok()?;
+    let entries: Vec<(CtKey, CtEntry)> = sys::dump(ct.fd().as_fd()).ok()?;
+    let newest = entries.iter().map(|(_, entry)| entry.last_seen_ns).max();
+    super::clock::infer_tick(
+        newest,
+        super::coarse_now_ns()?,
+        super::tick_ns().unwrap_or(0),
+    )
+}
+
+/// Records the clock the programs stamp with in `SVC_META_V1`.
+fn record_tick(ebpf: &mut Ebpf, ns_per_tick: u64) -> Result<()> {
+    let map = ebpf.map_mut(META_MAP).ok_or(Error::MissingMap(META_MAP))?;
+    let mut array: aya::maps::Array<_, DatapathMeta> =
+        aya::maps::Array::try_from(map).map_err(|source| Error::Map {
+            name: META_MAP,
+            source,
+        })?;
+    let meta = DatapathMeta {
+        ns_per_tick,
+        flags: META_F_CLOCK,
+        _pad: 0,
+    };
+    array.set(0, meta, 0).map_err(|source| Error::Map {
+        name: META_MAP,
+        source,
+    })
 }
 
 /// Loads a program, again when the verifier gave up with `EAGAIN`: it does

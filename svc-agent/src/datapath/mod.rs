@@ -11,6 +11,7 @@ pub mod ifaces;
 mod loader;
 mod maglev;
 mod maps;
+pub mod ports;
 mod stats;
 mod sys;
 
@@ -18,7 +19,7 @@ use std::path::PathBuf;
 
 pub use addrs::{Addrs, CidrSetKind};
 pub use cidr::{CidrError, Ipv4Cidr};
-pub use clock::tick_ns;
+pub use clock::{coarse_now_ns, tick_ns};
 pub use frontend::{BackendSpec, Frontend, Masquerade, Protocol, ServicePolicy};
 pub use loader::{
     BpfLogLevel, Capacities, DEFAULT_PIN_DIR, Datapath, EBPF_OBJECT, FROM_POD_PROGRAM,
