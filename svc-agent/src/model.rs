@@ -312,8 +312,10 @@ pub struct Translator {
     claims: BTreeMap<Frontend, BTreeMap<ObjectKey, FrontendSpec>>,
     /// Likewise for health check node ports.
     health_claims: BTreeMap<u16, BTreeMap<ObjectKey, HealthCheck>>,
-    /// Likewise for ClusterIPs (whether served here).
-    ip_claims: BTreeMap<Ipv4Addr, BTreeMap<ObjectKey, bool>>,
+    /// Likewise for ClusterIPs (whether served here). The API server gives
+    /// each address to one service, so a short list per address (not a
+    /// map, which costs a node per address).
+    ip_claims: HashMap<Ipv4Addr, Vec<(ObjectKey, bool)>>,
     desired: Desired,
 }
 
@@ -326,7 +328,7 @@ impl Translator {
             outputs: HashMap::new(),
             claims: BTreeMap::new(),
             health_claims: BTreeMap::new(),
-            ip_claims: BTreeMap::new(),
+            ip_claims: HashMap::new(),
             desired: Desired::default(),
         };
         translator
@@ -413,7 +415,7 @@ impl Translator {
                 }
                 for addr in old.cluster_ips {
                     if let Some(claims) = self.ip_claims.get_mut(&addr) {
-                        claims.remove(&key);
+                        claims.retain(|(claimant, _)| *claimant != key);
                     }
                     touched_ips.insert(addr);
                 }
@@ -440,7 +442,7 @@ impl Translator {
                 self.ip_claims
                     .entry(addr)
                     .or_default()
-                    .insert(key.clone(), served);
+                    .push((key.clone(), served));
                 touched_ips.insert(addr);
                 record.cluster_ips.push(addr);
             }
@@ -468,11 +470,18 @@ impl Translator {
             &mut self.desired.health_checks,
             touched_health,
         );
-        settle(
-            &mut self.ip_claims,
-            &mut self.desired.cluster_ips,
-            touched_ips,
-        );
+        for addr in touched_ips {
+            let winner = self
+                .ip_claims
+                .get(&addr)
+                .and_then(|claims| claims.iter().min_by(|a, b| a.0.cmp(&b.0)));
+            if let Some((_, served)) = winner {
+                self.desired.cluster_ips.insert(addr, *served);
+            } else {
+                self.ip_claims.remove(&addr);
+                self.desired.cluster_ips.remove(&addr);
+            }
+        }
     }
 
     /// The problems of every service, and the frontends two services
