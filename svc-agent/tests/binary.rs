@@ -117,64 +117,74 @@ fn inspect(args: &[&str], pins: &Path, state: &Path) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).expect("JSON output")
 }
 
+impl Fixture {
+    /// `svc-agent run` in a new network namespace on a manifest directory
+    /// holding `manifest`, with `extra` flags; waits until it is ready.
+    fn start(name: &str, manifest: &str, extra: &[&str]) -> Self {
+        // SAFETY: geteuid has no preconditions.
+        assert_eq!(
+            unsafe { libc::geteuid() },
+            0,
+            "this test needs root: run `cargo xtask test` as root"
+        );
+        let id = std::process::id();
+        let mut fixture = Self {
+            netns: format!("svcbin-{name}-{id}"),
+            dir: std::env::temp_dir().join(format!("svcbin-manifests-{name}-{id}")),
+            pins: PathBuf::from(format!("/sys/fs/bpf/svcbin-{name}-{id}")),
+            state: std::env::temp_dir().join(format!("svcbin-state-{name}-{id}.json")),
+            agent: None,
+        };
+        assert!(
+            Command::new("ip")
+                .args(["netns", "add", &fixture.netns])
+                .status()
+                .expect("ip")
+                .success()
+        );
+        assert!(
+            Command::new("ip")
+                .args(["-n", &fixture.netns, "link", "set", "lo", "up"])
+                .status()
+                .expect("ip")
+                .success()
+        );
+        fs::create_dir_all(&fixture.dir).expect("manifest dir");
+        fs::write(fixture.dir.join("web.yaml"), manifest).expect("manifest");
+        fixture.agent = Some(
+            Command::new(AGENT)
+                .args([
+                    "run",
+                    "--netns",
+                    &fixture.netns,
+                    "--no-host-sockets",
+                    "--node-name",
+                    "n1",
+                ])
+                .args(extra)
+                .arg("--manifests")
+                .arg(&fixture.dir)
+                .arg("--pin-dir")
+                .arg(&fixture.pins)
+                .arg("--state-file")
+                .arg(&fixture.state)
+                .spawn()
+                .expect("start svc-agent"),
+        );
+        let netns = fixture.netns.clone();
+        assert!(
+            eventually(Duration::from_secs(15), || get(&netns, "/readyz")
+                .is_some_and(|(s, _)| s == 200)),
+            "the agent never became ready"
+        );
+        fixture
+    }
+}
+
 #[test]
 fn run_serves_manifests_metrics_and_inspection() {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "this test needs root: run `cargo xtask test` as root"
-    );
-    let id = std::process::id();
-    let mut fixture = Fixture {
-        netns: format!("svcbin-{id}"),
-        dir: std::env::temp_dir().join(format!("svcbin-manifests-{id}")),
-        pins: PathBuf::from(format!("/sys/fs/bpf/svcbin-{id}")),
-        state: std::env::temp_dir().join(format!("svcbin-state-{id}.json")),
-        agent: None,
-    };
-    assert!(
-        Command::new("ip")
-            .args(["netns", "add", &fixture.netns])
-            .status()
-            .expect("ip")
-            .success()
-    );
-    assert!(
-        Command::new("ip")
-            .args(["-n", &fixture.netns, "link", "set", "lo", "up"])
-            .status()
-            .expect("ip")
-            .success()
-    );
-    fs::create_dir_all(&fixture.dir).expect("manifest dir");
-    fs::write(fixture.dir.join("web.yaml"), web(&[80])).expect("manifest");
-
-    fixture.agent = Some(
-        Command::new(AGENT)
-            .args([
-                "run",
-                "--netns",
-                &fixture.netns,
-                "--no-host-sockets",
-                "--node-name",
-                "n1",
-            ])
-            .arg("--manifests")
-            .arg(&fixture.dir)
-            .arg("--pin-dir")
-            .arg(&fixture.pins)
-            .arg("--state-file")
-            .arg(&fixture.state)
-            .spawn()
-            .expect("start svc-agent"),
-    );
+    let mut fixture = Fixture::start("run", &web(&[80]), &[]);
     let netns = fixture.netns.clone();
-    assert!(
-        eventually(Duration::from_secs(15), || get(&netns, "/readyz")
-            .is_some_and(|(s, _)| s == 200)),
-        "the agent never became ready"
-    );
     assert_eq!(get(&netns, "/healthz").map(|(s, _)| s), Some(200));
     assert_eq!(get(&netns, "/nope").map(|(s, _)| s), Some(404));
     assert_eq!(
@@ -255,4 +265,97 @@ fn into_closed_pipe(
         out.status,
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// `web` with one port and a slice of `endpoints` addresses (nothing
+/// serves them: no traffic here).
+fn web_with_endpoints(endpoints: u32) -> String {
+    let mut text = web(&[80]);
+    text.push_str(
+        "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-1, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{name: p80, port: 8080}]\nendpoints:\n",
+    );
+    for i in 0..endpoints {
+        let [_, _, high, low] = i.to_be_bytes();
+        let _ = writeln!(text, "  - {{addresses: [10.244.{high}.{low}]}}");
+    }
+    text
+}
+
+/// An integer metric's value, summed over its label sets.
+fn metric_value(netns: &str, name: &str) -> u64 {
+    get(netns, "/metrics").map_or(0, |(_, body)| {
+        body.lines()
+            .filter(|line| line.starts_with(name))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    })
+}
+
+#[test]
+fn removing_backends_under_a_large_table_never_stalls_the_agent() {
+    use aya::maps::{HashMap, Map, MapData};
+    use svc_common::ct::{CT_MAP, CtEntry, CtKey};
+    const ENDPOINTS: u32 = 1_000;
+    const ENTRIES: u32 = 200_000;
+    let fixture = Fixture::start("large", &web_with_endpoints(ENDPOINTS), &[]);
+    let netns = fixture.netns.clone();
+    assert!(
+        eventually(Duration::from_secs(5), || metric_value(
+            &netns,
+            "svc_backends "
+        ) == u64::from(ENDPOINTS)),
+        "the backends are installed"
+    );
+    // Connection tracking of a busy node: entries of flows long over,
+    // naming the backends, written where the datapath keeps them.
+    let pinned = MapData::from_pin(fixture.pins.join(CT_MAP)).expect("the pinned table");
+    let mut ct: HashMap<_, CtKey, CtEntry> =
+        HashMap::try_from(Map::LruHashMap(pinned)).expect("a hash map");
+    for i in 0..ENTRIES {
+        let [_, a, b, c] = i.to_be_bytes();
+        let key = CtKey {
+            saddr: u32::from_ne_bytes([10, 200 + a, b, c]),
+            daddr: u32::from_ne_bytes([10, 96, 0, 10]),
+            sport: 40_000u16.to_be(),
+            dport: 80u16.to_be(),
+            protocol: svc_common::proto::TCP,
+            _pad: [0; 3],
+        };
+        let entry = CtEntry {
+            saddr: key.saddr,
+            daddr: u32::from_ne_bytes([10, 244, 0, (i % 250) as u8]),
+            sport: key.sport,
+            dport: 8080u16.to_be(),
+            backend_id: 1 + i % ENDPOINTS,
+            ..CtEntry::default()
+        };
+        ct.insert(key, entry, 0).expect("insert");
+    }
+    let sweeps = metric_value(&netns, "svc_conntrack_sweeps_total{result=\"ok\"}");
+
+    // Every backend goes at once; /healthz answers throughout, and an
+    // edit made while the sweep runs is applied.
+    fs::write(fixture.dir.join("web.yaml"), web_with_endpoints(0)).expect("manifest");
+    let mut failures = Vec::new();
+    let mut edited = false;
+    let done = eventually(Duration::from_secs(20), || {
+        match get(&netns, "/healthz") {
+            Some((200, _)) => {}
+            other => failures.push(format!("{other:?}")),
+        }
+        if !edited && metric_value(&netns, "svc_backends ") == 0 {
+            fs::write(fixture.dir.join("web.yaml"), web(&[80, 81])).expect("manifest");
+            edited = true;
+        }
+        edited
+            && metric_value(&netns, "svc_frontends ") == 2
+            && metric_value(&netns, "svc_conntrack_sweeps_total{result=\"ok\"}") > sweeps
+    });
+    assert!(failures.is_empty(), "/healthz failed: {failures:?}");
+    assert!(done, "the removal, a sweep and the next edit all happen");
+    assert!(
+        metric_value(&netns, "svc_conntrack_removed_total{reason=\"expired\"}")
+            >= u64::from(ENTRIES),
+        "the sweep deleted the flows that were over"
+    );
 }

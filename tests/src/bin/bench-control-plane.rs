@@ -2,9 +2,12 @@
 //! → translation → applying to the maps), in process, on N services with
 //! 10 endpoints each. Measures the time to program them from cold, the
 //! latency from one EndpointSlice edit to the maps updated with 10,000
-//! services installed (p50 and p99 over 200 edits), and the process's
-//! resident memory. Writes `{"case", "services", "value", "unit"}` objects
-//! to the JSON file given with `--out`.
+//! services installed (p50 and p99 over 200 edits), the process's resident
+//! memory, and, with connection tracking full (the default 524,288
+//! entries, flows made by the pod program through `BPF_PROG_TEST_RUN`),
+//! removing 1,000 backends, sweeping, and an edit while the sweep runs.
+//! Writes `{"case", "services", "value", "unit"}` objects to the JSON file
+//! given with `--out`.
 
 use std::{
     fmt::Write as _,
@@ -14,12 +17,14 @@ use std::{
     time::{Duration, Instant},
 };
 
+use aya::programs::{TestRun as _, TestRunOptions};
 use svc_agent::{
-    datapath::{Capacities, Datapath, LoadOptions},
+    datapath::{Capacities, Datapath, FROM_POD_PROGRAM, LoadOptions, conntrack},
     model::{NodeInfo, Settings, Translator},
     source::manifests::Watch,
     sync::Applier,
 };
+use svc_common::ct::DEFAULT_CT_ENTRIES;
 
 const COLD_COUNTS: [u32; 3] = [1_000, 10_000, 50_000];
 const CHANGE_SERVICES: u32 = 10_000;
@@ -85,9 +90,13 @@ fn write_manifests(dir: &Path, services: u32) {
 }
 
 fn load(services: u32) -> Datapath {
+    load_with_ct(services, 65_536)
+}
+
+fn load_with_ct(services: u32, ct_entries: u32) -> Datapath {
     Datapath::load(&LoadOptions {
         capacities: Capacities {
-            ct_entries: 65_536,
+            ct_entries,
             services: (services * 2).next_power_of_two(),
             backends: services * ENDPOINTS + 1_024,
             maglev_slots: services * 1_021 + 4_096,
@@ -139,6 +148,123 @@ impl Agent {
             &report.errors[..report.errors.len().min(3)]
         );
     }
+}
+
+/// Services of the full-table case; 10 endpoints each, so a tenth of them
+/// losing every endpoint removes 1,000 backends.
+const FULL_SERVICES: u32 = 1_000;
+
+/// Fills connection tracking with real flows: SYNs from pod clients to
+/// every service, through the pod program. Returns how many ran.
+fn fill_connection_tracking(datapath: &Datapath, flows: u32) -> u32 {
+    let program = datapath
+        .tc_program(FROM_POD_PROGRAM)
+        .expect("the pod program");
+    let mut out = vec![0u8; 256];
+    for flow in 0..flows {
+        let [_, high, mid, low] = flow.to_be_bytes();
+        let port = 1_024 + (u16::from(mid) << 8 | u16::from(low)) % 60_000;
+        let client = Ipv4Addr::new(10, 200, high, mid);
+        let packet =
+            tests::packet::tcp4_syn((client, port), (cluster_ip(flow % FULL_SERVICES), 80));
+        program
+            .test_run(TestRunOptions {
+                data_in: Some(&packet),
+                data_out: Some(&mut out),
+                ..TestRunOptions::default()
+            })
+            .expect("BPF_PROG_TEST_RUN");
+    }
+    flows
+}
+
+/// With connection tracking full: removing 1,000 backends (the agent's
+/// time), the sweep that follows (on another thread), and an edit applied
+/// while it runs.
+fn full_table(dir: &Path, samples: &mut Vec<(String, u32, f64, &str)>) {
+    write_manifests(dir, FULL_SERVICES);
+    let mut datapath = load_with_ct(FULL_SERVICES, DEFAULT_CT_ENTRIES);
+    let mut agent = Agent::new(dir);
+    agent.sync(&mut datapath);
+    let started = Instant::now();
+    let flows = fill_connection_tracking(&datapath, DEFAULT_CT_ENTRIES / 2);
+    eprintln!(
+        "{flows} flows through the pod program in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    // A tenth of the services lose every endpoint: 1,000 backends go.
+    for first in (0..FULL_SERVICES / 10).step_by(PER_FILE as usize) {
+        let mut text = String::new();
+        for i in first..first + PER_FILE.min(FULL_SERVICES / 10 - first) {
+            let _ = write!(
+                text,
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: bench}}\n\
+                 spec:\n  clusterIP: {}\n  ports: [{{name: http, port: 80, targetPort: 8080}}]\n---\n",
+                cluster_ip(i)
+            );
+        }
+        fs::write(dir.join(format!("f{first:06}.yaml")), text).expect("edit");
+    }
+    let started = Instant::now();
+    agent.sync(&mut datapath);
+    let removal = started.elapsed().as_secs_f64() * 1e3;
+    let (_, backends) = agent.applier.sizes();
+    eprintln!(
+        "1,000 backends removed with connection tracking full in {removal:.1} ms ({backends} left)"
+    );
+    samples.push((
+        "remove_1000_backends_full_ct".to_owned(),
+        FULL_SERVICES,
+        removal,
+        "ms",
+    ));
+
+    // The sweep, on a thread of its own as in the agent, and an edit
+    // applied meanwhile.
+    let now = datapath.now_ns().expect("the datapath's clock");
+    let config = *datapath.config();
+    let pending = agent.applier.begin_sweep(datapath.maps_mut(), now, &config);
+    let maps = datapath
+        .maps()
+        .sweep_maps()
+        .try_clone()
+        .expect("sweep handles");
+    let plan = pending.plan.clone();
+    let sweep = std::thread::spawn(move || conntrack::sweep(&maps, &plan).expect("sweep"));
+    let service = FULL_SERVICES - 1;
+    let first = service - service % PER_FILE;
+    fs::write(
+        dir.join(format!("f{first:06}.yaml")),
+        file_text(first, PER_FILE, Some((service, 1))),
+    )
+    .expect("edit a slice");
+    let started = Instant::now();
+    agent.sync(&mut datapath);
+    let during = started.elapsed().as_secs_f64() * 1e3;
+    let swept = !sweep.is_finished();
+    let report = sweep.join().expect("the sweep thread");
+    agent
+        .applier
+        .finish_sweep(datapath.maps_mut(), &pending, &report);
+    eprintln!(
+        "sweep of {} entries ({} live flows) in {:.3} s; an edit {} it took {during:.1} ms",
+        report.entries,
+        report.flows,
+        report.elapsed.as_secs_f64(),
+        if swept { "during" } else { "after" },
+    );
+    samples.push((
+        "sweep_full_ct".to_owned(),
+        FULL_SERVICES,
+        report.elapsed.as_secs_f64(),
+        "s",
+    ));
+    samples.push((
+        "change_during_sweep".to_owned(),
+        FULL_SERVICES,
+        during,
+        "ms",
+    ));
 }
 
 /// A `/proc/self/status` memory field (`VmRSS`, `RssAnon`, ...), MiB.
@@ -221,6 +347,7 @@ fn main() {
             }
         }
     }
+    full_table(&dir, &mut samples);
     let _ = fs::remove_dir_all(&dir);
     let mut json = String::from("[\n");
     for (i, (case, services, value, unit)) in samples.iter().enumerate() {
