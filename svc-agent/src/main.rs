@@ -771,6 +771,14 @@ fn publish(
         snapshot.sweeps.entries as u64,
         u64::from(maps.ct_capacity()),
     ));
+    snapshot.fill.push((
+        svc_common::lb::AFFINITY_MAP,
+        snapshot.sweeps.affinity_entries as u64,
+        u64::from(maps.affinity_capacity()),
+    ));
+    let config = datapath.config();
+    snapshot.nat_port_range =
+        u64::from(config.nat_port_max.saturating_sub(config.nat_port_min)) + 1;
     snapshot.traffic = names
         .iter()
         .filter_map(|(frontend, service)| {

@@ -61,6 +61,8 @@ pub struct Snapshot {
     pub fill: Vec<(&'static str, u64, u64)>,
     /// Sweeps of connection tracking.
     pub sweeps: SweepStats,
+    /// Ports in the source-NAT range.
+    pub nat_port_range: u64,
 }
 
 fn escape(value: &str) -> String {
@@ -130,11 +132,12 @@ pub fn render(snapshot: &Snapshot) -> String {
 
     render_datapath(&mut out, snapshot);
     render_traffic(&mut out, snapshot);
-    render_sweeps(&mut out, &snapshot.sweeps);
+    render_sweeps(&mut out, snapshot);
     out
 }
 
-fn render_sweeps(out: &mut String, sweeps: &SweepStats) {
+fn render_sweeps(out: &mut String, snapshot: &Snapshot) {
+    let sweeps = &snapshot.sweeps;
     let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, String)]| {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
         for (labels, value) in samples {
@@ -174,6 +177,18 @@ fn render_sweeps(out: &mut String, sweeps: &SweepStats) {
             ),
             ("{reason=\"affinity\"}", sweeps.removed_affinity.to_string()),
         ],
+    );
+    #[expect(clippy::cast_precision_loss, reason = "a ratio")]
+    let nat_fill = if snapshot.nat_port_range == 0 {
+        0.0
+    } else {
+        sweeps.nat_ports_busiest as f64 / snapshot.nat_port_range as f64
+    };
+    metric(
+        "svc_nat_port_fill_ratio",
+        "gauge",
+        "Share of the source-NAT port range that live masqueraded flows hold toward the busiest backend at the last sweep (new flows to it are dropped at 1).",
+        &[("", nat_fill.to_string())],
     );
     metric(
         "svc_conntrack_sweep_seconds",
@@ -279,8 +294,10 @@ mod tests {
                 bytes: 180,
             }],
             fill: vec![("SVC_SERVICES_V1", 2, 8)],
+            nat_port_range: 4,
             ..Snapshot::default()
         };
+        snapshot.sweeps.nat_ports_busiest = 3;
         snapshot.sync_latency.observe(Duration::from_millis(3));
         let page = render(&snapshot);
         assert!(page.contains("svc_frontends 2\n"));
@@ -291,6 +308,7 @@ mod tests {
             "svc_frontend_packets_total{frontend=\"10.96.0.10:80/TCP\",service=\"ns/\\\"odd\\\"\"} 3\n"
         ));
         assert!(page.contains("svc_map_fill_ratio{map=\"SVC_SERVICES_V1\"} 0.25\n"));
+        assert!(page.contains("svc_nat_port_fill_ratio 0.75\n"));
         assert!(page.contains("svc_datapath_packets_total{counter=\"drop_no_backend\"} 0\n"));
     }
 }

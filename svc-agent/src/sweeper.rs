@@ -30,6 +30,10 @@ pub struct SweepStats {
     pub removed_expired: u64,
     pub removed_udp: u64,
     pub removed_affinity: u64,
+    /// Affinity entries the last sweep read.
+    pub affinity_entries: usize,
+    /// Ports of the NAT range held toward the busiest backend.
+    pub nat_ports_busiest: usize,
     /// Ids released and still named by live flows.
     pub reserved_backends: usize,
     pub reserved_frontends: usize,
@@ -43,8 +47,9 @@ pub struct Sweeper {
     wanted: bool,
     every: Duration,
     last_start: Option<Instant>,
-    /// When the table was last said to be full (warned once a minute).
-    last_full_warning: Option<Instant>,
+    /// When connection tracking, affinity and the NAT range were last said
+    /// to be full (each warned once a minute at most).
+    last_warnings: [Option<Instant>; 3],
     pub stats: SweepStats,
 }
 
@@ -66,6 +71,16 @@ pub fn nearly_full(entries: usize, capacity: usize, cpus: usize) -> bool {
 /// Between two warnings that the table is full.
 const WARN_EVERY: Duration = Duration::from_mins(1);
 
+/// Whether a warning last given at `last` may be given again, and if so
+/// notes that it is given now.
+fn due(last: &mut Option<Instant>) -> bool {
+    if last.is_some_and(|at| at.elapsed() < WARN_EVERY) {
+        return false;
+    }
+    *last = Some(Instant::now());
+    true
+}
+
 impl Sweeper {
     #[must_use]
     pub fn new(every: Duration) -> Self {
@@ -74,7 +89,7 @@ impl Sweeper {
             wanted: false,
             every,
             last_start: None,
-            last_full_warning: None,
+            last_warnings: [None; 3],
             stats: SweepStats::default(),
         }
     }
@@ -137,27 +152,41 @@ impl Sweeper {
         }
     }
 
-    /// Warns (once a minute at most) when connection tracking is nearly
-    /// full: the LRU then evicts flows that are still alive.
-    fn warn_if_full(&mut self, entries: usize, capacity: u32) {
-        let capacity = usize::try_from(capacity).unwrap_or(usize::MAX);
+    /// Warns (once a minute at most for each) when connection tracking or
+    /// affinity is nearly full, when the LRU evicts entries that are still
+    /// alive, and when the NAT range toward a backend nearly runs out.
+    fn warn_if_full(&mut self, report: &SweepReport, datapath: &Datapath) {
         let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
-        if !nearly_full(entries, capacity, cpus) {
-            return;
+        let maps = datapath.maps();
+        let capacity = usize::try_from(maps.ct_capacity()).unwrap_or(usize::MAX);
+        if nearly_full(report.entries, capacity, cpus) && due(&mut self.last_warnings[0]) {
+            warn!(
+                entries = report.entries,
+                capacity,
+                "connection tracking is {}% full: the least recently used flows, live ones included, are evicted, and an evicted TCP connection is reset if its service's table changed since; raise --ct-entries (two per flow)",
+                report.entries * 100 / capacity
+            );
         }
-        if self
-            .last_full_warning
-            .is_some_and(|last| last.elapsed() < WARN_EVERY)
+        let capacity = usize::try_from(maps.affinity_capacity()).unwrap_or(usize::MAX);
+        if nearly_full(report.affinity_entries, capacity, cpus) && due(&mut self.last_warnings[1]) {
+            warn!(
+                entries = report.affinity_entries,
+                capacity,
+                "session affinity is {}% full: the least recently used clients lose their backend; raise --affinity-entries (one per client and service)",
+                report.affinity_entries * 100 / capacity
+            );
+        }
+        let config = datapath.config();
+        let range = usize::from(config.nat_port_max.saturating_sub(config.nat_port_min)) + 1;
+        if report.nat_ports_busiest * 100 >= range * FULL_PERCENT && due(&mut self.last_warnings[2])
         {
-            return;
+            warn!(
+                ports = report.nat_ports_busiest,
+                range,
+                "masqueraded flows hold {}% of the NAT port range toward one backend: new ones to it are dropped when it is full (drop_nat_ports_exhausted); widen --nat-port-range",
+                report.nat_ports_busiest * 100 / range
+            );
         }
-        self.last_full_warning = Some(Instant::now());
-        warn!(
-            entries,
-            capacity,
-            "connection tracking is {}% full: the least recently used flows, live ones included, are evicted, and an evicted TCP connection is reset if its service's table changed since; raise --ct-entries (two per flow)",
-            entries * 100 / capacity
-        );
     }
 
     /// Takes the result of the sweep [`Sweeper::finished`] returned:
@@ -182,10 +211,12 @@ impl Sweeper {
                 stats.removed_expired += report.removed_expired as u64;
                 stats.removed_udp += report.removed_udp as u64;
                 stats.removed_affinity += report.removed_affinity as u64;
+                stats.affinity_entries = report.affinity_entries;
+                stats.nat_ports_busiest = report.nat_ports_busiest;
                 stats.reserved_backends = applier.retired_backends();
                 stats.reserved_frontends = datapath.maps_mut().frontend_ids().quarantined();
                 stats.last_duration = report.elapsed;
-                self.warn_if_full(report.entries, datapath.maps().ct_capacity());
+                self.warn_if_full(&report, datapath);
                 debug!(
                     entries = report.entries,
                     flows = report.flows,

@@ -378,6 +378,19 @@ fn masqueraded_connections_fill_the_whole_nat_range() {
             .packets
     };
     assert_eq!(exhausted(&cluster), 0, "no port ran out");
+    let datapath = cluster.nodes[0].datapath();
+    let plan = svc_agent::datapath::conntrack::SweepPlan {
+        now_ns: datapath.now_ns().expect("the datapath's clock"),
+        config: *datapath.config(),
+        ..Default::default()
+    };
+    let report = svc_agent::datapath::conntrack::sweep(datapath.maps().sweep_maps(), &plan)
+        .expect("a sweep");
+    assert_eq!(
+        report.nat_ports_busiest,
+        usize::from(connections),
+        "the sweep sees the range full (svc_nat_port_fill_ratio 1, and the agent warns)"
+    );
     // One more finds none.
     let err = cluster
         .external

@@ -90,6 +90,11 @@ pub struct SweepReport {
     pub removed_udp: usize,
     /// Affinity entries deleted.
     pub removed_affinity: usize,
+    /// Affinity entries read.
+    pub affinity_entries: usize,
+    /// Ports of the source-NAT range held toward the busiest backend (by
+    /// source address and protocol): the range runs out there first.
+    pub nat_ports_busiest: usize,
     /// Frontend ids that live flows name.
     pub frontends: HashSet<u32>,
     /// Backend ids that live flows name.
@@ -111,6 +116,9 @@ struct Judged {
     flows: usize,
     frontends: HashSet<u32>,
     backends: HashSet<BackendId>,
+    /// Live masqueraded flows toward the busiest (source address,
+    /// backend, protocol): the ports of the NAT range it holds.
+    nat_ports_busiest: usize,
 }
 
 /// The endpoint a flow's entry leads to: an original entry rewrites to
@@ -136,6 +144,8 @@ fn judge(snapshot: &[(CtKey, CtEntry)], plan: &SweepPlan, prune_udp: bool) -> Ju
             .filter(|peer| peer.is_peer_of(key))
     };
     let mut judged = Judged::default();
+    let mut nat_ports: HashMap<(u32, u32, u16, u8), usize> = HashMap::new();
+    let nat_range = plan.config.nat_port_min..=plan.config.nat_port_max;
     for (key, entry) in snapshot {
         let fresh = |e: &CtEntry| e.is_fresh(&plan.config, key.protocol, plan.now_ns);
         let live = fresh(entry) || peer_of(key, entry).is_some_and(fresh);
@@ -156,6 +166,13 @@ fn judge(snapshot: &[(CtKey, CtEntry)], plan: &SweepPlan, prune_udp: bool) -> Ju
         }
         if entry.flags & CT_F_REPLY == 0 {
             judged.flows += 1;
+            if entry.saddr != key.saddr && nat_range.contains(&u16::from_be(entry.sport)) {
+                let held = nat_ports
+                    .entry((entry.saddr, entry.daddr, entry.dport, key.protocol))
+                    .or_default();
+                *held += 1;
+                judged.nat_ports_busiest = judged.nat_ports_busiest.max(*held);
+            }
         }
         judged.frontends.insert(entry.service_id);
         judged.backends.insert(entry.backend_id);
@@ -234,6 +251,7 @@ pub fn sweep(maps: &SweepMaps, plan: &SweepPlan) -> io::Result<SweepReport> {
         flows: judged.flows,
         frontends: judged.frontends,
         backends: judged.backends,
+        nat_ports_busiest: judged.nat_ports_busiest,
         ..SweepReport::default()
     };
     drop(snapshot);
@@ -249,6 +267,7 @@ pub fn sweep(maps: &SweepMaps, plan: &SweepPlan) -> io::Result<SweepReport> {
         }
     }
     let affinity: Vec<(AffinityKey, AffinityValue)> = sys::dump(maps.affinity.as_fd())?;
+    report.affinity_entries = affinity.len();
     for (key, value) in affinity {
         let gone = !plan.frontends.contains_key(&key.service_id)
             || !plan.backends.contains(&value.backend_id);
@@ -399,6 +418,34 @@ mod tests {
             judged.frontends,
             HashSet::from([1, 2]),
             "the TCP flow keeps its removed frontend's id"
+        );
+    }
+
+    #[test]
+    fn nat_ports_are_counted_toward_the_busiest_backend() {
+        let node = ne(192, 168, 0, 1);
+        let masqueraded = |port: u16, nat_port: u16, be: u8| {
+            let mut entries = flow(proto::TCP, port, be, (1, u32::from(be)), 100);
+            entries[0].1.saddr = node;
+            entries[0].1.sport = nat_port.to_be();
+            entries
+        };
+        let snapshot = sorted(
+            [
+                masqueraded(40_000, 61_000, 5),
+                masqueraded(40_001, 61_001, 5),
+                masqueraded(40_002, 61_000, 6),
+                // Kept its own port, outside the range.
+                masqueraded(40_003, 40_003, 5),
+                flow(proto::TCP, 40_004, 5, (1, 5), 100),
+            ]
+            .concat(),
+        );
+        assert_eq!(judge(&snapshot, &plan(101), false).nat_ports_busiest, 2);
+        assert_eq!(
+            judge(&snapshot, &plan(10_000_000), false).nat_ports_busiest,
+            0,
+            "dead flows hold no port"
         );
     }
 

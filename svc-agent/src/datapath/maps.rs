@@ -61,6 +61,7 @@ pub struct Maps {
     addrs: Addrs,
     ct: HashMap<MapData, CtKey, CtEntry>,
     ct_capacity: u32,
+    affinity_capacity: u32,
     service_stats: PerCpuArray<MapData, CounterValue>,
     backend_stats: PerCpuArray<MapData, CounterValue>,
     source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
@@ -112,6 +113,10 @@ impl Maps {
             Map::LruHashMap(data) => data.info().map_err(map_error(CT_MAP))?.max_entries(),
             _ => 0,
         };
+        let affinity_capacity = match &affinity_map {
+            Map::LruHashMap(data) => data.info().map_err(map_error(AFFINITY_MAP))?.max_entries(),
+            _ => 0,
+        };
         let ct = HashMap::try_from(ct_map).map_err(map_error(CT_MAP))?;
         let service_stats = PerCpuArray::try_from(take(ebpf, SERVICE_STATS_MAP)?)
             .map_err(map_error(SERVICE_STATS_MAP))?;
@@ -136,6 +141,7 @@ impl Maps {
             addrs,
             ct,
             ct_capacity,
+            affinity_capacity,
             service_stats,
             backend_stats,
             source_ranges,
@@ -629,6 +635,12 @@ impl Maps {
     #[must_use]
     pub const fn ct_capacity(&self) -> u32 {
         self.ct_capacity
+    }
+
+    /// Capacity of session affinity (entries; one per client and service).
+    #[must_use]
+    pub const fn affinity_capacity(&self) -> u32 {
+        self.affinity_capacity
     }
 
     /// Slots of the Maglev array not owned by a table.
