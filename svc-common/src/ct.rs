@@ -131,6 +131,25 @@ pub struct FragValue {
 }
 assert_layout!(FragValue, size = 8, align = 4);
 
+/// Direct TCP connections pods opened (to anything but a service), an
+/// array of [`DIRECT_SLOTS`] [`CtKey`]s: the tuple the peer answers with,
+/// at slot [`direct_slot`]. A new service flow whose reply tuple is in its
+/// slot takes a port from the NAT range instead of its client's port, so
+/// the backend never sees two connections on one tuple. Written on SYNs
+/// only; a later SYN hashed to the same slot replaces the entry. A slot
+/// rather than an LRU hash: a SYN then costs a store, not an allocation.
+pub const DIRECT_MAP: &str = "SVC_DIRECT_V1";
+/// Slots of [`DIRECT_MAP`], a power of two.
+pub const DIRECT_SLOTS: u32 = 65_536;
+
+/// The slot of [`DIRECT_MAP`] for a tuple.
+#[inline]
+#[must_use]
+pub const fn direct_slot(key: &CtKey) -> u32 {
+    crate::hash::flow_hash(key.saddr, key.daddr, key.sport, key.dport, key.protocol)
+        & (DIRECT_SLOTS - 1)
+}
+
 impl_user_pod!(CtKey, CtEntry, FragKey, FragValue);
 
 /// How long a flow in the state `flags` lives without packets.

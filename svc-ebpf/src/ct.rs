@@ -7,13 +7,13 @@
 use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns};
 use svc_common::{
     config::DatapathConfig,
-    ct::{CT_F_CLOSING, CT_F_REPLY, CT_F_SEEN_REPLY, CtEntry, CtKey, REFRESH_NS},
+    ct::{CT_F_CLOSING, CT_F_REPLY, CT_F_SEEN_REPLY, CtEntry, CtKey, REFRESH_NS, direct_slot},
     proto,
 };
 
 use crate::{
-    maps::SVC_CT_V1,
-    parse::{TCP_FIN, TCP_RST, TCP_SYN},
+    maps::{SVC_CT_V1, SVC_DIRECT_V1},
+    parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
 /// Monotonic time at tick resolution (timeouts are seconds): jiffies
@@ -176,4 +176,30 @@ pub fn retire_reply(key: &CtKey, kept: &CtKey) {
             let _ = SVC_CT_V1.remove(&reply_key);
         }
     }
+}
+
+/// Remembers a direct TCP connection a pod is opening (`key`: its first
+/// SYN), by the tuple its peer answers with, which a service flow must not
+/// take as its reply tuple ([`direct_holds`]). Other packets cost nothing.
+#[inline(always)]
+pub fn remember_direct(key: &CtKey, tcp_flags: u8) {
+    if key.protocol == proto::TCP && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+        let answer = key.reversed();
+        if let Some(slot) = SVC_DIRECT_V1.get_ptr_mut(direct_slot(&answer)) {
+            // SAFETY: an array slot, valid for this run. A write racing
+            // another CPU's may leave a mix of two keys, which matches
+            // neither: at worst a service flow keeps a port it should
+            // have moved from, as if the SYN had not been seen.
+            unsafe { *slot = answer };
+        }
+    }
+}
+
+/// Whether a direct connection a pod opened answers with `reply_key`.
+#[inline(always)]
+pub fn direct_holds(reply_key: &CtKey) -> bool {
+    reply_key.protocol == proto::TCP
+        && SVC_DIRECT_V1
+            .get(direct_slot(reply_key))
+            .is_some_and(|held| held == reply_key)
 }

@@ -11,7 +11,9 @@ use aya_ebpf::{
 };
 use svc_common::{
     config::{DatapathConfig, DatapathMeta},
-    ct::{CtEntry, CtKey, DEFAULT_CT_ENTRIES, DEFAULT_FRAG_ENTRIES, FragKey, FragValue},
+    ct::{
+        CtEntry, CtKey, DEFAULT_CT_ENTRIES, DEFAULT_FRAG_ENTRIES, DIRECT_SLOTS, FragKey, FragValue,
+    },
     lb::{
         AddrInfo, AffinityKey, AffinityValue, Backend, BackendId, CIDR_SETS, CidrSet,
         DEFAULT_MAGLEV_SLOTS, DEFAULT_MAX_AFFINITY, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES,
@@ -92,6 +94,10 @@ pub static SVC_MEMBERS_V1: HashMap<MemberKey, u32> =
 #[map]
 pub static SVC_CT_V1: LruHashMap<CtKey, CtEntry> =
     LruHashMap::with_max_entries(DEFAULT_CT_ENTRIES, 0);
+
+/// `svc_common::ct::DIRECT_MAP`.
+#[map]
+pub static SVC_DIRECT_V1: Array<CtKey> = Array::with_max_entries(DIRECT_SLOTS, 0);
 
 /// Scratch space of a NAT port scan (`nat::NatScan`), one per CPU; not
 /// shared with the agent.

@@ -183,7 +183,8 @@ pub fn reply_key(forward: &CtEntry, protocol: u8) -> CtKey {
 
 /// Claims the reply entry of a new flow whose packets become `new`
 /// (original tuple `original`). The source port is kept if its reply tuple
-/// is free; otherwise, or when `must_move` (source NAT to the node, where
+/// is free, of flows and of direct connections the client opened;
+/// otherwise, or when `must_move` (source NAT to the node, where
 /// the client's port means nothing), a port from the NAT range is taken.
 /// On success `new.sport` holds the port and the reply entry is in place.
 #[inline(always)]
@@ -196,7 +197,10 @@ pub fn claim_reply(
     now: u64,
 ) -> bool {
     let mut reply_key = reply_key(new, original.protocol);
-    if !must_move && try_claim(config, original, &reply_key, reply, now) {
+    if !must_move
+        && !ct::direct_holds(&reply_key)
+        && try_claim(config, original, &reply_key, reply, now)
+    {
         return true;
     }
     let range = u32::from(config.nat_port_max.saturating_sub(config.nat_port_min)) + 1;

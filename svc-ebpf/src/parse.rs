@@ -78,6 +78,7 @@ pub const IPV4_MIN_HLEN: usize = size_of::<Ipv4Hdr>();
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
 
 /// Headers the programs read lie within this many bytes of the frame's
 /// start (Ethernet, IPv4 with options, an ICMP error's quote).

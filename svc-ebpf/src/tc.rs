@@ -157,6 +157,9 @@ fn translate(ctx: &TcContext, hook: Hook) -> Result<Verdict, i32> {
             // so the rest of that connection is not translated either.
             // SAFETY: as above.
             ct::end_flow(&key, unsafe { &*entry });
+            if hook == Hook::Pod {
+                ct::remember_direct(&key, l4.tcp_flags);
+            }
             return Ok(Verdict::Action(TC_ACT_OK));
         }
         // A dead flow's original entry: a new flow takes its key below.
@@ -184,7 +187,12 @@ fn translate(ctx: &TcContext, hook: Hook) -> Result<Verdict, i32> {
         }
         Destination::UnknownPort => Ok(refusal(&packet, len, true)),
         Destination::Unallocated => Err(drop(Counter::DropUnallocatedServiceIp, len)),
-        Destination::Other => Ok(Verdict::Action(TC_ACT_OK)),
+        Destination::Other => {
+            if hook == Hook::Pod {
+                ct::remember_direct(&key, l4.tcp_flags);
+            }
+            Ok(Verdict::Action(TC_ACT_OK))
+        }
     }
 }
 

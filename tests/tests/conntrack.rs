@@ -76,6 +76,42 @@ fn a_direct_connection_from_the_port_a_service_connection_used_is_left_alone() {
     }
 }
 
+#[test]
+fn a_service_connection_from_the_port_of_an_open_direct_connection_takes_another() {
+    let mut cluster = Cluster::new(Options::default());
+    cluster.nodes[0].add_pod("z", 5);
+    cluster.nodes[0].add_pod("a", 2).serve_tcp(8080);
+    cluster.nodes[1].add_pod("b", 2).serve_tcp(8080);
+    let z = cluster.pod("z").addr;
+    for (backend, port) in [("a", 40_300), ("b", 40_400)] {
+        cluster.apply(
+            &[Frontend::tcp(CLUSTER_IP, 80)],
+            &ServicePolicy::default(),
+            &[(backend, 8080)],
+        );
+        let backend_addr = addr(cluster.pod(backend).addr, 8080);
+        // A peer connection the datapath does not translate, left open.
+        let mut direct = cluster
+            .pod("z")
+            .connect_from(port, backend_addr)
+            .unwrap_or_else(|err| panic!("{backend}: direct: {err}"));
+        let answer =
+            read_answer(&direct, TIMEOUT).unwrap_or_else(|err| panic!("{backend}: direct: {err}"));
+        assert_eq!(answer.peer, SocketAddr::V4(addr(z, port)));
+        // The service connection from the same port would reach the
+        // backend on the direct connection's tuple: it takes another port.
+        let (name, peer) = exchange(&cluster, port, addr(CLUSTER_IP, 80), "through the service");
+        assert_eq!(name, backend);
+        assert_eq!(peer.ip(), z, "{backend}: the client's address is kept");
+        assert_ne!(peer.port(), port, "{backend}: a port of the NAT range");
+        direct.write_all(b"ping\n").expect("write");
+        let mut buf = [0u8; 5];
+        direct
+            .read_exact(&mut buf)
+            .unwrap_or_else(|err| panic!("{backend}: the direct connection goes on: {err}"));
+    }
+}
+
 /// `name`: a ClusterIP service on `ip` port 80 (session affinity if
 /// `sticky`), and its slice with `pods` (from a, on node1, and b, on
 /// node2).

@@ -18,7 +18,7 @@ use aya::{
 use aya_log::EbpfLogger;
 use svc_common::{
     config::{CONFIG_GLOBAL, DatapathConfig, DatapathMeta, META_F_CLOCK, META_MAP},
-    ct::{CT_MAP, CtEntry, CtKey, DEFAULT_CT_ENTRIES, FRAG_MAP},
+    ct::{CT_MAP, CtEntry, CtKey, DEFAULT_CT_ENTRIES, DIRECT_MAP, FRAG_MAP},
     lb::{
         ADDRS_MAP, AFFINITY_MAP, BACKEND_STATS_MAP, BACKENDS_MAP, CIDRS_MAP, DEFAULT_MAGLEV_SLOTS,
         DEFAULT_MAX_AFFINITY, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, MAGLEV_MAP,
@@ -69,6 +69,7 @@ const REQUIRED_MAPS: &[&str] = &[
     SOCK_REVNAT_MAP,
     SOURCE_RANGES_MAP,
     FRAG_MAP,
+    DIRECT_MAP,
 ];
 
 /// Level of the eBPF programs' own log lines (aya-log), fixed at load time.

@@ -233,6 +233,21 @@ fn cases(client_port: u16) -> Vec<Case> {
             new_flows: false,
         },
         Case {
+            // A pod opening a connection to another pod: remembered, so a
+            // service flow never takes its tuple (`SVC_DIRECT_V1`).
+            name: "non_service_syn",
+            program: FROM_POD_PROGRAM,
+            packet: packet::tcp4(
+                client,
+                (Ipv4Addr::new(10, 244, 3, 3), 80),
+                TcpFlags::Syn,
+                &[],
+            ),
+            warmup: Vec::new(),
+            counter: Some(Counter::Ipv4Tcp),
+            new_flows: false,
+        },
+        Case {
             name: "cluster_ip_new_flow",
             program: FROM_POD_PROGRAM,
             packet: packet::tcp4(client, (HOT, 80), TcpFlags::Syn, &[]),
