@@ -47,6 +47,15 @@ impl Answer {
         Self { name, port, peer }
     }
 
+    /// The client's IPv4 address as the backend saw it.
+    #[must_use]
+    pub fn peer_ip(&self) -> std::net::Ipv4Addr {
+        match self.peer {
+            SocketAddr::V4(peer) => *peer.ip(),
+            SocketAddr::V6(peer) => panic!("an IPv6 peer {peer}"),
+        }
+    }
+
     fn line(name: &str, port: u16, peer: SocketAddr) -> String {
         format!("{name} {port} {peer}\n")
     }

@@ -7,7 +7,7 @@ use std::{
     collections::{BTreeSet, HashMap},
     fmt::Write as _,
     io::{ErrorKind, Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket},
+    net::{Ipv4Addr, SocketAddrV4, TcpStream, UdpSocket},
     thread,
     time::Duration,
 };
@@ -390,14 +390,6 @@ fn a_deleted_service_lets_tcp_finish_and_clears_udp() {
     );
 }
 
-/// Which address backend `a` sees for a connection from `client`.
-fn peer_seen(answer: &Answer) -> Ipv4Addr {
-    match answer.peer {
-        SocketAddr::V4(peer) => *peer.ip(),
-        SocketAddr::V6(peer) => panic!("an IPv6 peer {peer}"),
-    }
-}
-
 #[test]
 fn a_client_routed_to_a_cluster_ip_is_masqueraded_and_reaches_every_backend() {
     let mut cluster = cluster(Options::default());
@@ -414,7 +406,7 @@ fn a_client_routed_to_a_cluster_ip_is_masqueraded_and_reaches_every_backend() {
         let answer = read_answer(&stream, TIMEOUT)
             .unwrap_or_else(|err| panic!("connection {i} from outside: answer: {err}"));
         assert_eq!(
-            peer_seen(&answer),
+            answer.peer_ip(),
             node1,
             "{}: the backend sees the node, so its replies come back through it",
             answer.name
@@ -431,7 +423,7 @@ fn a_client_routed_to_a_cluster_ip_is_masqueraded_and_reaches_every_backend() {
         .pod("z")
         .ask(addr(CLUSTER_IP, 80))
         .expect("from a pod");
-    assert_eq!(peer_seen(&answer), cluster.pod("z").addr);
+    assert_eq!(answer.peer_ip(), cluster.pod("z").addr);
 }
 
 /// Connects from the external client's `STRAY_POD_ADDR` to backend `a`
@@ -442,7 +434,7 @@ fn peer_of_stray_client(cluster: &Cluster, port: u16) -> Ipv4Addr {
         .ns
         .run(|| connect_from(addr(STRAY_POD_ADDR, port), addr(CLUSTER_IP, 80)))
         .expect("connection from the stray pod address");
-    peer_seen(&read_answer(&stream, TIMEOUT).expect("answer"))
+    read_answer(&stream, TIMEOUT).expect("answer").peer_ip()
 }
 
 /// A cluster whose only `web` backend is `a` (node1), with the external
@@ -515,16 +507,12 @@ fn local_traffic_is_told_by_interface_cluster_cidr_or_node_cidr() {
         let node1 = cluster.nodes[0].addr;
         let z = cluster.pod("z");
         let answer = z.ask(addr(CLUSTER_IP, 80)).expect("from a pod");
-        assert_eq!(
-            peer_seen(&answer),
-            z.addr,
-            "{mode}: a pod keeps its address"
-        );
+        assert_eq!(answer.peer_ip(), z.addr, "{mode}: a pod keeps its address");
         let answer = cluster
             .external
             .ask(addr(CLUSTER_IP, 80))
             .expect("from outside");
-        assert_eq!(peer_seen(&answer), node1, "{mode}: outside is masqueraded");
+        assert_eq!(answer.peer_ip(), node1, "{mode}: outside is masqueraded");
         let port = 42_000 + u16::try_from(index).expect("few cases");
         let expected = if stray_is_local {
             STRAY_POD_ADDR
@@ -551,12 +539,12 @@ fn masquerade_all_hides_every_client_of_a_cluster_ip() {
         .pod("z")
         .ask(addr(CLUSTER_IP, 80))
         .expect("from a pod");
-    assert_eq!(peer_seen(&answer), node1, "a pod is masqueraded too");
+    assert_eq!(answer.peer_ip(), node1, "a pod is masqueraded too");
     let answer = cluster
         .external
         .ask(addr(CLUSTER_IP, 80))
         .expect("from outside");
-    assert_eq!(peer_seen(&answer), node1);
+    assert_eq!(answer.peer_ip(), node1);
 }
 
 #[test]

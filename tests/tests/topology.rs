@@ -60,13 +60,6 @@ fn addr(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(ip, port)
 }
 
-fn peer_ip(answer: &Answer) -> Ipv4Addr {
-    match answer.peer {
-        SocketAddr::V4(peer) => *peer.ip(),
-        SocketAddr::V6(peer) => panic!("IPv6 peer {peer}"),
-    }
-}
-
 #[test]
 fn pods_reach_a_cluster_ip_over_tcp_and_udp_spread_over_local_and_remote_backends() {
     let mut cluster = cluster(Options::default());
@@ -89,7 +82,7 @@ fn pods_reach_a_cluster_ip_over_tcp_and_udp_spread_over_local_and_remote_backend
             .ask(addr(CLUSTER_IP, 80))
             .unwrap_or_else(|err| panic!("connection {i} to the ClusterIP: {err}"));
         assert_eq!(
-            peer_ip(&answer),
+            answer.peer_ip(),
             client.addr,
             "the backend must see the client pod's own address (no SNAT for ClusterIP)"
         );
@@ -119,7 +112,7 @@ fn pods_reach_a_cluster_ip_over_tcp_and_udp_spread_over_local_and_remote_backend
             .unwrap_or_else(|err| panic!("UDP question {i} to the ClusterIP: {err}"));
         assert_eq!(from, SocketAddr::from(addr(CLUSTER_IP, 53)), "reply source");
         assert_eq!(
-            peer_ip(&answer),
+            answer.peer_ip(),
             client.addr,
             "UDP keeps the client address"
         );
@@ -270,7 +263,7 @@ fn node_port_with_traffic_policy_cluster_masquerades_and_works_from_either_node(
         let answers = ask_from_outside(&cluster, addr(node_addr, NODE_PORT), 30);
         for answer in &answers {
             assert_eq!(
-                peer_ip(answer),
+                answer.peer_ip(),
                 node_addr,
                 "the backend sees the node's address (masquerade)"
             );
@@ -304,7 +297,7 @@ fn node_port_with_traffic_policy_local_keeps_the_source_and_uses_only_local_back
     for answer in ask_from_outside(&cluster, addr(node1, NODE_PORT), 10) {
         assert_eq!(answer.name, "a");
         assert_eq!(
-            peer_ip(&answer),
+            answer.peer_ip(),
             cluster.external.addr,
             "the client's own address"
         );
@@ -347,7 +340,7 @@ fn external_ips_and_load_balancer_ips_behave_like_node_ports() {
             );
         }
         assert!(
-            answers.iter().all(|a| peer_ip(a) == node1),
+            answers.iter().all(|a| a.peer_ip() == node1),
             "{ip}: masqueraded to node1"
         );
     }
@@ -365,7 +358,7 @@ fn external_ips_and_load_balancer_ips_behave_like_node_ports() {
     );
     for answer in ask_from_outside(&cluster, addr(LB_IP, 80), 10) {
         assert_eq!(answer.name, "a", "only node1's own backend");
-        assert_eq!(peer_ip(&answer), cluster.external.addr);
+        assert_eq!(answer.peer_ip(), cluster.external.addr);
     }
 }
 
@@ -562,7 +555,7 @@ fn a_pod_reaching_itself_through_its_service_gets_a_working_connection() {
     let answer = read_answer(&stream, TIMEOUT).expect("answer");
     assert_eq!(answer.name, "a");
     assert_eq!(
-        peer_ip(&answer),
+        answer.peer_ip(),
         node1,
         "hairpin traffic comes from the node"
     );
@@ -602,7 +595,7 @@ fn one_backend_behind_two_services_answers_each_client_from_what_it_used() {
             let (answer, from) = ask_udp(&socket, addr(service, 53))
                 .unwrap_or_else(|err| panic!("round {round}, {service}: {err}"));
             assert_eq!(answer.name, "b");
-            assert_eq!(peer_ip(&answer), client.addr, "the backend sees the client");
+            assert_eq!(answer.peer_ip(), client.addr, "the backend sees the client");
             assert_eq!(
                 from,
                 SocketAddr::from(addr(service, 53)),
