@@ -46,9 +46,11 @@ fn problem(object: String, message: String) -> Problem {
 }
 
 /// Parses every document of `text` (from `origin`, for messages) into
-/// `parsed`. A document that does not parse is reported and skipped;
+/// `parsed`. An object that does not decode is reported and skipped;
 /// kinds other than Service, EndpointSlice, Endpoints and List are ignored.
-pub fn parse(text: &str, origin: &str, parsed: &mut Parsed, problems: &mut Vec<Problem>) {
+/// Returns `false` when the text is not YAML (reported; the documents
+/// after the error are lost).
+pub fn parse(text: &str, origin: &str, parsed: &mut Parsed, problems: &mut Vec<Problem>) -> bool {
     for (index, document) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
         let where_ = format!("{origin}, document {}", index + 1);
         match serde_yaml_ng::Value::deserialize(document) {
@@ -58,14 +60,12 @@ pub fn parse(text: &str, origin: &str, parsed: &mut Parsed, problems: &mut Vec<P
                 // The stream cannot resume after a syntax error (the
                 // iterator would repeat it forever): the rest of the file
                 // is skipped.
-                problems.push(problem(
-                    where_,
-                    format!("not YAML: {err}; the rest of the file is skipped"),
-                ));
-                break;
+                problems.push(problem(where_, format!("not YAML: {err}")));
+                return false;
             }
         }
     }
+    true
 }
 
 fn add_value(
@@ -299,6 +299,11 @@ struct CachedFile {
     hash: u64,
     parsed: Parsed,
     problems: Vec<Problem>,
+    /// The whole file parsed (its objects are a good read to keep).
+    whole: bool,
+    /// Why the file's latest read was not used (it did not read whole
+    /// since `parsed` was read).
+    failed: Vec<Problem>,
 }
 
 fn content_hash(content: &[u8]) -> u64 {
@@ -306,6 +311,26 @@ fn content_hash(content: &[u8]) -> u64 {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     content.hash(&mut hasher);
     hasher.finish()
+}
+
+/// A manifest file's objects, what was wrong with it, and whether it read
+/// whole (not empty, UTF-8, YAML).
+fn parse_file(content: Vec<u8>, origin: &str) -> (Parsed, Vec<Problem>, bool) {
+    let mut parsed = Parsed::default();
+    let mut problems = Vec::new();
+    let whole = if content.is_empty() {
+        // An editor saving in place truncates first.
+        problems.push(problem(origin.to_owned(), "empty".to_owned()));
+        false
+    } else if let Ok(text) = String::from_utf8(content) {
+        parse(&text, origin, &mut parsed, &mut problems)
+    } else {
+        problems.push(problem(origin.to_owned(), "not UTF-8".to_owned()));
+        false
+    };
+    default_namespaces(&mut parsed);
+    strip(&mut parsed);
+    (parsed, problems, whole)
 }
 
 /// A watched manifest directory: [`Watch::poll`] says whether a file was
@@ -436,33 +461,52 @@ impl Watch {
                 continue;
             }
             let origin = path.display().to_string();
-            let (hash, parsed, problems) = match fs::read(&path) {
+            let (hash, parsed, mut problems, whole) = match fs::read(&path) {
                 Ok(content) => {
                     let hash = content_hash(&content);
                     if let Some(cached) = self.files.get_mut(&path)
                         && cached.hash == hash
                     {
                         (cached.modified, cached.len) = (modified, len);
+                        if !cached.failed.is_empty() {
+                            // Back to what was last read whole.
+                            cached.failed.clear();
+                            changed = true;
+                        }
                         continue;
                     }
-                    let mut parsed = Parsed::default();
-                    let mut problems = Vec::new();
-                    match String::from_utf8(content) {
-                        Ok(text) => parse(&text, &origin, &mut parsed, &mut problems),
-                        Err(_) => problems.push(problem(origin, "not UTF-8".to_owned())),
-                    }
-                    default_namespaces(&mut parsed);
-                    strip(&mut parsed);
-                    (hash, parsed, problems)
+                    let (parsed, problems, whole) = parse_file(content, &origin);
+                    (hash, parsed, problems, whole)
                 }
                 // Removed between listing and reading: gone next poll.
                 Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
                 Err(err) => (
                     0,
                     Parsed::default(),
-                    vec![problem(origin, format!("unreadable: {err}"))],
+                    vec![problem(origin.clone(), format!("unreadable: {err}"))],
+                    false,
                 ),
             };
+            // A file caught half-written (or unreadable for a moment)
+            // keeps the objects of its last good read; only its removal
+            // takes them away.
+            // Read again at every poll (its size and time are not taken)
+            // until it reads whole.
+            if !whole
+                && let Some(cached) = self.files.get_mut(&path)
+                && cached.whole
+            {
+                for problem in &mut problems {
+                    problem
+                        .message
+                        .push_str("; its objects as last read are kept");
+                }
+                if cached.failed != problems {
+                    cached.failed = problems;
+                    changed = true;
+                }
+                continue;
+            }
             if let Some(old) = self.files.remove(&path) {
                 self.index(&path, &old.parsed, false);
             }
@@ -475,6 +519,8 @@ impl Watch {
                     hash,
                     parsed,
                     problems,
+                    whole,
+                    failed: Vec::new(),
                 },
             );
             changed = true;
@@ -520,7 +566,9 @@ impl Watch {
 
     /// What could not be read or parsed.
     pub fn problems(&self) -> impl Iterator<Item = &Problem> {
-        self.files.values().flat_map(|f| &f.problems)
+        self.files
+            .values()
+            .flat_map(|f| f.problems.iter().chain(&f.failed))
     }
 }
 
@@ -551,6 +599,77 @@ impl Inputs for Watch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_file_caught_half_written_keeps_its_objects_until_it_is_removed() {
+        let dir = std::env::temp_dir().join(format!("svc-watch-half-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("temp dir");
+        let file = dir.join("web.yaml");
+        let good = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\n\
+                    spec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}\n";
+        fs::write(&file, good).expect("write");
+        let mut watch = Watch::new(&dir);
+        assert!(watch.poll().expect("readable"));
+        let names = |watch: &Watch| -> Vec<String> {
+            watch
+                .services()
+                .filter_map(|s| s.metadata.name.clone())
+                .collect()
+        };
+        assert_eq!(names(&watch), ["web"]);
+        watch.take_dirty();
+        for (what, content) in [
+            ("empty", &b""[..]),
+            (
+                "not YAML",
+                &b"apiVersion: v1\nkind: Service\nmetadata: {name: web"[..],
+            ),
+            ("not UTF-8", &b"\xff\xfe"[..]),
+        ] {
+            fs::write(&file, content).expect("write");
+            assert!(
+                watch.poll().expect("readable"),
+                "{what}: the problem is news"
+            );
+            assert_eq!(names(&watch), ["web"], "{what}: the last good read stays");
+            assert!(watch.take_dirty().is_empty(), "{what}: no service changed");
+            let problems: Vec<String> = watch.problems().map(ToString::to_string).collect();
+            assert!(
+                problems
+                    .iter()
+                    .any(|p| p.contains(what) && p.contains("kept")),
+                "{what}: reported: {problems:?}"
+            );
+            assert!(
+                !watch.poll().expect("readable"),
+                "{what}: read again, no news"
+            );
+        }
+        fs::write(&file, good).expect("write");
+        assert!(watch.poll().expect("readable"), "back to the good read");
+        assert_eq!(watch.problems().count(), 0);
+        fs::write(&file, good.replace("web", "api")).expect("write");
+        assert!(watch.poll().expect("readable"));
+        assert_eq!(names(&watch), ["api"], "a whole new read replaces it");
+        fs::write(
+            dir.join("new.yaml"),
+            format!("{}---\n{{ broken", good.replace("web", "new")),
+        )
+        .expect("write");
+        assert!(watch.poll().expect("readable"));
+        let mut all = names(&watch);
+        all.sort();
+        assert_eq!(
+            all,
+            ["api", "new"],
+            "a new file serves what parsed before its error"
+        );
+        fs::remove_file(&file).expect("remove");
+        assert!(watch.poll().expect("readable"));
+        assert_eq!(names(&watch), ["new"], "removal takes the objects away");
+        let _ = fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn the_watch_keeps_objects_without_managed_fields_and_annotations() {
