@@ -10,6 +10,7 @@ use svc_agent::{
 use svc_common::{
     ct::DEFAULT_CT_ENTRIES,
     lb::{DEFAULT_MAGLEV_SLOTS, DEFAULT_MAX_AFFINITY},
+    maglev::MAX_TABLE_SIZE,
 };
 
 #[derive(Parser)]
@@ -125,7 +126,7 @@ pub struct RunArgs {
     pub kubeconfig: Option<PathBuf>,
     /// After a Kubernetes change, wait this long for more before applying,
     /// so a burst is applied once (never longer than ten times this in all).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(0..=10_000))]
     pub debounce_ms: u64,
     /// This node's name, to tell local endpoints (`nodeName`) from remote
     /// ones. Defaults to the host name.
@@ -203,13 +204,13 @@ pub struct RunArgs {
     #[arg(long)]
     pub no_host_sockets: bool,
     /// Connection-tracking entries (two per flow).
-    #[arg(long, default_value_t = DEFAULT_CT_ENTRIES)]
+    #[arg(long, default_value_t = DEFAULT_CT_ENTRIES, value_parser = clap::value_parser!(u32).range(256..=(1 << 27)))]
     pub ct_entries: u32,
     /// Session-affinity entries.
-    #[arg(long, default_value_t = DEFAULT_MAX_AFFINITY)]
+    #[arg(long, default_value_t = DEFAULT_MAX_AFFINITY, value_parser = clap::value_parser!(u32).range(256..=(1 << 24)))]
     pub affinity_entries: u32,
-    /// Slots of the shared Maglev array.
-    #[arg(long, default_value_t = DEFAULT_MAGLEV_SLOTS)]
+    /// Slots of the shared Maglev array (at least one largest table).
+    #[arg(long, default_value_t = DEFAULT_MAGLEV_SLOTS, value_parser = clap::value_parser!(u32).range(i64::from(MAX_TABLE_SIZE)..=(1 << 28)))]
     pub maglev_slots: u32,
     /// bpffs directory for the maps and links, so the datapath outlives the
     /// agent and a restart adopts it (connections survive).
@@ -222,6 +223,42 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value_t = BpfLogLevel::Off)]
     pub bpf_log_level: BpfLogLevel,
     /// Seconds between counter reports in the log.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub stats_interval_secs: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::Cli;
+
+    fn run_with(flags: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(["svc-agent", "run"].iter().chain(flags))
+    }
+
+    #[test]
+    fn sizes_and_intervals_out_of_range_are_refused_by_name() {
+        for flags in [
+            ["--ct-entries", "0"],
+            ["--ct-entries", "4294967295"],
+            ["--affinity-entries", "1"],
+            ["--maglev-slots", "1000"],
+            ["--stats-interval-secs", "0"],
+            ["--ct-sweep-interval-secs", "0"],
+            ["--debounce-ms", "3600000"],
+        ] {
+            let err = run_with(&flags)
+                .err()
+                .unwrap_or_else(|| panic!("{flags:?} accepted"));
+            assert_eq!(
+                err.kind(),
+                clap::error::ErrorKind::ValueValidation,
+                "{flags:?}"
+            );
+            assert!(err.to_string().contains(flags[0]), "{flags:?}: {err}");
+        }
+        assert!(run_with(&["--ct-entries", "256", "--maglev-slots", "65537"]).is_ok());
+        assert!(run_with(&[]).is_ok(), "the defaults are in range");
+    }
 }

@@ -114,6 +114,10 @@ fn load_datapath(args: &RunArgs) -> Result<Datapath> {
         .or_else(|| args.node_addrs.first().copied())
     {
         config.masq_addr = u32::from_ne_bytes(addr.octets());
+    } else {
+        warn!(
+            "no masquerade address (--node-addr or --masquerade-addr): hairpinned and masqueraded flows are dropped (drop_no_snat_addr)"
+        );
     }
     if !args.no_host_sockets {
         config.host_netns_cookie =

@@ -32,6 +32,8 @@ struct Fixture {
     dir: PathBuf,
     pins: PathBuf,
     state: PathBuf,
+    /// The agent's log (its standard output), shown if the test fails.
+    log: PathBuf,
     agent: Option<Child>,
 }
 
@@ -50,6 +52,13 @@ impl Drop for Fixture {
             .status();
         let _ = fs::remove_dir_all(&self.dir);
         let _ = fs::remove_file(&self.state);
+        if thread::panicking() {
+            eprintln!(
+                "the agent's log:\n{}",
+                fs::read_to_string(&self.log).unwrap_or_default()
+            );
+        }
+        let _ = fs::remove_file(&self.log);
     }
 }
 
@@ -133,6 +142,7 @@ impl Fixture {
             dir: std::env::temp_dir().join(format!("svcbin-manifests-{name}-{id}")),
             pins: PathBuf::from(format!("/sys/fs/bpf/svcbin-{name}-{id}")),
             state: std::env::temp_dir().join(format!("svcbin-state-{name}-{id}.json")),
+            log: std::env::temp_dir().join(format!("svcbin-log-{name}-{id}.txt")),
             agent: None,
         };
         assert!(
@@ -168,6 +178,7 @@ impl Fixture {
                 .arg(&fixture.pins)
                 .arg("--state-file")
                 .arg(&fixture.state)
+                .stdout(File::create(&fixture.log).expect("log file"))
                 .spawn()
                 .expect("start svc-agent"),
         );
@@ -185,6 +196,12 @@ impl Fixture {
 fn run_serves_manifests_metrics_and_inspection() {
     let mut fixture = Fixture::start("run", &web(&[80]), &[]);
     let netns = fixture.netns.clone();
+    assert!(
+        fs::read_to_string(&fixture.log)
+            .expect("the log")
+            .contains("no masquerade address"),
+        "without --node-addr the agent says masquerading cannot work"
+    );
     assert_eq!(get(&netns, "/healthz").map(|(s, _)| s), Some(200));
     assert_eq!(get(&netns, "/nope").map(|(s, _)| s), Some(404));
     assert_eq!(

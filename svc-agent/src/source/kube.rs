@@ -232,7 +232,8 @@ impl KubeSource {
                 service: served_by(slice),
             },
         );
-        let own = watcher::Config::default().fields(&format!("metadata.name={node_name}"));
+        let own = watcher::Config::default()
+            .fields(&format!("metadata.name={}", escape_field_value(node_name)));
         let nodes = watch(Api::all(client.clone()), own, Kind::Node, &tx, |_| {
             Change::Node
         });
@@ -595,6 +596,20 @@ pub fn node_addresses(node: &Node) -> Vec<Ipv4Addr> {
     addrs
 }
 
+/// A value for a field selector, escaped as the API server reads it
+/// (apimachinery's `fields.EscapeValue`): a node name taken from the host
+/// name or a flag cannot add terms.
+fn escape_field_value(value: &str) -> String {
+    let mut escaped = String::with_capacity(value.len());
+    for c in value.chars() {
+        if matches!(c, '\\' | ',' | '=') {
+            escaped.push('\\');
+        }
+        escaped.push(c);
+    }
+    escaped
+}
+
 #[cfg(test)]
 mod tests {
     use kube::runtime::{reflector::store::Writer, watcher::Event};
@@ -768,6 +783,15 @@ mod tests {
         assert_eq!(
             node_addresses(&node),
             [Ipv4Addr::new(192, 168, 1, 5), Ipv4Addr::new(203, 0, 113, 5)]
+        );
+    }
+
+    #[test]
+    fn field_selector_values_cannot_add_terms() {
+        assert_eq!(escape_field_value("node-1.example"), "node-1.example");
+        assert_eq!(
+            escape_field_value(r"a,metadata.name!=b\c=d"),
+            r"a\,metadata.name!\=b\\c\=d"
         );
     }
 }
