@@ -78,24 +78,32 @@ pub async fn write_response(
     stream.shutdown().await
 }
 
+/// Live while the main loop turns and every essential task runs; a wedged
+/// or crippled agent is restarted by its liveness probe.
+fn health(page: &Page) -> Result<(), String> {
+    if let Some(failed) = &page.failed {
+        return Err(failed.clone());
+    }
+    let idle = page.refreshed.elapsed();
+    if idle >= STALLED {
+        return Err(format!(
+            "the agent's loop has not run for {} s",
+            idle.as_secs()
+        ));
+    }
+    Ok(())
+}
+
 async fn respond(mut stream: TcpStream, page: &Mutex<Page>) -> std::io::Result<()> {
     let path = read_path(&mut stream).await?;
     let (status, content_type, body) = {
         let page = crate::lock(page);
         match path.as_str() {
             "/metrics" => ("200 OK", "text/plain; version=0.0.4", page.text.clone()),
-            // Live while the main loop turns; a wedged agent is restarted.
-            "/healthz" if page.refreshed.elapsed() < STALLED => {
-                ("200 OK", "text/plain", "ok\n".to_owned())
-            }
-            "/healthz" => (
-                "503 Service Unavailable",
-                "text/plain",
-                format!(
-                    "the agent's loop has not run for {} s\n",
-                    page.refreshed.elapsed().as_secs()
-                ),
-            ),
+            "/healthz" => match health(&page) {
+                Ok(()) => ("200 OK", "text/plain", "ok\n".to_owned()),
+                Err(why) => ("503 Service Unavailable", "text/plain", format!("{why}\n")),
+            },
             "/readyz" if page.ready => ("200 OK", "text/plain", "ready\n".to_owned()),
             "/readyz" => (
                 "503 Service Unavailable",
@@ -106,4 +114,32 @@ async fn respond(mut stream: TcpStream, page: &Mutex<Page>) -> std::io::Result<(
         }
     };
     write_response(&mut stream, status, content_type, "", &body).await
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+
+    #[test]
+    fn health_fails_when_the_loop_stalls_or_an_essential_task_ended() {
+        let mut page = Page {
+            text: String::new(),
+            ready: true,
+            refreshed: Instant::now(),
+            failed: None,
+        };
+        assert_eq!(health(&page), Ok(()));
+        page.failed = Some("the watch of Services ended: it panicked".to_owned());
+        assert_eq!(
+            health(&page),
+            Err("the watch of Services ended: it panicked".to_owned())
+        );
+        page.failed = None;
+        page.refreshed = Instant::now()
+            .checked_sub(STALLED)
+            .expect("the clock has run for 30 s");
+        assert!(health(&page).is_err_and(|why| why.contains("has not run")));
+    }
 }

@@ -9,3 +9,4 @@ pub mod model;
 pub mod source;
 pub mod sweeper;
 pub mod sync;
+pub mod tasks;

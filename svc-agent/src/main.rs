@@ -28,13 +28,14 @@ use svc_agent::{
     },
     sweeper::Sweeper,
     sync::Applier,
+    tasks::{Ended, Task, Tasks},
 };
 use svc_common::{
     config::{DatapathConfig, LOCAL_BY_CIDR, LOCAL_BY_INTERFACE},
     stats::Counter,
 };
 use tokio::{io::unix::AsyncFd, signal, sync::mpsc, time};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::{
     cli::{Cli, Command, DetectLocalMode, LogFormat, RunArgs},
@@ -145,15 +146,26 @@ fn load_datapath(args: &RunArgs) -> Result<Datapath> {
     Datapath::load(&options).context("loading the datapath")
 }
 
+/// The eBPF log reader: losing it loses debug lines, not service.
+const LOGGER: Task = Task {
+    name: "eBPF log reader",
+    essential: false,
+};
+/// The `/metrics`, `/healthz` and `/readyz` server.
+const HTTP: Task = Task {
+    name: "metrics and health server",
+    essential: true,
+};
+
 /// Forwards the eBPF programs' log lines to `tracing`.
-fn spawn_logger(datapath: &mut Datapath) -> Result<()> {
+fn spawn_logger(datapath: &mut Datapath, tasks: &mut Tasks) -> Result<()> {
     let logger = datapath.logger().context("starting the eBPF logger")?;
     // SAFETY: the logger owns its ring buffer's fd, which stays open and
     // unchanged until the AsyncFd drops the logger.
     let mut logger =
         unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) }
             .map_err(|err| anyhow::anyhow!("polling the eBPF log ring buffer: {err}"))?;
-    tokio::spawn(async move {
+    tasks.spawn(LOGGER, async move {
         loop {
             match logger.readable_mut().await {
                 Ok(mut guard) => {
@@ -217,9 +229,9 @@ async fn connect(args: &mut RunArgs, node_name: &str) -> Result<kube::Client> {
 }
 
 /// Loads and attaches the datapath.
-fn start_datapath(args: &RunArgs) -> Result<(Datapath, Attached)> {
+fn start_datapath(args: &RunArgs, tasks: &mut Tasks) -> Result<(Datapath, Attached)> {
     let mut datapath = load_datapath(args)?;
-    spawn_logger(&mut datapath)?;
+    spawn_logger(&mut datapath, tasks)?;
     if !args.no_host_sockets {
         let cgroup = datapath
             .attach_host_sockets()
@@ -243,17 +255,18 @@ fn applier_for(datapath: &Datapath, pin_dir: &std::path::Path) -> Applier {
 }
 
 /// Serves `/metrics`, `/healthz` and `/readyz` from the returned page.
-async fn serve_http(addr: std::net::SocketAddr) -> Result<Arc<Mutex<Page>>> {
+async fn serve_http(addr: std::net::SocketAddr, tasks: &mut Tasks) -> Result<Arc<Mutex<Page>>> {
     let page = Arc::new(Mutex::new(Page {
         text: String::new(),
         ready: false,
         refreshed: Instant::now(),
+        failed: None,
     }));
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("serving metrics on {addr}"))?;
     info!(%addr, "serving /metrics, /healthz and /readyz");
-    tokio::spawn(http::serve(listener, Arc::clone(&page)));
+    tasks.spawn(HTTP, http::serve(listener, Arc::clone(&page)));
     Ok(page)
 }
 
@@ -342,19 +355,20 @@ async fn run(mut args: RunArgs) -> Result<()> {
         Some(dir) => Err(dir),
         None => Ok(connect(&mut args, &node_name).await?),
     };
-    let (mut datapath, mut attached) = start_datapath(&args)?;
+    let mut tasks = Tasks::new();
+    let (mut datapath, mut attached) = start_datapath(&args, &mut tasks)?;
     log_masquerading(&args, &settings);
     let mut translator = translator(&args, &node_name, settings);
     let mut source = match client {
         Ok(client) => {
-            let (source, changes) = KubeSource::start(&client, &node_name);
+            let (source, changes) = KubeSource::start(&client, &node_name, &mut tasks);
             info!(node = %node_name, "watching Services, EndpointSlices, ServiceCIDRs and this Node");
             Source::Kube { source, changes }
         }
         Err(dir) => Source::Manifests(Watch::new(&dir)),
     };
     let mut applier = applier_for(&datapath, &args.pin_dir);
-    let page = serve_http(args.metrics_addr).await?;
+    let page = serve_http(args.metrics_addr, &mut tasks).await?;
     let mut snapshot = metrics::Snapshot::default();
     let mut names: Vec<(Frontend, String)> = Vec::new();
     let mut render_every = time::interval(Duration::from_secs(2));
@@ -408,7 +422,11 @@ async fn run(mut args: RunArgs) -> Result<()> {
                 None
             }
             _ = ticker.tick() => {
-                last = log_counters(&datapath, &last)?;
+                log_counters(&datapath, &mut last);
+                None
+            }
+            ended = tasks.ended() => {
+                task_ended(&ended, &page, &mut snapshot);
                 None
             }
             result = signal::ctrl_c() => {
@@ -433,10 +451,36 @@ async fn run(mut args: RunArgs) -> Result<()> {
     }
 }
 
-/// Logs what the counters moved since `last`; returns them now. The
+/// A supervised task ended: said loudly, counted, and if the agent cannot
+/// do without it, `/healthz` fails from now on.
+fn task_ended(ended: &Ended, page: &Mutex<Page>, snapshot: &mut metrics::Snapshot) {
+    let Ended { task, why } = ended;
+    *snapshot.task_failures.entry(task.name).or_default() += 1;
+    if task.essential {
+        error!(
+            task = task.name,
+            why,
+            "an essential task ended: /healthz fails so the agent is restarted (the pinned datapath serves meanwhile)"
+        );
+        lock(page).failed = Some(format!("the {} ended: {why}", task.name));
+    } else {
+        warn!(
+            task = task.name,
+            why, "a task ended; the agent goes on without it"
+        );
+    }
+}
+
+/// Logs what the counters moved since `last`, and keeps them there. The
 /// counters that mean trouble are warned about.
-fn log_counters(datapath: &Datapath, last: &StatsSnapshot) -> Result<StatsSnapshot> {
-    let now = datapath.stats().context("reading counters")?;
+fn log_counters(datapath: &Datapath, last: &mut StatsSnapshot) {
+    let now = match datapath.stats() {
+        Ok(now) => now,
+        Err(err) => {
+            warn!(error = %err, "reading the datapath's counters failed");
+            return;
+        }
+    };
     for (counter, delta) in now.since(last) {
         match counter {
             Counter::DropNatPortsExhausted => warn!(
@@ -455,7 +499,7 @@ fn log_counters(datapath: &Datapath, last: &StatsSnapshot) -> Result<StatsSnapsh
             ),
         }
     }
-    Ok(now)
+    *last = now;
 }
 
 fn log_shutdown(args: &RunArgs) {
@@ -747,6 +791,9 @@ struct Page {
     ready: bool,
     /// When the main loop last rendered it (every 2 s while it runs).
     refreshed: Instant,
+    /// Why the agent cannot do its job any more (an essential task
+    /// ended): `/healthz` fails with it, so the agent is restarted.
+    failed: Option<String>,
 }
 
 fn lock(page: &Mutex<Page>) -> std::sync::MutexGuard<'_, Page> {

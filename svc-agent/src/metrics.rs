@@ -3,7 +3,7 @@
 //! every few seconds; the HTTP side only serves the last page, so a scrape
 //! never waits on the maps.
 
-use std::{fmt::Write as _, time::Duration};
+use std::{collections::BTreeMap, fmt::Write as _, time::Duration};
 
 use svc_common::stats::Counter;
 
@@ -63,6 +63,8 @@ pub struct Snapshot {
     pub sweeps: SweepStats,
     /// Ports in the source-NAT range.
     pub nat_port_range: u64,
+    /// Supervised tasks that ended, by name (each a fault).
+    pub task_failures: BTreeMap<&'static str, u64>,
 }
 
 fn escape(value: &str) -> String {
@@ -109,6 +111,18 @@ pub fn render(snapshot: &Snapshot) -> String {
     let _ = writeln!(body, "svc_input_problems_total {}", snapshot.input_problems);
     let _ = writeln!(body, "svc_watch_errors_total {}", snapshot.watch_errors);
     out.push_str(&body);
+    let _ = writeln!(
+        out,
+        "# HELP svc_task_ends_total Supervised tasks (watches, the metrics server, the eBPF log reader) that ended, by task: each is a fault.\n\
+         # TYPE svc_task_ends_total counter"
+    );
+    for (task, ends) in &snapshot.task_failures {
+        let _ = writeln!(
+            out,
+            "svc_task_ends_total{{task=\"{}\"}} {ends}",
+            escape(task)
+        );
+    }
 
     let _ = writeln!(
         out,
@@ -298,6 +312,7 @@ mod tests {
             ..Snapshot::default()
         };
         snapshot.sweeps.nat_ports_busiest = 3;
+        snapshot.task_failures.insert("watch of Services", 1);
         snapshot.sync_latency.observe(Duration::from_millis(3));
         let page = render(&snapshot);
         assert!(page.contains("svc_frontends 2\n"));
@@ -309,6 +324,7 @@ mod tests {
         ));
         assert!(page.contains("svc_map_fill_ratio{map=\"SVC_SERVICES_V1\"} 0.25\n"));
         assert!(page.contains("svc_nat_port_fill_ratio 0.75\n"));
+        assert!(page.contains("svc_task_ends_total{task=\"watch of Services\"} 1\n"));
         assert!(page.contains("svc_datapath_packets_total{counter=\"drop_no_backend\"} 0\n"));
     }
 }

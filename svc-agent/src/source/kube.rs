@@ -34,6 +34,7 @@ use tokio::sync::mpsc;
 use crate::{
     datapath::Ipv4Cidr,
     model::{Inputs, ObjectKey, slice_service},
+    tasks::{Task, Tasks},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +90,21 @@ impl Kind {
             Self::EndpointSlice => "EndpointSlice",
             Self::Node => "Node",
             Self::ServiceCidr => "ServiceCIDR",
+        }
+    }
+
+    /// Its watch, as a supervised task: every watch is essential (a dead
+    /// one would freeze what it feeds).
+    const fn task(self) -> Task {
+        let name = match self {
+            Self::Service => "watch of Services",
+            Self::EndpointSlice => "watch of EndpointSlices",
+            Self::Node => "watch of this Node",
+            Self::ServiceCidr => "watch of ServiceCIDRs",
+        };
+        Task {
+            name,
+            essential: true,
         }
     }
 }
@@ -208,25 +224,29 @@ fn slim<K: Resource>(object: &mut K) {
 }
 
 impl KubeSource {
-    /// Starts the three watches on `client`; their changes arrive on the
-    /// returned channel. The watches retry with [`WatchBackoff`] and end
+    /// Starts the watches on `client` as `tasks`; their changes arrive on
+    /// the returned channel. The watches retry with [`WatchBackoff`] and end
     /// only when the receiver is dropped.
     #[must_use]
-    pub fn start(client: &Client, node_name: &str) -> (Self, mpsc::Receiver<Change>) {
+    pub fn start(
+        client: &Client,
+        node_name: &str,
+        tasks: &mut Tasks,
+    ) -> (Self, mpsc::Receiver<Change>) {
         let (tx, rx) = mpsc::channel(4096);
         let all = watcher::Config::default();
         let services = watch(
             Api::all(client.clone()),
             all.clone(),
             Kind::Service,
-            &tx,
+            (&tx, tasks),
             |service| Change::Service(key_of(service)),
         );
         let slices = watch(
             Api::all(client.clone()),
             all,
             Kind::EndpointSlice,
-            &tx,
+            (&tx, tasks),
             |slice| Change::Slice {
                 slice: key_of(slice),
                 service: served_by(slice),
@@ -234,13 +254,19 @@ impl KubeSource {
         );
         let own = watcher::Config::default()
             .fields(&format!("metadata.name={}", escape_field_value(node_name)));
-        let nodes = watch(Api::all(client.clone()), own, Kind::Node, &tx, |_| {
-            Change::Node
-        });
-        let service_cidrs =
-            watch_optional(Api::all(client.clone()), Kind::ServiceCidr, &tx, |_| {
-                Change::ServiceCidrs
-            });
+        let nodes = watch(
+            Api::all(client.clone()),
+            own,
+            Kind::Node,
+            (&tx, tasks),
+            |_| Change::Node,
+        );
+        let service_cidrs = watch_optional(
+            Api::all(client.clone()),
+            Kind::ServiceCidr,
+            (&tx, tasks),
+            |_| Change::ServiceCidrs,
+        );
         let stores = Stores {
             services,
             slices,
@@ -418,13 +444,13 @@ struct Stores {
     service_cidrs: Store<ServiceCIDR>,
 }
 
-/// Starts a watch of `api` feeding the returned store, its changes sent to
-/// `tx`.
+/// Starts a watch of `api` among `tasks`, feeding the returned store, its
+/// changes sent to `tx`.
 fn watch<K>(
     api: Api<K>,
     config: watcher::Config,
     kind: Kind,
-    tx: &mpsc::Sender<Change>,
+    (tx, tasks): (&mpsc::Sender<Change>, &mut Tasks),
     applied: impl Fn(&K) -> Change + Send + 'static,
 ) -> Store<K>
 where
@@ -441,18 +467,19 @@ where
         .backoff(WatchBackoff::default())
         .modify(slim)
         .reflect(writer);
-    tokio::spawn(forward(stream, kind, tx.clone(), applied));
+    tasks.spawn(kind.task(), forward(stream, kind, tx.clone(), applied));
     store
 }
 
 /// Like [`watch`] for a kind the agent can do without (`ServiceCIDR`: the
 /// API is GA since Kubernetes 1.33, and an older RBAC may not grant it).
 /// A first list answered 404 or 403 is reported as [`Change::Unavailable`]
-/// and not retried; anything else starts the watch.
+/// and not retried (the task then waits for the agent's exit: a task that
+/// returns is a fault); anything else starts the watch.
 fn watch_optional<K>(
     api: Api<K>,
     kind: Kind,
-    tx: &mpsc::Sender<Change>,
+    (tx, tasks): (&mpsc::Sender<Change>, &mut Tasks),
     applied: impl Fn(&K) -> Change + Send + 'static,
 ) -> Store<K>
 where
@@ -466,7 +493,7 @@ where
 {
     let (store, writer) = reflector::store();
     let tx = tx.clone();
-    tokio::spawn(async move {
+    tasks.spawn(kind.task(), async move {
         let probe = api
             .list_metadata(&kube::api::ListParams::default().limit(1))
             .await;
@@ -478,7 +505,7 @@ where
                 status.message, status.code
             );
             let _ = tx.send(Change::Unavailable { kind, reason }).await;
-            return;
+            return std::future::pending().await;
         }
         let stream = watcher(api, watcher::Config::default())
             .backoff(WatchBackoff::default())
