@@ -28,11 +28,18 @@ pub struct HealthChecks {
 
 impl HealthChecks {
     /// Serves exactly the ports of `wanted`, with its counts. A port that
-    /// cannot be bound (in use) is logged and tried again at the next
-    /// sync.
+    /// cannot be bound (in use), or whose server ended (a fault), is
+    /// logged and tried again at the next sync.
     pub fn sync(&mut self, wanted: &BTreeMap<u16, HealthCheck>) {
         wanted.clone_into(&mut self.checks.lock().unwrap_or_else(PoisonError::into_inner));
         self.servers.retain(|port, server| {
+            if server.is_finished() {
+                warn!(
+                    port,
+                    "the health check node port's server ended; starting it again"
+                );
+                return false;
+            }
             let keep = wanted.contains_key(port);
             if !keep {
                 server.abort();
