@@ -232,8 +232,10 @@ impl Node {
         veth(&ns, "eth0", lan, &format!("n{index}"));
         lan.ip(&["link", "set", &format!("n{index}"), "master", "br0"]);
         ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
+        // Strict reverse-path filtering, as many distributions set it: the
+        // datapath must work with it (the agent relaxes what it needs).
         for key in ["all", "default"] {
-            ns.sysctl(&format!("net.ipv4.conf.{key}.rp_filter"), "0");
+            ns.sysctl(&format!("net.ipv4.conf.{key}.rp_filter"), "1");
         }
         ns.sysctl("net.ipv4.ip_forward", "1");
         let other = 3 - index;

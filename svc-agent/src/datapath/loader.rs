@@ -297,12 +297,23 @@ impl Datapath {
 
     fn attach_tc(&mut self, program: &'static str, iface: &str) -> Result<()> {
         // Translated packets may carry a node address as their source
-        // (masquerade, hairpin): the kernel must accept them on ingress,
-        // also where a bridge is the device they enter the stack by (the
-        // kernel ORs "all" with the device's own setting).
+        // (masquerade, hairpin), or a source the reverse path does not
+        // lead back through: the kernel must accept them on ingress, also
+        // where a bridge is the device they enter the stack by. It ORs
+        // `all` with the device's own `accept_local`, and takes the larger
+        // of the two `rp_filter`s: `all` goes to 0 (many distributions
+        // set it to 1), which leaves every other device its own setting.
         set_iface_sysctl(iface, "accept_local", "1")?;
         set_iface_sysctl("all", "accept_local", "1")?;
+        set_iface_sysctl("all", "rp_filter", "0")?;
         set_iface_sysctl(iface, "rp_filter", "0")?;
+        let bridge = super::netlink::controller_of(iface).map_err(|source| Error::Link {
+            iface: iface.to_owned(),
+            source,
+        })?;
+        if let Some(bridge) = bridge {
+            set_iface_sysctl(&bridge, "rp_filter", "0")?;
+        }
         let attach_error = |source| Error::Attach {
             program,
             iface: iface.to_owned(),

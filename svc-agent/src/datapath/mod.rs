@@ -11,6 +11,7 @@ pub mod ifaces;
 mod loader;
 mod maglev;
 mod maps;
+mod netlink;
 pub mod ports;
 mod stats;
 mod sys;
@@ -67,6 +68,12 @@ pub enum Error {
     #[error("writing {path}: {source}")]
     Sysctl {
         path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("asking rtnetlink about {iface}: {source}")]
+    Link {
+        iface: String,
         #[source]
         source: std::io::Error,
     },
