@@ -1110,6 +1110,39 @@ fn assert_port_unreachable(name: &str, input: &[u8], output: &[u8], from: Ipv4Ad
     );
 }
 
+/// A packet that read a service entry just before an update may read the
+/// old table's slot a moment later: the block must not hold another
+/// service's table by then.
+#[test]
+fn a_replaced_table_s_block_is_not_reused_at_once() {
+    let mut datapath = load(config());
+    let maps = datapath.maps_mut();
+    let a = Frontend::tcp(Ipv4Addr::new(10, 96, 9, 1), 80);
+    let b = Frontend::tcp(Ipv4Addr::new(10, 96, 9, 2), 80);
+    let policy = ServicePolicy::default();
+    maps.upsert_service(&a, &policy, &[1]).expect("a");
+    let old = maps.service(&a).expect("a is installed");
+    maps.upsert_service(&a, &policy, &[1, 2, 3])
+        .expect("a grows");
+    let grown = maps.service(&a).expect("a is installed");
+    maps.upsert_service(&b, &policy, &[4]).expect("b");
+    let new = maps.service(&b).expect("b is installed");
+    assert_eq!(new.maglev_size, old.maglev_size, "the old block would fit");
+    assert_ne!(
+        new.maglev_offset, old.maglev_offset,
+        "b's table is not written over a's old one"
+    );
+    maps.remove_service(&a).expect("a goes");
+    let c = Frontend::tcp(Ipv4Addr::new(10, 96, 9, 3), 80);
+    maps.upsert_service(&c, &policy, &[1, 2, 3]).expect("c");
+    let c = maps.service(&c).expect("c is installed");
+    assert_eq!(c.maglev_size, grown.maglev_size);
+    assert_ne!(
+        c.maglev_offset, grown.maglev_offset,
+        "nor over a removed service's"
+    );
+}
+
 #[test]
 fn hairpin_without_a_masquerade_address_is_dropped_not_mistranslated() {
     require_root();

@@ -5,6 +5,7 @@ use std::{
     collections::BTreeMap,
     os::fd::{AsFd as _, AsRawFd as _},
     ptr::NonNull,
+    time::{Duration, Instant},
 };
 
 use aya::maps::MapData;
@@ -19,26 +20,81 @@ pub struct Block {
     pub len: u32,
 }
 
+/// How long a block a service entry named stays out of use after the
+/// entry stopped naming it. A program run that read the old entry reads
+/// the block's slot a few lookups later (microseconds; the NAT scan comes
+/// after the pick); reused at once, the block could hand that packet a
+/// backend of another service.
+pub const RETIRE_GRACE: Duration = Duration::from_millis(50);
+
 /// First-fit allocator of slot runs, merging neighbours on free.
 #[derive(Debug)]
 pub struct SlotAllocator {
     /// Free runs by offset.
     free: BTreeMap<u32, u32>,
+    /// Blocks retired from published tables, and when.
+    retired: Vec<(Block, Instant)>,
+    grace: Duration,
     capacity: u32,
 }
 
 impl SlotAllocator {
     #[must_use]
     pub fn new(capacity: u32) -> Self {
+        Self::with_grace(capacity, RETIRE_GRACE)
+    }
+
+    #[must_use]
+    pub fn with_grace(capacity: u32, grace: Duration) -> Self {
         let mut free = BTreeMap::new();
         if capacity > 0 {
             free.insert(0, capacity);
         }
-        Self { free, capacity }
+        Self {
+            free,
+            retired: Vec::new(),
+            grace,
+            capacity,
+        }
     }
 
-    /// A block of `len` slots, or `None` when no free run is long enough.
+    /// Lets go of a block a published service entry named: it is free
+    /// again once the grace period has passed.
+    pub fn retire(&mut self, block: Block) {
+        self.retired.push((block, Instant::now()));
+    }
+
+    /// Frees the retired blocks whose grace has passed.
+    fn release_retired(&mut self) {
+        let grace = self.grace;
+        let mut due = Vec::new();
+        self.retired.retain(|&(block, at)| {
+            let over = at.elapsed() >= grace;
+            if over {
+                due.push(block);
+            }
+            !over
+        });
+        for block in due {
+            self.free(block);
+        }
+    }
+
+    /// A block of `len` slots, or `None` when no free run is long enough,
+    /// counting the retired blocks: when only they would make room, this
+    /// waits out their grace (at most [`RETIRE_GRACE`]).
     pub fn allocate(&mut self, len: u32) -> Option<Block> {
+        self.release_retired();
+        if let Some(block) = self.allocate_free(len) {
+            return Some(block);
+        }
+        let youngest = self.retired.iter().map(|&(_, at)| at).max()?;
+        std::thread::sleep(self.grace.saturating_sub(youngest.elapsed()));
+        self.release_retired();
+        self.allocate_free(len)
+    }
+
+    fn allocate_free(&mut self, len: u32) -> Option<Block> {
         let (&offset, &run) = self.free.iter().find(|&(_, &run)| run >= len)?;
         self.free.remove(&offset);
         if run > len {
@@ -83,10 +139,11 @@ impl SlotAllocator {
         true
     }
 
-    /// Slots not owned by any block.
+    /// Slots no table owns (retired blocks, free after their grace,
+    /// included).
     #[must_use]
     pub fn free_slots(&self) -> u32 {
-        self.free.values().sum()
+        self.free.values().sum::<u32>() + self.retired.iter().map(|(b, _)| b.len).sum::<u32>()
     }
 
     #[must_use]
@@ -270,6 +327,34 @@ mod tests {
                 len: 1000
             }),
             "freed runs merge back into one"
+        );
+    }
+
+    #[test]
+    fn a_retired_block_is_reused_only_after_its_grace() {
+        let grace = Duration::from_millis(30);
+        let mut slots = SlotAllocator::with_grace(600, grace);
+        let old = slots.allocate(251).expect("room");
+        slots.retire(old);
+        let other = slots.allocate(251).expect("room elsewhere");
+        assert_ne!(other.offset, old.offset, "not while a packet may read it");
+        assert_eq!(
+            slots.free_slots(),
+            600 - 251,
+            "the retired block is no table's"
+        );
+        // Only the retired block makes room now: the allocation waits.
+        let started = Instant::now();
+        let again = slots.allocate(251).expect("room once the grace passed");
+        assert!(started.elapsed() >= grace / 2, "waited for the grace");
+        assert_eq!(again.offset, old.offset);
+        slots.retire(again);
+        slots.free(other);
+        std::thread::sleep(grace);
+        assert_eq!(
+            slots.allocate(600).map(|b| b.offset),
+            Some(0),
+            "every run merged back"
         );
     }
 

@@ -473,7 +473,7 @@ impl Maps {
             )
             .and_then(|old| old.block);
         if let Some(old_block) = old_block {
-            self.slots.free(old_block);
+            self.slots.retire(old_block);
         }
         self.remove_ranges(id, &stale);
         self.remove_members(id, &gone);
@@ -574,7 +574,7 @@ impl Maps {
             Err(source) => return Err(map_error(SERVICES_MAP)(source)),
         }
         if let Some(block) = installed.block {
-            self.slots.free(block);
+            self.slots.retire(block);
         }
         // A removed service's counters, ranges and members go with it
         // (counters are zeroed again when the id is reused).
