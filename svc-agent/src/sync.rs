@@ -232,6 +232,9 @@ impl Applier {
     /// Node addresses, ClusterIPs and the CIDR sets.
     fn apply_addrs(maps: &mut Maps, desired: &Desired, report: &mut Report) {
         let addrs = maps.addrs_mut();
+        if let Err(err) = addrs.flush() {
+            report.errors.push(format!("addresses left over: {err}"));
+        }
         let mut nodes = desired.node_addrs.clone();
         nodes.sort_unstable();
         nodes.dedup();

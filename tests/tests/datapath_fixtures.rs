@@ -1110,6 +1110,74 @@ fn assert_port_unreachable(name: &str, input: &[u8], output: &[u8], from: Ipv4Ad
     );
 }
 
+/// Address writes that fail are neither half-applied for good nor
+/// allowed to eat the ClusterIPs' room: too many node addresses are
+/// refused whole, and addresses a full map refused are written once there
+/// is room.
+#[test]
+fn address_writes_refuse_too_many_nodes_and_retry_what_a_full_map_refused() {
+    let mut datapath = load(config());
+    let maps = datapath.maps_mut();
+    let nodes: Vec<Ipv4Addr> = (0..65).map(|i| Ipv4Addr::new(192, 168, 1, i)).collect();
+    let err = maps.set_node_addrs(&nodes).expect_err("65 node addresses");
+    assert!(err.to_string().contains("at most 64"), "{err}");
+    assert_eq!(maps.addrs().nodes(), [NODE], "nothing of them was written");
+    let written = maps.addrs().len();
+    // The map holds services + 64 = 128 entries.
+    let mut cluster_ips = maps.addrs().cluster_ips().clone();
+    let extra: Vec<Ipv4Addr> = (0..200).map(|i| Ipv4Addr::new(10, 97, 0, i)).collect();
+    cluster_ips.extend(extra.iter().map(|&addr| (addr, true)));
+    maps.addrs_mut()
+        .set_cluster_ips(&cluster_ips)
+        .expect_err("more ClusterIPs than the map holds");
+    for addr in &extra[100..] {
+        cluster_ips.remove(addr);
+    }
+    maps.addrs_mut()
+        .set_cluster_ips(&cluster_ips)
+        .expect("room for 100 more");
+    assert_eq!(
+        maps.addrs().len(),
+        written + 100,
+        "every wanted address is in the map, none of the others"
+    );
+}
+
+/// An update that fails part way leaves the frontend as it was: the
+/// source ranges it had written for the new entry are taken out again, so
+/// they never let in sources the installed entry does not allow.
+#[test]
+fn a_failed_update_leaves_no_source_range_behind() {
+    let mut datapath = load(config());
+    let frontend = Frontend::tcp(LB_IP_RANGED, 443);
+    let mut ranges = vec![Ipv4Cidr::new(Ipv4Addr::new(203, 0, 113, 0), 28).expect("a CIDR")];
+    // The first new range lets OUTSIDE_RANGES in; more follow than the
+    // trie holds (16,384).
+    ranges.push(Ipv4Cidr::new(OUTSIDE_RANGES.0, 32).expect("a CIDR"));
+    ranges.extend(
+        (0..16_400u32).map(|i| Ipv4Cidr::new(Ipv4Addr::from(0x0a80_0000 + i), 32).expect("a CIDR")),
+    );
+    let policy = ServicePolicy {
+        masquerade: Masquerade::NonLocal,
+        source_ranges: ranges,
+        ..ServicePolicy::default()
+    };
+    datapath
+        .maps_mut()
+        .upsert_service(&frontend, &policy, &[4])
+        .expect_err("more source ranges than the trie holds");
+    let packet = packet::tcp4(OUTSIDE_RANGES, (LB_IP_RANGED, 443), SYN, &[]);
+    let run = run(&datapath, UPLINK, "after the failed update", &packet);
+    assert_eq!(run.verdict, TC_ACT_SHOT, "{:?}", run.moved);
+    assert!(
+        run.moved
+            .iter()
+            .any(|(c, _)| *c == Counter::DropSourceRange),
+        "still outside the ranges: {:?}",
+        run.moved
+    );
+}
+
 /// A packet that read a service entry just before an update may read the
 /// old table's slot a moment later: the block must not hold another
 /// service's table by then.

@@ -12,7 +12,7 @@ use std::{
 use aya::maps::{Array, HashMap, MapData, MapError};
 use svc_common::lb::{
     ADDR_F_CLUSTER_IP, ADDR_F_NODE, ADDRS_MAP, AddrInfo, CIDRS_LOCAL, CIDRS_MAP, CIDRS_SERVICE,
-    Cidr,
+    Cidr, MAX_NODE_ADDRS,
 };
 
 use super::{Error, Ipv4Cidr, Result, cidr::cidr_set};
@@ -44,6 +44,9 @@ pub struct Addrs {
     cluster_ips: BTreeMap<Ipv4Addr, bool>,
     /// The flags each address has in the map.
     written: StdHashMap<Ipv4Addr, u32>,
+    /// Addresses whose entry may differ from what is wanted (a write
+    /// failed): written again by the next change.
+    dirty: BTreeSet<Ipv4Addr>,
     service_cidrs: Vec<Ipv4Cidr>,
     local_cidrs: Vec<Ipv4Cidr>,
 }
@@ -67,6 +70,7 @@ impl Addrs {
             nodes: BTreeSet::new(),
             cluster_ips: BTreeMap::new(),
             written: StdHashMap::new(),
+            dirty: BTreeSet::new(),
             service_cidrs: Vec::new(),
             local_cidrs: Vec::new(),
         }
@@ -140,15 +144,21 @@ impl Addrs {
         self.written.is_empty()
     }
 
-    /// Sets the node's own addresses (where node ports answer).
+    /// Sets the node's own addresses (where node ports answer): at most
+    /// `MAX_NODE_ADDRS` (the map's room beyond the ClusterIPs); more are
+    /// refused whole.
     pub fn set_nodes(&mut self, addrs: &[Ipv4Addr]) -> Result<()> {
         let wanted: BTreeSet<Ipv4Addr> = addrs.iter().copied().collect();
-        let touched: Vec<Ipv4Addr> = wanted.symmetric_difference(&self.nodes).copied().collect();
-        self.nodes = wanted;
-        for addr in touched {
-            self.write(addr)?;
+        if wanted.len() > MAX_NODE_ADDRS as usize {
+            return Err(Error::TooManyNodeAddrs {
+                count: wanted.len(),
+                max: MAX_NODE_ADDRS,
+            });
         }
-        Ok(())
+        self.dirty
+            .extend(wanted.symmetric_difference(&self.nodes).copied());
+        self.nodes = wanted;
+        self.flush()
     }
 
     /// Sets the ClusterIPs of every service (`true`: served here, so new
@@ -167,8 +177,21 @@ impl Addrs {
             )
             .collect();
         self.cluster_ips.clone_from(wanted);
-        for addr in touched {
+        self.dirty.extend(touched);
+        self.flush()
+    }
+
+    /// Writes every dirty address, deletions first (they make room); one
+    /// that fails stays dirty, and so do those after it, for the next
+    /// change (or [`Addrs::flush`] at the next sync) to retry.
+    pub fn flush(&mut self) -> Result<()> {
+        let (gone, kept): (Vec<Ipv4Addr>, Vec<Ipv4Addr>) = self
+            .dirty
+            .iter()
+            .partition(|addr| !self.nodes.contains(addr) && !self.cluster_ips.contains_key(addr));
+        for addr in gone.into_iter().chain(kept) {
             self.write(addr)?;
+            self.dirty.remove(&addr);
         }
         Ok(())
     }

@@ -54,6 +54,31 @@ struct Installed {
     backends: Vec<BackendId>,
 }
 
+/// What an update of a frontend wrote before switching its entry, undone
+/// if the switch fails ([`Maps::unstage`]).
+struct Staged {
+    id: u32,
+    /// The new table's block.
+    block: Option<Block>,
+    /// The id, if allocated for this update.
+    new_id: Option<u32>,
+    /// The record of ranges before the update, once replaced.
+    ranges_had: Option<Vec<Ipv4Cidr>>,
+    ranges_added: Vec<Ipv4Cidr>,
+    /// The record of members before the update, once replaced.
+    members_had: Option<Vec<BackendId>>,
+    members_added: Vec<BackendId>,
+}
+
+/// Records `items` under `id`; an empty list is no record.
+fn record<T>(records: &mut StdHashMap<u32, Vec<T>>, id: u32, items: Vec<T>) {
+    if items.is_empty() {
+        records.remove(&id);
+    } else {
+        records.insert(id, items);
+    }
+}
+
 /// The datapath's maps, owned by the agent.
 pub struct Maps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
@@ -399,12 +424,10 @@ impl Maps {
 
         let count = u32::try_from(members.len()).unwrap_or(u32::MAX);
         let block = self.write_table(&members)?;
-        let size = block.map_or(0, |block| block.len);
-
-        let (id, is_new_id) = if let Some(id) = previous_id {
-            (id, false)
+        let (id, new_id) = if let Some(id) = previous_id {
+            (id, None)
         } else if let Some(id) = self.ids.allocate() {
-            (id, true)
+            (id, Some(id))
         } else {
             if let Some(block) = block {
                 self.slots.free(block);
@@ -416,51 +439,36 @@ impl Maps {
         let value = ServiceValue {
             id,
             maglev_offset: block.map_or(0, |block| block.offset),
-            maglev_size: size,
+            maglev_size: block.map_or(0, |block| block.len),
             backend_count: count,
             affinity_timeout_secs: policy.affinity_timeout_secs.unwrap_or(0),
             flags,
             on_empty: policy.on_empty(),
             _pad: 0,
         };
-        if is_new_id {
-            self.reset_counters(SERVICE_STATS_MAP, id)?;
-        }
-        // Ranges the frontend gains go in before its entry says to check
-        // them; those it loses go once it no longer names them.
-        // Likewise the members an affinity entry may name.
+        // The members an affinity entry may name.
         let members: &[BackendId] = if policy.affinity_timeout_secs.is_some() {
             &ids
         } else {
             &[]
         };
-        let written = self
-            .add_ranges(id, &policy.source_ranges)
-            .and_then(|stale| Ok((stale, self.add_members(id, members)?)));
-        let (stale, (gone, added)) = match written {
-            Ok(written) => written,
-            Err(err) => {
-                if let Some(block) = block {
-                    self.slots.free(block);
-                }
-                if is_new_id {
-                    self.ids.unallocate(id);
-                }
-                return Err(err);
-            }
+        let mut staged = Staged {
+            id,
+            block,
+            new_id,
+            ranges_had: None,
+            ranges_added: Vec::new(),
+            members_had: None,
+            members_added: Vec::new(),
         };
-        if let Err(source) = self.services.insert(key, value, 0) {
-            if let Some(block) = block {
-                self.slots.free(block);
-            }
-            if is_new_id {
-                self.ids.unallocate(id);
-            }
-            // The old table stays: so do its members, and no others.
-            self.remove_members(id, &added);
-            self.members.entry(id).or_default().extend(gone);
-            return Err(map_error(SERVICES_MAP)(source));
-        }
+        let (stale, gone) =
+            match self.switch(key, value, &policy.source_ranges, members, &mut staged) {
+                Ok(lost) => lost,
+                Err(err) => {
+                    self.unstage(staged);
+                    return Err(err);
+                }
+            };
         let old_block = self
             .installed
             .insert(
@@ -480,36 +488,75 @@ impl Maps {
         Ok(id)
     }
 
-    /// Records `wanted` as frontend `id`'s members, inserting those it
-    /// lacks; returns (those it had and no longer wants, those inserted).
-    /// The ones it loses are deleted once the new table is in place.
-    fn add_members(
+    /// Writes what the new entry `value` needs (zeroed counters for a new
+    /// id; the source ranges and members it gains, before the entry says
+    /// to check them), then the entry itself; each step is recorded in
+    /// `staged`. Returns the ranges and members it lost, to delete once
+    /// the old entry is gone.
+    fn switch(
         &mut self,
-        id: u32,
-        wanted: &[BackendId],
-    ) -> Result<(Vec<BackendId>, Vec<BackendId>)> {
-        let had = self.members.remove(&id).unwrap_or_default();
-        let mut added = Vec::new();
+        key: ServiceKey,
+        value: ServiceValue,
+        ranges: &[Ipv4Cidr],
+        members: &[BackendId],
+        staged: &mut Staged,
+    ) -> Result<(Vec<Ipv4Cidr>, Vec<BackendId>)> {
+        if staged.new_id.is_some() {
+            self.reset_counters(SERVICE_STATS_MAP, value.id)?;
+        }
+        let stale = self.add_ranges(ranges, staged)?;
+        let gone = self.add_members(members, staged)?;
+        self.services
+            .insert(key, value, 0)
+            .map_err(map_error(SERVICES_MAP))?;
+        Ok((stale, gone))
+    }
+
+    /// Undoes what [`Maps::switch`] wrote before it failed: the old entry
+    /// stays, with its ranges, members and block, and nothing else.
+    fn unstage(&mut self, staged: Staged) {
+        let id = staged.id;
+        if let Some(block) = staged.block {
+            // Never published: free at once.
+            self.slots.free(block);
+        }
+        self.remove_ranges(id, &staged.ranges_added);
+        if let Some(had) = staged.ranges_had {
+            record(&mut self.ranges_by_id, id, had);
+        }
+        self.remove_members(id, &staged.members_added);
+        if let Some(had) = staged.members_had {
+            record(&mut self.members, id, had);
+        }
+        if let Some(id) = staged.new_id {
+            self.ids.unallocate(id);
+        }
+    }
+
+    /// Records `wanted` as the frontend's members, inserting those it lacks
+    /// (noted in `staged`); returns those it had and no longer wants. The
+    /// ones it loses are deleted once the new table is in place.
+    fn add_members(&mut self, wanted: &[BackendId], staged: &mut Staged) -> Result<Vec<BackendId>> {
+        let id = staged.id;
+        let had = self.members.get(&id).cloned().unwrap_or_default();
         for &backend_id in wanted.iter().filter(|member| !had.contains(member)) {
             let key = MemberKey {
                 service_id: id,
                 backend_id,
             };
-            if let Err(source) = self.member_map.insert(key, 0, 0) {
-                self.remove_members(id, &added);
-                self.members.insert(id, had);
-                return Err(map_error(MEMBERS_MAP)(source));
-            }
-            added.push(backend_id);
+            self.member_map
+                .insert(key, 0, 0)
+                .map_err(map_error(MEMBERS_MAP))?;
+            staged.members_added.push(backend_id);
         }
-        if !wanted.is_empty() {
-            self.members.insert(id, wanted.to_vec());
-        }
+        record(&mut self.members, id, wanted.to_vec());
         let gone = had
-            .into_iter()
+            .iter()
             .filter(|member| !wanted.contains(member))
+            .copied()
             .collect();
-        Ok((gone, added))
+        staged.members_had = Some(had);
+        Ok(gone)
     }
 
     /// Deletes `members` of frontend `id` from the map and the record.
@@ -533,24 +580,26 @@ impl Maps {
         self.ranges_by_id.get(&id).map_or(&[], Vec::as_slice)
     }
 
-    /// Inserts the ranges of `wanted` that `id` lacks and records `wanted`
-    /// as its ranges; returns those it had and no longer wants.
-    fn add_ranges(&mut self, id: u32, wanted: &[Ipv4Cidr]) -> Result<Vec<Ipv4Cidr>> {
+    /// Inserts the ranges of `wanted` the frontend lacks (noted in
+    /// `staged`) and records `wanted` as its ranges; returns those it had
+    /// and no longer wants.
+    fn add_ranges(&mut self, wanted: &[Ipv4Cidr], staged: &mut Staged) -> Result<Vec<Ipv4Cidr>> {
+        let id = staged.id;
         let had = self.ranges(id).to_vec();
         for range in wanted.iter().filter(|range| !had.contains(range)) {
             self.source_ranges
                 .insert(&range_key(*range, id), 1, 0)
                 .map_err(map_error(SOURCE_RANGES_MAP))?;
+            staged.ranges_added.push(*range);
         }
-        if wanted.is_empty() {
-            self.ranges_by_id.remove(&id);
-        } else {
-            self.ranges_by_id.insert(id, wanted.to_vec());
-        }
-        Ok(had
-            .into_iter()
+        record(&mut self.ranges_by_id, id, wanted.to_vec());
+        let stale = had
+            .iter()
             .filter(|range| !wanted.contains(range))
-            .collect())
+            .copied()
+            .collect();
+        staged.ranges_had = Some(had);
+        Ok(stale)
     }
 
     fn remove_ranges(&mut self, id: u32, ranges: &[Ipv4Cidr]) {

@@ -71,6 +71,8 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("{count} node addresses: the datapath holds at most {max}")]
+    TooManyNodeAddrs { count: usize, max: u32 },
     #[error("asking rtnetlink about {iface}: {source}")]
     Link {
         iface: String,
