@@ -19,6 +19,7 @@ use svc_common::{
         SERVICES_MAP, SVC_F_AFFINITY, SVC_F_LOCAL_ONLY, SVC_F_MASQ_ALWAYS, SVC_F_MASQ_NON_LOCAL,
         SVC_F_SOURCE_RANGES, ServiceKey, ServiceValue,
     },
+    maglev::MAX_TABLE_SIZE,
     proto,
     stats::CounterValue,
 };
@@ -45,6 +46,10 @@ pub enum Error {
         #[source]
         source: aya::maps::MapError,
     },
+    #[error(
+        "a frontend's Maglev table at slot {offset}, {size} slots long, cannot be one of this agent's"
+    )]
+    BadTable { offset: u32, size: u32 },
     #[error("state file {path}: {source}")]
     State {
         path: String,
@@ -243,7 +248,15 @@ impl PinnedMaps {
     }
 
     fn table(&self, value: &ServiceValue) -> Result<Vec<BackendId>> {
-        (value.maglev_offset..value.maglev_offset + value.maglev_size)
+        let end = value
+            .maglev_offset
+            .checked_add(value.maglev_size)
+            .filter(|_| value.maglev_size <= MAX_TABLE_SIZE)
+            .ok_or(Error::BadTable {
+                offset: value.maglev_offset,
+                size: value.maglev_size,
+            })?;
+        (value.maglev_offset..end)
             .map(|slot| self.maglev.get(&slot, 0).map_err(read_error(MAGLEV_MAP)))
             .collect()
     }

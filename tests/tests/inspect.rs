@@ -221,3 +221,52 @@ fn a_new_layout_removes_the_maps_an_older_one_pinned() {
         "the current layout's maps stay"
     );
 }
+
+/// Pinned values come from another run: an entry whose Maglev block runs
+/// past the end of the numbers is refused with a message naming it, not
+/// trusted in arithmetic, and inspection says the same.
+#[test]
+fn adoption_refuses_a_pinned_entry_it_cannot_have_written() {
+    use aya::maps::{HashMap, Map, MapData};
+    use svc_common::lb::{SCOPE_ADDR, SERVICES_MAP, ServiceKey, ServiceValue};
+    require_root();
+    let id = std::process::id();
+    let dirs = Dirs {
+        pin: PathBuf::from(format!("/sys/fs/bpf/svc-test-corrupt-{id}")),
+        state: std::env::temp_dir().join(format!("svc-test-corrupt-{id}.json")),
+    };
+    let options = LoadOptions {
+        pin_dir: Some(dirs.pin.clone()),
+        ..LoadOptions::default()
+    };
+    drop(Datapath::load(&options).expect("the datapath must load"));
+    let pinned = MapData::from_pin(dirs.pin.join(SERVICES_MAP)).expect("the pinned services");
+    let mut services: HashMap<_, ServiceKey, ServiceValue> =
+        HashMap::try_from(Map::HashMap(pinned)).expect("a hash map");
+    let key = ServiceKey {
+        addr: u32::from_ne_bytes([10, 96, 0, 99]),
+        port: 80u16.to_be(),
+        protocol: svc_common::proto::TCP,
+        scope: SCOPE_ADDR,
+    };
+    let value = ServiceValue {
+        id: 1,
+        maglev_offset: u32::MAX - 5,
+        maglev_size: 251,
+        backend_count: 1,
+        ..ServiceValue::default()
+    };
+    services.insert(key, value, 0).expect("insert");
+    let err = Datapath::load(&options)
+        .err()
+        .expect("the corrupt entry is refused");
+    assert!(
+        err.to_string().contains("Maglev block"),
+        "the message says what is wrong: {err}"
+    );
+    let err = PinnedMaps::open(&dirs.pin)
+        .expect("the pins open")
+        .services(&dirs.state)
+        .expect_err("inspection refuses it too");
+    assert!(err.to_string().contains("Maglev table"), "{err}");
+}

@@ -122,7 +122,9 @@ impl SlotAllocator {
     /// Marks `block` as owned (adopting the tables of a previous run).
     /// `false` if any of its slots is already owned or out of range.
     pub fn reserve(&mut self, block: Block) -> bool {
-        let end = block.offset + block.len;
+        let Some(end) = block.offset.checked_add(block.len) else {
+            return false;
+        };
         let Some((&start, &run)) = self.free.range(..=block.offset).next_back() else {
             return false;
         };
@@ -245,7 +247,10 @@ impl MaglevArea {
 
     fn check(&self, block: Block) {
         assert!(
-            block.offset + block.len <= self.slots,
+            block
+                .offset
+                .checked_add(block.len)
+                .is_some_and(|end| end <= self.slots),
             "block outside the map"
         );
     }
@@ -378,6 +383,13 @@ mod tests {
                 len: 20
             }),
             "past the end"
+        );
+        assert!(
+            !slots.reserve(Block {
+                offset: u32::MAX - 5,
+                len: 251
+            }),
+            "past the end of the numbers"
         );
         assert_eq!(slots.free_slots(), 749);
         assert_eq!(slots.allocate(100).map(|b| b.offset), Some(0));

@@ -229,6 +229,22 @@ impl Maps {
         }
         let mut used_ids = HashSet::new();
         for (key, value) in entries {
+            // Pinned values come from another run, perhaps another version:
+            // checked before any arithmetic trusts them.
+            if value.id >= self.service_stats.len() || !used_ids.insert(value.id) {
+                return Err(Error::Adopt(format!(
+                    "frontend {key:?}: its id {} is out of range or another frontend's",
+                    value.id
+                )));
+            }
+            if value.maglev_size > maglev::MAX_TABLE_SIZE
+                || (value.maglev_size == 0) != (value.backend_count == 0)
+            {
+                return Err(Error::Adopt(format!(
+                    "frontend {key:?}: a Maglev table of {} slots for {} backends is not one this agent writes",
+                    value.maglev_size, value.backend_count
+                )));
+            }
             let block = (value.maglev_size > 0).then_some(Block {
                 offset: value.maglev_offset,
                 len: value.maglev_size,
@@ -246,7 +262,6 @@ impl Maps {
             };
             backends.sort_unstable();
             backends.dedup();
-            used_ids.insert(value.id);
             self.installed.insert(
                 key,
                 Installed {
