@@ -17,7 +17,7 @@ use k8s_openapi::api::core::v1::Node;
 use svc_agent::{
     datapath::{
         Capacities, Datapath, Frontend, LoadOptions, StatsSnapshot, current_netns_cookie, ifaces,
-        ports,
+        netlink::LinkEvents, ports,
     },
     metrics,
     model::{LocalDetect, NodeInfo, ObjectKey, Problem, Settings, Translator},
@@ -229,7 +229,7 @@ async fn connect(args: &mut RunArgs, node_name: &str) -> Result<kube::Client> {
 }
 
 /// Loads and attaches the datapath.
-fn start_datapath(args: &RunArgs, tasks: &mut Tasks) -> Result<(Datapath, Attached)> {
+fn start_datapath(args: &RunArgs, tasks: &mut Tasks) -> Result<Datapath> {
     let mut datapath = load_datapath(args)?;
     spawn_logger(&mut datapath, tasks)?;
     if !args.no_host_sockets {
@@ -238,9 +238,59 @@ fn start_datapath(args: &RunArgs, tasks: &mut Tasks) -> Result<(Datapath, Attach
             .context("attaching the host socket hooks")?;
         info!(cgroup = %cgroup.display(), "translating host sockets");
     }
-    let mut attached = Attached::default();
-    attached.rescan(&mut datapath, args);
-    Ok((datapath, attached))
+    rescan_interfaces(&mut datapath, args);
+    Ok(datapath)
+}
+
+/// Link changes, announced by rtnetlink: interfaces are attached as they
+/// appear and let go as they vanish. Without them (the subscription
+/// failed), the interfaces are looked at every 200 ms.
+struct Interfaces {
+    events: Option<LinkEvents>,
+    /// Looks at every interface now and then anyway.
+    rescan: time::Interval,
+}
+
+impl Interfaces {
+    fn watch() -> Self {
+        let (events, every) = match LinkEvents::subscribe() {
+            Ok(events) => (Some(events), Duration::from_secs(10)),
+            Err(err) => {
+                warn!(error = %err, "subscribing to link changes failed; looking at interfaces every 200 ms");
+                (None, Duration::from_millis(200))
+            }
+        };
+        Self {
+            events,
+            rescan: time::interval(every),
+        }
+    }
+
+    /// Waits until the interfaces should be looked at again.
+    async fn changed(&mut self) {
+        let Some(events) = &mut self.events else {
+            self.rescan.tick().await;
+            return;
+        };
+        tokio::select! {
+            result = events.changed() => {
+                if let Err(err) = result {
+                    warn!(error = %err, "link changes stopped; looking at interfaces every 200 ms");
+                    self.events = None;
+                    self.rescan = time::interval(Duration::from_millis(200));
+                    return;
+                }
+                // A burst (a pod's veth pair is several announcements) is
+                // looked at once.
+                for _ in 0..10_000 {
+                    if futures::FutureExt::now_or_never(events.changed()).is_none() {
+                        break;
+                    }
+                }
+            }
+            _ = self.rescan.tick() => {}
+        }
+    }
 }
 
 /// An applier that knows what an earlier agent left pinned, if anything.
@@ -356,7 +406,8 @@ async fn run(mut args: RunArgs) -> Result<()> {
         None => Ok(connect(&mut args, &node_name).await?),
     };
     let mut tasks = Tasks::new();
-    let (mut datapath, mut attached) = start_datapath(&args, &mut tasks)?;
+    let mut datapath = start_datapath(&args, &mut tasks)?;
+    let mut interfaces = Interfaces::watch();
     log_masquerading(&args, &settings);
     let mut translator = translator(&args, &node_name, settings);
     let mut source = match client {
@@ -391,8 +442,11 @@ async fn run(mut args: RunArgs) -> Result<()> {
     };
     loop {
         let synced = tokio::select! {
+            () = interfaces.changed() => {
+                rescan_interfaces(&mut datapath, &args);
+                None
+            }
             _ = poll.tick() => {
-                attached.rescan(&mut datapath, &args);
                 match &mut source {
                     Source::Manifests(watch) => sync.manifests(watch, &mut datapath),
                     Source::Kube { .. } => None,
@@ -441,14 +495,19 @@ async fn run(mut args: RunArgs) -> Result<()> {
                 sweeper.want();
                 sweeper.start_if_due(sync.applier, &mut datapath);
             }
-            snapshot.syncs += 1;
-            snapshot.sync_errors += synced.errors;
-            snapshot.input_problems += synced.problems;
-            snapshot.sync_latency.observe(synced.latency);
-            names = synced.names;
+            names = count_sync(&mut snapshot, synced);
             publish(&page, &mut snapshot, sync.applier, &datapath, &names, true);
         }
     }
+}
+
+/// Counts `synced` in the metrics; returns the frontends' service names.
+fn count_sync(snapshot: &mut metrics::Snapshot, synced: Synced) -> Vec<(Frontend, String)> {
+    snapshot.syncs += 1;
+    snapshot.sync_errors += synced.errors;
+    snapshot.input_problems += synced.problems;
+    snapshot.sync_latency.observe(synced.latency);
+    synced.names
 }
 
 /// A supervised task ended: said loudly, counted, and if the agent cannot
@@ -550,45 +609,29 @@ async fn coalesce(
     }
 }
 
-/// Interfaces the programs are attached to; new ones matching the
-/// patterns (pods come and go) are attached as they appear.
-#[derive(Default)]
-struct Attached {
-    pods: BTreeSet<String>,
-    uplinks: BTreeSet<String>,
-}
-
-impl Attached {
-    fn rescan(&mut self, datapath: &mut Datapath, args: &RunArgs) {
-        let present = ifaces::interfaces();
-        for name in &present {
-            let is = |patterns: &[String]| patterns.iter().any(|p| ifaces::matches(p, name));
-            if is(&args.uplinks) && !self.uplinks.contains(name) {
-                match datapath.attach_uplink(name) {
-                    Ok(()) => {
-                        info!(iface = %name, "attached to uplink");
-                        self.uplinks.insert(name.clone());
-                    }
-                    Err(err) => warn!(iface = %name, error = %err, "attaching to uplink failed"),
-                }
-            } else if is(&args.pod_ifaces)
-                && !self.pods.contains(name)
-                && !self.uplinks.contains(name)
-            {
-                match datapath.attach_pod(name) {
-                    Ok(()) => {
-                        info!(iface = %name, "attached to pod interface");
-                        self.pods.insert(name.clone());
-                    }
-                    Err(err) => {
-                        warn!(iface = %name, error = %err, "attaching to pod interface failed");
-                    }
-                }
-            }
+/// Attaches the programs to every present interface the patterns name
+/// that is not yet attached (a new one under an old name included), and
+/// lets go of the attachments of interfaces that went.
+fn rescan_interfaces(datapath: &mut Datapath, args: &RunArgs) {
+    let present = ifaces::interfaces();
+    for (index, name) in &present {
+        let is = |patterns: &[String]| patterns.iter().any(|p| ifaces::matches(p, name));
+        let uplink = is(&args.uplinks);
+        if !(uplink || is(&args.pod_ifaces)) || datapath.is_attached(*index, name) {
+            continue;
         }
-        // Gone interfaces took their links with them.
-        self.pods.retain(|name| present.contains(name));
-        self.uplinks.retain(|name| present.contains(name));
+        let (kind, result) = if uplink {
+            ("uplink", datapath.attach_uplink(name))
+        } else {
+            ("pod interface", datapath.attach_pod(name))
+        };
+        match result {
+            Ok(()) => info!(iface = %name, index, kind, "attached"),
+            Err(err) => warn!(iface = %name, kind, error = %err, "attaching failed"),
+        }
+    }
+    for name in datapath.detach_absent(&present) {
+        info!(iface = %name, "interface gone; its attachment and pin removed");
     }
 }
 

@@ -376,3 +376,112 @@ fn removing_backends_under_a_large_table_never_stalls_the_agent() {
         "the sweep deleted the flows that were over"
     );
 }
+
+/// Runs `ip -n <netns> -batch -` with `commands`.
+fn ip_batch(netns: &str, commands: &str) {
+    use std::process::Stdio;
+    let mut ip = Command::new("ip")
+        .args(["-n", netns, "-batch", "-"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("ip");
+    ip.stdin
+        .take()
+        .expect("stdin")
+        .write_all(commands.as_bytes())
+        .expect("commands");
+    assert!(ip.wait().expect("ip").success(), "ip -batch failed");
+}
+
+/// The tc link pins of interfaces named `v…`: (name, index).
+fn veth_pins(pins: &Path) -> Vec<(String, u32)> {
+    fs::read_dir(pins.join("links"))
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|entry| {
+                    let name = entry.file_name().into_string().ok()?;
+                    let (iface, index) = name.strip_prefix("tc-ingress-v")?.rsplit_once('@')?;
+                    Some((format!("v{iface}"), index.parse().ok()?))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn open_fds(agent: &Child) -> usize {
+    fs::read_dir(format!("/proc/{}/fd", agent.id())).map_or(0, Iterator::count)
+}
+
+#[test]
+fn pod_interfaces_are_attached_as_they_come_and_let_go_as_they_go() {
+    const VETHS: usize = 500;
+    let fixture = Fixture::start("veths", &web(&[80]), &["--pod-iface", "v*"]);
+    let agent = fixture.agent.as_ref().expect("the agent runs");
+    let fds = open_fds(agent);
+    let mut create = String::new();
+    for i in 0..VETHS {
+        let _ = writeln!(create, "link add v{i} type veth peer name w{i}");
+    }
+    let started = Instant::now();
+    ip_batch(&fixture.netns, &create);
+    assert!(
+        eventually(Duration::from_mins(1), || veth_pins(&fixture.pins).len()
+            == VETHS),
+        "every pod interface is attached and pinned: {} of {VETHS}",
+        veth_pins(&fixture.pins).len()
+    );
+    eprintln!(
+        "{VETHS} veth pairs created and attached in {:?}",
+        started.elapsed()
+    );
+    // A new interface under an old name gets its own link, not the old
+    // one's (whose interface is gone).
+    let old = veth_pins(&fixture.pins)
+        .into_iter()
+        .find(|(name, _)| name == "v0")
+        .expect("v0 is pinned");
+    ip_batch(
+        &fixture.netns,
+        "link del v0\nlink add v0 type veth peer name w0\n",
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let v0: Vec<_> = veth_pins(&fixture.pins)
+                .into_iter()
+                .filter(|(name, _)| name == "v0")
+                .collect();
+            v0.len() == 1 && v0[0] != old
+        }),
+        "v0 was attached anew: {:?}",
+        veth_pins(&fixture.pins)
+            .into_iter()
+            .filter(|(name, _)| name == "v0")
+            .collect::<Vec<_>>()
+    );
+    let mut delete = String::new();
+    for i in 0..VETHS {
+        let _ = writeln!(delete, "link del v{i}");
+    }
+    let started = Instant::now();
+    ip_batch(&fixture.netns, &delete);
+    assert!(
+        eventually(Duration::from_mins(1), || veth_pins(&fixture.pins)
+            .is_empty()),
+        "every gone interface's pin is removed: {} left",
+        veth_pins(&fixture.pins).len()
+    );
+    eprintln!(
+        "{VETHS} veth pairs deleted and let go in {:?}",
+        started.elapsed()
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || open_fds(agent) <= fds + 8),
+        "the agent holds no link of a gone interface: {} descriptors, {fds} at start",
+        open_fds(agent)
+    );
+    assert_eq!(
+        get(&fixture.netns, "/healthz").map(|(status, _)| status),
+        Some(200)
+    );
+}

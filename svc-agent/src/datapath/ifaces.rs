@@ -3,31 +3,42 @@
 
 use std::ffi::CStr;
 
-/// Names of the interfaces in the calling thread's network namespace.
+/// The interfaces of the calling thread's network namespace: (index,
+/// name).
 #[must_use]
-pub fn interfaces() -> Vec<String> {
+pub fn interfaces() -> Vec<(u32, String)> {
     // SAFETY: if_nameindex returns an array ending with a zero entry, or
     // null; it is freed below with if_freenameindex.
     let list = unsafe { libc::if_nameindex() };
     if list.is_null() {
         return Vec::new();
     }
-    let mut names = Vec::new();
+    let mut found = Vec::new();
     let mut entry = list;
     // SAFETY: walking the array up to its terminating zero entry; names
     // are NUL-terminated C strings owned by the array.
     unsafe {
         while (*entry).if_index != 0 && !(*entry).if_name.is_null() {
-            names.push(
+            found.push((
+                (*entry).if_index,
                 CStr::from_ptr((*entry).if_name)
                     .to_string_lossy()
                     .into_owned(),
-            );
+            ));
             entry = entry.add(1);
         }
         libc::if_freenameindex(list);
     }
-    names
+    found
+}
+
+/// The index of interface `name` in the calling thread's namespace.
+#[must_use]
+pub fn index_of(name: &str) -> Option<u32> {
+    let name = std::ffi::CString::new(name).ok()?;
+    // SAFETY: a NUL-terminated string that outlives the call.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    (index != 0).then_some(index)
 }
 
 /// Whether `name` matches `pattern`, where `*` stands for any run of
@@ -68,7 +79,9 @@ mod tests {
     }
 
     #[test]
-    fn the_loopback_interface_is_listed() {
-        assert!(interfaces().iter().any(|name| name == "lo"));
+    fn the_loopback_interface_is_listed_with_its_index() {
+        let lo = index_of("lo").expect("lo has an index");
+        assert!(interfaces().contains(&(lo, "lo".to_owned())));
+        assert_eq!(index_of("svc-no-such0"), None);
     }
 }

@@ -29,7 +29,10 @@ use svc_common::{
     stats::STATS_MAP,
 };
 
-use super::{Error, Maps, Result, StatsSnapshot, conntrack, sys};
+use super::{
+    Error, Maps, Result, StatsSnapshot, conntrack, sys,
+    tc_links::{self, TcLinks},
+};
 
 /// The eBPF object built by `build.rs` from `svc-ebpf`.
 pub static EBPF_OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/svc-ebpf"));
@@ -149,6 +152,8 @@ pub struct Datapath {
     // Held so the pins' links stay ours until drop; the pins keep them
     // attached after.
     pinned_links: Vec<PinnedLink>,
+    /// The tc attachments, by interface index.
+    tc_links: TcLinks,
 }
 
 impl Datapath {
@@ -244,6 +249,7 @@ impl Datapath {
             pin_dir: options.pin_dir.clone(),
             adopted,
             pinned_links: Vec::new(),
+            tc_links: TcLinks::default(),
         })
     }
 
@@ -296,6 +302,13 @@ impl Datapath {
     }
 
     fn attach_tc(&mut self, program: &'static str, iface: &str) -> Result<()> {
+        let index = super::ifaces::index_of(iface).ok_or_else(|| Error::Link {
+            iface: iface.to_owned(),
+            source: std::io::ErrorKind::NotFound.into(),
+        })?;
+        if self.tc_links.has(index, iface) {
+            return Ok(());
+        }
         // Translated packets may carry a node address as their source
         // (masquerade, hairpin), or a source the reverse path does not
         // lead back through: the kernel must accept them on ingress, also
@@ -321,32 +334,72 @@ impl Datapath {
         };
         let classifier = classifier_mut(&mut self.ebpf, program)?;
         let Some(dir) = &self.pin_dir else {
-            classifier
+            let id = classifier
                 .attach(iface, TcAttachType::Ingress)
                 .map_err(attach_error)?;
+            let link = classifier.take_link(id).map_err(attach_error)?;
+            self.tc_links
+                .insert(index, iface, None, tc_links::Handle::Held(link));
             return Ok(());
         };
-        let path = dir.join("links").join(format!("tc-ingress-{iface}"));
-        if path.exists() {
-            // An earlier run's link: swap our program in, atomically, so
-            // not one packet goes untranslated.
+        let path = tc_links::pin_path(dir, iface, index);
+        let adopted = if path.exists() {
+            // An earlier run's link on this very interface: swap our
+            // program in, atomically, so not one packet goes untranslated.
             let taken = PinnedLink::from_pin(&path)
                 .map(FdLink::from)
                 .and_then(SchedClassifierLink::try_from);
-            if let Ok(link) = taken
-                && classifier.attach_to_link(link).is_ok()
-            {
-                return Ok(());
+            if let Ok(Ok(id)) = taken.map(|link| classifier.attach_to_link(link)) {
+                Some(classifier.take_link(id).map_err(attach_error)?)
+            } else {
+                // Its interface went away and came back: the link is dead.
+                let _ = fs::remove_file(&path);
+                None
             }
-            // Its interface went away and came back: the link is dead.
-            let _ = fs::remove_file(&path);
-        }
-        let id = classifier
-            .attach(iface, TcAttachType::Ingress)
-            .map_err(attach_error)?;
-        let link = classifier.take_link(id).map_err(attach_error)?;
-        self.pinned_links.push(pin_link(link, &path)?);
+        } else {
+            None
+        };
+        let handle = if let Some(link) = adopted {
+            tc_links::Handle::Held(link)
+        } else {
+            let id = classifier
+                .attach(iface, TcAttachType::Ingress)
+                .map_err(attach_error)?;
+            let link = classifier.take_link(id).map_err(attach_error)?;
+            tc_links::Handle::Pinned(pin_link(link, &path)?)
+        };
+        self.tc_links.insert(index, iface, Some(path), handle);
+        // Other pins of this name (an interface of that name before this
+        // one, or the layout without an index) hold dead or duplicate
+        // links: ours is in place, so they go.
+        tc_links::prune_pins(dir, |name, i| name != iface || i == Some(index));
         Ok(())
+    }
+
+    /// Whether interface `index` named `iface` is attached.
+    #[must_use]
+    pub fn is_attached(&self, index: u32, iface: &str) -> bool {
+        self.tc_links.has(index, iface)
+    }
+
+    /// Lets go of the attachments (and pins) of interfaces that are not in
+    /// `present` ((index, name) of every interface of the namespace), and
+    /// of pins an earlier run left for such interfaces; returns the names
+    /// of the attached interfaces that went.
+    pub fn detach_absent(&mut self, present: &[(u32, String)]) -> Vec<String> {
+        let gone = self.tc_links.retain_present(present);
+        if let Some(dir) = &self.pin_dir {
+            tc_links::prune_pins(dir, |name, index| {
+                index.is_some_and(|index| present.iter().any(|(i, n)| *i == index && n == name))
+            });
+        }
+        gone
+    }
+
+    /// How many interfaces are attached.
+    #[must_use]
+    pub fn attached_interfaces(&self) -> usize {
+        self.tc_links.len()
     }
 
     /// Attaches the socket programs to the cgroup v2 hierarchy's root, so

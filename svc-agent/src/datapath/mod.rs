@@ -11,10 +11,11 @@ pub mod ifaces;
 mod loader;
 mod maglev;
 mod maps;
-mod netlink;
+pub mod netlink;
 pub mod ports;
 mod stats;
 mod sys;
+mod tc_links;
 
 use std::path::PathBuf;
 

@@ -9,7 +9,37 @@ use netlink_packet_route::{
     RouteNetlinkMessage,
     link::{LinkAttribute, LinkMessage},
 };
-use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
+use netlink_sys::{
+    AsyncSocket as _, AsyncSocketExt as _, Socket, SocketAddr, TokioSocket,
+    protocols::NETLINK_ROUTE,
+};
+
+/// Link changes (created, deleted, renamed, up or down) in the calling
+/// thread's network namespace, as rtnetlink announces them.
+pub struct LinkEvents {
+    socket: TokioSocket,
+}
+
+impl LinkEvents {
+    /// Subscribes; must run inside the Tokio runtime.
+    pub fn subscribe() -> io::Result<Self> {
+        let mut socket = TokioSocket::new(NETLINK_ROUTE)?;
+        let groups = u32::try_from(libc::RTMGRP_LINK).unwrap_or_default();
+        socket.socket_mut().bind(&SocketAddr::new(0, groups))?;
+        Ok(Self { socket })
+    }
+
+    /// Waits until links changed. Announcements the kernel dropped (its
+    /// queue overflowed) count as a change: the caller looks at every link
+    /// anyway.
+    pub async fn changed(&mut self) -> io::Result<()> {
+        match self.socket.recv_from_full().await {
+            Ok(_) => Ok(()),
+            Err(err) if err.raw_os_error() == Some(libc::ENOBUFS) => Ok(()),
+            Err(err) => Err(err),
+        }
+    }
+}
 
 /// The device `iface` is enslaved to (a bridge, a bond), if any.
 pub fn controller_of(iface: &str) -> io::Result<Option<String>> {
