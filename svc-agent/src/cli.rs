@@ -120,8 +120,8 @@ pub struct RunArgs {
     #[arg(long, value_name = "DIR", conflicts_with = "kubeconfig")]
     pub manifests: Option<PathBuf>,
     /// Kubeconfig to reach the API server with. Without it (and without
-    /// --manifests) the in-cluster service account is used, or `KUBECONFIG`,
-    /// or `~/.kube/config`.
+    /// --manifests): `KUBECONFIG` or `~/.kube/config` if there is one, else
+    /// the in-cluster service account.
     #[arg(long, value_name = "PATH")]
     pub kubeconfig: Option<PathBuf>,
     /// After a Kubernetes change, wait this long for more before applying,

@@ -74,8 +74,9 @@ pub const CT_F_SNAT: u8 = 1 << 3;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct CtEntry {
-    /// Last packet, `bpf_ktime_get_coarse_ns` (refreshed at most once a
-    /// second).
+    /// Last packet, on the datapath's clock (jiffies scaled by
+    /// `DatapathConfig::ns_per_tick`, or `bpf_ktime_get_coarse_ns` when that
+    /// is 0; refreshed at most once a second).
     pub last_seen_ns: u64,
     /// The tuple's new source address (network order).
     pub saddr: u32,

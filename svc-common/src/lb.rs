@@ -243,7 +243,8 @@ assert_layout!(AffinityKey, size = 8, align = 4);
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct AffinityValue {
-    /// Monotonic time of the last new connection, `bpf_ktime_get_coarse_ns`.
+    /// Time of the last new connection, on the datapath's clock (as
+    /// `CtEntry::last_seen_ns`).
     pub last_used_ns: u64,
     pub backend_id: BackendId,
     pub _pad: u32,

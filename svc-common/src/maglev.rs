@@ -221,12 +221,6 @@ mod tests {
     }
 
     #[test]
-    fn the_table_depends_on_identities_not_on_node_local_ids() {
-        let keys = keys(10);
-        assert_eq!(table(&keys, 1_021), table(&keys, 1_021));
-    }
-
-    #[test]
     fn no_backends_leaves_the_table_empty() {
         let table = table(&[], 251);
         assert!(table.iter().all(|&slot| slot == u32::MAX));

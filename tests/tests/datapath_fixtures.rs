@@ -1110,6 +1110,47 @@ fn assert_port_unreachable(name: &str, input: &[u8], output: &[u8], from: Ipv4Ad
     );
 }
 
+/// Every node builds the same table for a service whatever ids it gave
+/// the backends (they are node-local), so a flow lands on the same pod
+/// whichever node translates it: two datapaths, the same endpoints under
+/// different ids, slot for slot the same addresses.
+#[test]
+fn the_table_depends_on_the_endpoints_not_on_node_local_ids() {
+    let endpoints: Vec<SocketAddrV4> = (1..=10)
+        .map(|i| SocketAddrV4::new(Ipv4Addr::new(10, 3, 0, i), 8080))
+        .collect();
+    let frontend = Frontend::tcp(Ipv4Addr::new(10, 96, 9, 9), 80);
+    let table = |ids: &[BackendId]| {
+        let mut datapath = load(config());
+        let maps = datapath.maps_mut();
+        for (&id, addr) in ids.iter().zip(&endpoints) {
+            let spec = BackendSpec {
+                addr: *addr,
+                local: false,
+                terminating: false,
+            };
+            maps.set_backend(id, &spec).expect("backend");
+        }
+        maps.upsert_service(&frontend, &ServicePolicy::default(), ids)
+            .expect("service");
+        let value = maps.service(&frontend).expect("installed");
+        let addr_of: std::collections::HashMap<BackendId, SocketAddrV4> =
+            ids.iter().copied().zip(endpoints.iter().copied()).collect();
+        (0..value.maglev_size)
+            .map(|slot| {
+                let id = maps
+                    .maglev_slot(value.maglev_offset + slot)
+                    .expect("a slot");
+                addr_of[&id]
+            })
+            .collect::<Vec<_>>()
+    };
+    let first = table(&[11, 12, 13, 14, 15, 16, 17, 18, 19, 20]);
+    let second = table(&[40, 31, 38, 33, 36, 35, 34, 37, 32, 39]);
+    assert_eq!(first.len(), 1_021);
+    assert_eq!(first, second, "the same endpoints, slot for slot");
+}
+
 /// Address writes that fail are neither half-applied for good nor
 /// allowed to eat the ClusterIPs' room: too many node addresses are
 /// refused whole, and addresses a full map refused are written once there
