@@ -501,6 +501,23 @@ pub struct Cluster {
 }
 
 impl Cluster {
+    /// The usual test cluster: on node1 client `z` (10.244.1.5) and
+    /// backend `a` (.2); on node2 backends `b` (.2) and `c` (.3). Every
+    /// backend serves `tcp_ports` and UDP 5353.
+    #[must_use]
+    pub fn with_backends(options: Options, tcp_ports: &[u16]) -> Self {
+        let mut cluster = Self::new(options);
+        cluster.nodes[0].add_pod("z", 5);
+        for (node, name, host) in [(0, "a", 2), (1, "b", 2), (1, "c", 3)] {
+            let pod = cluster.nodes[node].add_pod(name, host);
+            for &port in tcp_ports {
+                pod.serve_tcp(port);
+            }
+            pod.serve_udp(5353);
+        }
+        cluster
+    }
+
     #[must_use]
     pub fn new(options: Options) -> Self {
         crate::require_root();

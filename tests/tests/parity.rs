@@ -31,17 +31,9 @@ const UNALLOCATED: Ipv4Addr = Ipv4Addr::new(10, 96, 9, 9);
 /// but on none of the nodes.
 const STRAY_POD_ADDR: Ipv4Addr = Ipv4Addr::new(10, 244, 9, 9);
 
-/// node1: client `z` and backend `a`; node2: backends `b` and `c`. Every
-/// backend serves TCP 8080 and UDP 5353.
+/// The usual cluster, every backend serving TCP 8080 and UDP 5353.
 fn cluster(options: Options) -> Cluster {
-    let mut cluster = Cluster::new(options);
-    cluster.nodes[0].add_pod("z", 5);
-    for (node, name, host) in [(0, "a", 2), (1, "b", 2), (1, "c", 3)] {
-        let pod = cluster.nodes[node].add_pod(name, host);
-        pod.serve_tcp(8080);
-        pod.serve_udp(5353);
-    }
-    cluster
+    Cluster::with_backends(options, &[8080])
 }
 
 /// An endpoint of the `web` service: a pod and its conditions.
