@@ -369,10 +369,6 @@ impl Datapath {
             tc_links::Handle::Pinned(pin_link(link, &path)?)
         };
         self.tc_links.insert(index, iface, Some(path), handle);
-        // Other pins of this name (an interface of that name before this
-        // one, or the layout without an index) hold dead or duplicate
-        // links: ours is in place, so they go.
-        tc_links::prune_pins(dir, |name, i| name != iface || i == Some(index));
         Ok(())
     }
 
@@ -384,8 +380,11 @@ impl Datapath {
 
     /// Lets go of the attachments (and pins) of interfaces that are not in
     /// `present` ((index, name) of every interface of the namespace), and
-    /// of pins an earlier run left for such interfaces; returns the names
-    /// of the attached interfaces that went.
+    /// of every other tc pin but those of present interfaces: an earlier
+    /// run's for interfaces that went, an older interface's of a reused
+    /// name, the layout without an index (after the attachments that
+    /// replace them, so no packet goes untranslated). Returns the names of
+    /// the attached interfaces that went.
     pub fn detach_absent(&mut self, present: &[(u32, String)]) -> Vec<String> {
         let gone = self.tc_links.retain_present(present);
         if let Some(dir) = &self.pin_dir {
@@ -394,12 +393,6 @@ impl Datapath {
             });
         }
         gone
-    }
-
-    /// How many interfaces are attached.
-    #[must_use]
-    pub fn attached_interfaces(&self) -> usize {
-        self.tc_links.len()
     }
 
     /// Attaches the socket programs to the cgroup v2 hierarchy's root, so

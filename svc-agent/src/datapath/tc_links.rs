@@ -79,11 +79,6 @@ impl TcLinks {
         });
         gone
     }
-
-    /// How many interfaces are attached.
-    pub fn len(&self) -> usize {
-        self.by_index.len()
-    }
 }
 
 fn remove_pin(pin: Option<&Path>) {
