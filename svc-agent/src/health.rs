@@ -11,11 +11,10 @@ use std::{
     sync::{Arc, Mutex, PoisonError},
 };
 
-use svc_agent::model::HealthCheck;
 use tokio::{net::TcpListener, task::JoinHandle};
 use tracing::{debug, info, warn};
 
-use crate::http;
+use crate::{http, model::HealthCheck};
 
 type Checks = Arc<Mutex<BTreeMap<u16, HealthCheck>>>;
 

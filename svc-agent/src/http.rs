@@ -1,7 +1,10 @@
 //! A minimal HTTP/1.0 server for `/metrics`, `/healthz` and `/readyz`:
 //! enough for Prometheus and kubelet probes, nothing else.
 
-use std::sync::{Arc, Mutex};
+use std::{
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    time::Instant,
+};
 
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
@@ -10,7 +13,42 @@ use tokio::{
 };
 use tracing::debug;
 
-use crate::Page;
+/// The page the HTTP side serves, rendered by the agent's loop.
+#[derive(Debug)]
+pub struct Page {
+    pub text: String,
+    pub ready: bool,
+    /// When the loop last rendered it (every 2 s while it runs).
+    pub refreshed: Instant,
+    /// Why the agent cannot do its job any more (an essential task
+    /// ended): `/healthz` fails with it, so the agent is restarted.
+    pub failed: Option<String>,
+}
+
+impl Page {
+    /// An empty page, not ready, as of now.
+    #[must_use]
+    pub fn new() -> Self {
+        Self {
+            text: String::new(),
+            ready: false,
+            refreshed: Instant::now(),
+            failed: None,
+        }
+    }
+}
+
+impl Default for Page {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Locks `page`; a panicked holder left a whole page or none, so it is
+/// still served.
+pub fn lock(page: &Mutex<Page>) -> MutexGuard<'_, Page> {
+    page.lock().unwrap_or_else(PoisonError::into_inner)
+}
 
 /// How long a client may take to send its request head.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
@@ -97,7 +135,7 @@ fn health(page: &Page) -> Result<(), String> {
 async fn respond(mut stream: TcpStream, page: &Mutex<Page>) -> std::io::Result<()> {
     let path = read_path(&mut stream).await?;
     let (status, content_type, body) = {
-        let page = crate::lock(page);
+        let page = lock(page);
         match path.as_str() {
             "/metrics" => ("200 OK", "text/plain; version=0.0.4", page.text.clone()),
             "/healthz" => match health(&page) {

@@ -2,10 +2,14 @@
 //! maps. `main.rs` is the CLI; the integration tests and xtask's benchmarks
 //! drive the same library.
 
+pub mod agent;
 pub mod datapath;
+pub mod health;
+pub mod http;
 pub mod inspect;
 pub mod metrics;
 pub mod model;
+pub mod reconcile;
 pub mod source;
 pub mod sweeper;
 pub mod sync;

@@ -1,46 +1,31 @@
 //! `svc-agent`: the per-node service proxy agent.
 
 mod cli;
-mod health;
-mod http;
 mod inspect_cmd;
 
 use std::{
-    collections::BTreeSet,
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{Context as _, Result};
 use clap::Parser as _;
 use k8s_openapi::api::core::v1::Node;
 use svc_agent::{
-    datapath::{
-        Capacities, Datapath, Frontend, LoadOptions, StatsSnapshot, current_netns_cookie, ifaces,
-        netlink::LinkEvents, ports,
-    },
-    metrics,
-    model::{LocalDetect, NodeInfo, ObjectKey, Problem, Settings, Translator},
-    source::{
-        self,
-        kube::{Change, Dirty, KubeSource},
-        manifests::Watch,
-    },
-    sweeper::Sweeper,
+    agent::{self, Agent, AttachPatterns},
+    datapath::{Capacities, Datapath, LoadOptions, current_netns_cookie, ports},
+    http::{self, Page},
+    model::{LocalDetect, NodeInfo, Settings, Translator},
+    reconcile::{Fixed, Reconciler, join},
+    source::{self, kube::KubeSource, manifests::ManifestSource},
     sync::Applier,
-    tasks::{Ended, Task, Tasks},
+    tasks::{Task, Tasks},
 };
-use svc_common::{
-    config::{DatapathConfig, LOCAL_BY_CIDR, LOCAL_BY_INTERFACE},
-    stats::Counter,
-};
-use tokio::{io::unix::AsyncFd, signal, sync::mpsc, time};
-use tracing::{error, info, warn};
+use svc_common::config::{DatapathConfig, LOCAL_BY_CIDR, LOCAL_BY_INTERFACE};
+use tokio::{io::unix::AsyncFd, time};
+use tracing::{info, warn};
 
-use crate::{
-    cli::{Cli, Command, DetectLocalMode, LogFormat, RunArgs},
-    health::HealthChecks,
-};
+use crate::cli::{Cli, Command, DetectLocalMode, LogFormat, RunArgs};
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
@@ -182,15 +167,6 @@ fn spawn_logger(datapath: &mut Datapath, tasks: &mut Tasks) -> Result<()> {
     Ok(())
 }
 
-/// Where the objects come from.
-enum Source {
-    Manifests(Watch),
-    Kube {
-        source: KubeSource,
-        changes: mpsc::Receiver<Change>,
-    },
-}
-
 /// Connects to the API server and, unless `--node-addr` gave them, reads
 /// this node's addresses from its Node object.
 async fn connect(args: &mut RunArgs, node_name: &str) -> Result<kube::Client> {
@@ -238,59 +214,7 @@ fn start_datapath(args: &RunArgs, tasks: &mut Tasks) -> Result<Datapath> {
             .context("attaching the host socket hooks")?;
         info!(cgroup = %cgroup.display(), "translating host sockets");
     }
-    rescan_interfaces(&mut datapath, args);
     Ok(datapath)
-}
-
-/// Link changes, announced by rtnetlink: interfaces are attached as they
-/// appear and let go as they vanish. Without them (the subscription
-/// failed), the interfaces are looked at every 200 ms.
-struct Interfaces {
-    events: Option<LinkEvents>,
-    /// Looks at every interface now and then anyway.
-    rescan: time::Interval,
-}
-
-impl Interfaces {
-    fn watch() -> Self {
-        let (events, every) = match LinkEvents::subscribe() {
-            Ok(events) => (Some(events), Duration::from_secs(10)),
-            Err(err) => {
-                warn!(error = %err, "subscribing to link changes failed; looking at interfaces every 200 ms");
-                (None, Duration::from_millis(200))
-            }
-        };
-        Self {
-            events,
-            rescan: time::interval(every),
-        }
-    }
-
-    /// Waits until the interfaces should be looked at again.
-    async fn changed(&mut self) {
-        let Some(events) = &mut self.events else {
-            self.rescan.tick().await;
-            return;
-        };
-        tokio::select! {
-            result = events.changed() => {
-                if let Err(err) = result {
-                    warn!(error = %err, "link changes stopped; looking at interfaces every 200 ms");
-                    self.events = None;
-                    self.rescan = time::interval(Duration::from_millis(200));
-                    return;
-                }
-                // A burst (a pod's veth pair is several announcements) is
-                // looked at once.
-                for _ in 0..10_000 {
-                    if futures::FutureExt::now_or_never(events.changed()).is_none() {
-                        break;
-                    }
-                }
-            }
-            _ = self.rescan.tick() => {}
-        }
-    }
 }
 
 /// An applier that knows what an earlier agent left pinned, if anything.
@@ -306,12 +230,7 @@ fn applier_for(datapath: &Datapath, pin_dir: &std::path::Path) -> Applier {
 
 /// Serves `/metrics`, `/healthz` and `/readyz` from the returned page.
 async fn serve_http(addr: std::net::SocketAddr, tasks: &mut Tasks) -> Result<Arc<Mutex<Page>>> {
-    let page = Arc::new(Mutex::new(Page {
-        text: String::new(),
-        ready: false,
-        refreshed: Instant::now(),
-        failed: None,
-    }));
+    let page = Arc::new(Mutex::new(Page::new()));
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("serving metrics on {addr}"))?;
@@ -368,14 +287,6 @@ fn log_masquerading(args: &RunArgs, settings: &Settings) {
     }
 }
 
-fn join<T: std::fmt::Display>(items: &[T]) -> String {
-    items
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
 /// The translator, with what the flags say of this node and the service
 /// CIDRs.
 fn translator(args: &RunArgs, node_name: &str, settings: Settings) -> Translator {
@@ -398,7 +309,7 @@ fn translator(args: &RunArgs, node_name: &str, settings: Settings) -> Translator
 async fn run(mut args: RunArgs) -> Result<()> {
     let node_name = args.node_name.clone().unwrap_or_else(hostname);
     let settings = settings(&args)?;
-    let fixed = FixedNode::from(&args);
+    let fixed = fixed_by_flags(&args);
     // Connected before the datapath loads: the Node's address becomes the
     // masquerade address.
     let client = match args.manifests.clone() {
@@ -406,159 +317,51 @@ async fn run(mut args: RunArgs) -> Result<()> {
         None => Ok(connect(&mut args, &node_name).await?),
     };
     let mut tasks = Tasks::new();
-    let mut datapath = start_datapath(&args, &mut tasks)?;
-    let mut interfaces = Interfaces::watch();
+    let datapath = start_datapath(&args, &mut tasks)?;
     log_masquerading(&args, &settings);
-    let mut translator = translator(&args, &node_name, settings);
-    let mut source = match client {
-        Ok(client) => {
-            let (source, changes) = KubeSource::start(&client, &node_name, &mut tasks);
-            info!(node = %node_name, "watching Services, EndpointSlices, ServiceCIDRs and this Node");
-            Source::Kube { source, changes }
-        }
-        Err(dir) => Source::Manifests(Watch::new(&dir)),
-    };
-    let mut applier = applier_for(&datapath, &args.pin_dir);
+    let reconciler = Reconciler::new(translator(&args, &node_name, settings), fixed);
+    let applier = applier_for(&datapath, &args.pin_dir);
     let page = serve_http(args.metrics_addr, &mut tasks).await?;
-    let mut snapshot = metrics::Snapshot::default();
-    let mut names: Vec<(Frontend, String)> = Vec::new();
-    let mut render_every = time::interval(Duration::from_secs(2));
-    let mut synced_once = false;
-    let mut sweeper = Sweeper::new(Duration::from_secs(args.ct_sweep_interval_secs));
-    let mut sweep_every = time::interval(Duration::from_secs(1));
-
-    let mut last = StatsSnapshot::default();
-    let mut ticker = time::interval(Duration::from_secs(args.stats_interval_secs.max(1)));
-    // Manifest changes are picked up within a poll; a burst of edits
-    // inside one poll is applied once.
-    let mut poll = time::interval(Duration::from_millis(200));
     let debounce = Duration::from_millis(args.debounce_ms);
-    let mut sync = Sync {
-        state_file: &args.state_file,
-        translator: &mut translator,
-        applier: &mut applier,
-        fixed,
-        health: HealthChecks::default(),
+    let source = client.map(|client| {
+        let source = KubeSource::start(&client, &node_name, debounce, &mut tasks);
+        info!(node = %node_name, "watching Services, EndpointSlices, ServiceCIDRs and this Node");
+        source
+    });
+    let agent = Agent {
+        datapath,
+        applier,
+        reconciler,
+        tasks,
+        page,
+        options: agent::Options {
+            state_file: args.state_file.clone(),
+            attach: AttachPatterns {
+                uplinks: args.uplinks.clone(),
+                pod_ifaces: args.pod_ifaces.clone(),
+            },
+            stats_every: Duration::from_secs(args.stats_interval_secs.max(1)),
+            sweep_every: Duration::from_secs(args.ct_sweep_interval_secs),
+        },
     };
-    loop {
-        let synced = tokio::select! {
-            () = interfaces.changed() => {
-                rescan_interfaces(&mut datapath, &args);
-                None
-            }
-            _ = poll.tick() => {
-                match &mut source {
-                    Source::Manifests(watch) => sync.manifests(watch, &mut datapath),
-                    Source::Kube { .. } => None,
-                }
-            }
-            Some((first, started)) = next_change(&mut source) => {
-                let Source::Kube { source, changes } = &mut source else {
-                    unreachable!("only the Kubernetes source has changes");
-                };
-                let dirty = coalesce(source, changes, first, started, debounce).await;
-                snapshot.watch_errors += dirty.failures.len() as u64;
-                let first = !synced_once;
-                sync.kube(source, dirty, first, started, &mut datapath)
-            }
-            _ = render_every.tick() => {
-                let ready = lock(&page).ready;
-                snapshot.sweeps = sweeper.stats.clone();
-                publish(&page, &mut snapshot, sync.applier, &datapath, &names, ready);
-                None
-            }
-            result = sweeper.finished(), if sweeper.running() => {
-                sweeper.finish(result, sync.applier, &mut datapath);
-                None
-            }
-            _ = sweep_every.tick(), if synced_once => {
-                sweeper.start_if_due(sync.applier, &mut datapath);
-                None
-            }
-            _ = ticker.tick() => {
-                log_counters(&datapath, &mut last);
-                None
-            }
-            ended = tasks.ended() => {
-                task_ended(&ended, &page, &mut snapshot);
-                None
-            }
-            result = signal::ctrl_c() => {
-                result.context("waiting for Ctrl-C")?;
-                log_shutdown(&args);
-                return Ok(());
-            }
-        };
-        if let Some(synced) = synced {
-            synced_once = true;
-            if synced.sweep_wanted {
-                sweeper.want();
-                sweeper.start_if_due(sync.applier, &mut datapath);
-            }
-            names = count_sync(&mut snapshot, synced);
-            publish(&page, &mut snapshot, sync.applier, &datapath, &names, true);
-        }
+    match source {
+        Ok(source) => agent.run(source).await,
+        Err(dir) => agent.run(ManifestSource::new(&dir)).await,
     }
+    .context("waiting for Ctrl-C")?;
+    log_shutdown(&args);
+    Ok(())
 }
 
-/// Counts `synced` in the metrics; returns the frontends' service names.
-fn count_sync(snapshot: &mut metrics::Snapshot, synced: Synced) -> Vec<(Frontend, String)> {
-    snapshot.syncs += 1;
-    snapshot.sync_errors += synced.errors;
-    snapshot.input_problems += synced.problems;
-    snapshot.sync_latency.observe(synced.latency);
-    synced.names
-}
-
-/// A supervised task ended: said loudly, counted, and if the agent cannot
-/// do without it, `/healthz` fails from now on.
-fn task_ended(ended: &Ended, page: &Mutex<Page>, snapshot: &mut metrics::Snapshot) {
-    let Ended { task, why } = ended;
-    *snapshot.task_failures.entry(task.name).or_default() += 1;
-    if task.essential {
-        error!(
-            task = task.name,
-            why,
-            "an essential task ended: /healthz fails so the agent is restarted (the pinned datapath serves meanwhile)"
-        );
-        lock(page).failed = Some(format!("the {} ended: {why}", task.name));
-    } else {
-        warn!(
-            task = task.name,
-            why, "a task ended; the agent goes on without it"
-        );
+/// What the flags fixed: the Node object and the `ServiceCIDR` objects do
+/// not change it.
+fn fixed_by_flags(args: &RunArgs) -> Fixed {
+    Fixed {
+        addrs: !args.node_addrs.is_empty(),
+        zone: args.node_zone.is_some(),
+        pod_cidrs: !args.node_pod_cidrs.is_empty(),
+        service_cidrs: !args.service_cidrs.is_empty(),
     }
-}
-
-/// Logs what the counters moved since `last`, and keeps them there. The
-/// counters that mean trouble are warned about.
-fn log_counters(datapath: &Datapath, last: &mut StatsSnapshot) {
-    let now = match datapath.stats() {
-        Ok(now) => now,
-        Err(err) => {
-            warn!(error = %err, "reading the datapath's counters failed");
-            return;
-        }
-    };
-    for (counter, delta) in now.since(last) {
-        match counter {
-            Counter::DropNatPortsExhausted => warn!(
-                packets = delta.packets,
-                "new masqueraded flows dropped: every NAT source port to their backend is taken (--nat-port-range)"
-            ),
-            Counter::LbNewFlowMidstream => warn!(
-                packets = delta.packets,
-                "TCP segments of connections connection tracking had lost (evicted from a full table?) started new flows"
-            ),
-            _ => info!(
-                counter = counter.name(),
-                packets = delta.packets,
-                bytes = delta.bytes,
-                "packets"
-            ),
-        }
-    }
-    *last = now;
 }
 
 fn log_shutdown(args: &RunArgs) {
@@ -570,327 +373,6 @@ fn log_shutdown(args: &RunArgs) {
             "shutting down; the pinned datapath keeps serving (`svc-agent cleanup` removes it)"
         );
     }
-}
-
-/// The next Kubernetes change and when it was seen; never resolves for the
-/// manifest source.
-async fn next_change(source: &mut Source) -> Option<(Change, Instant)> {
-    match source {
-        Source::Kube { changes, .. } => changes.recv().await.map(|change| (change, Instant::now())),
-        Source::Manifests(_) => std::future::pending().await,
-    }
-}
-
-/// Folds `first` and the changes that follow within `debounce` of each
-/// other (at most ten debounce periods after `started`) into one batch.
-async fn coalesce(
-    source: &mut KubeSource,
-    changes: &mut mpsc::Receiver<Change>,
-    first: Change,
-    started: Instant,
-    debounce: Duration,
-) -> Dirty {
-    let mut dirty = Dirty::default();
-    source.absorb(first, &mut dirty);
-    let deadline = started + debounce * 10;
-    loop {
-        // What is queued already joins the batch without waiting.
-        while let Ok(change) = changes.try_recv() {
-            source.absorb(change, &mut dirty);
-        }
-        let now = Instant::now();
-        if now >= deadline || debounce.is_zero() {
-            return dirty;
-        }
-        match time::timeout(debounce.min(deadline - now), changes.recv()).await {
-            Ok(Some(change)) => source.absorb(change, &mut dirty),
-            Ok(None) | Err(_) => return dirty,
-        }
-    }
-}
-
-/// Attaches the programs to every present interface the patterns name
-/// that is not yet attached (a new one under an old name included), and
-/// lets go of the attachments of interfaces that went.
-fn rescan_interfaces(datapath: &mut Datapath, args: &RunArgs) {
-    let present = ifaces::interfaces();
-    for (index, name) in &present {
-        let is = |patterns: &[String]| patterns.iter().any(|p| ifaces::matches(p, name));
-        let uplink = is(&args.uplinks);
-        if !(uplink || is(&args.pod_ifaces)) || datapath.is_attached(*index, name) {
-            continue;
-        }
-        let (kind, result) = if uplink {
-            ("uplink", datapath.attach_uplink(name))
-        } else {
-            ("pod interface", datapath.attach_pod(name))
-        };
-        match result {
-            Ok(()) => info!(iface = %name, index, kind, "attached"),
-            Err(err) => warn!(iface = %name, kind, error = %err, "attaching failed"),
-        }
-    }
-    for name in datapath.detach_absent(&present) {
-        info!(iface = %name, "interface gone; its attachment and pin removed");
-    }
-}
-
-/// What one sync did, for the metrics.
-struct Synced {
-    latency: Duration,
-    errors: u64,
-    problems: u64,
-    names: Vec<(Frontend, String)>,
-    /// A sweep of connection tracking should follow.
-    sweep_wanted: bool,
-}
-
-/// What the flags fixed (the Node object and the `ServiceCIDR` objects do
-/// not change it).
-#[derive(Clone, Copy)]
-#[expect(clippy::struct_excessive_bools, reason = "one per flag")]
-struct FixedNode {
-    addrs: bool,
-    zone: bool,
-    pod_cidrs: bool,
-    service_cidrs: bool,
-}
-
-impl From<&RunArgs> for FixedNode {
-    fn from(args: &RunArgs) -> Self {
-        Self {
-            addrs: !args.node_addrs.is_empty(),
-            zone: args.node_zone.is_some(),
-            pod_cidrs: !args.node_pod_cidrs.is_empty(),
-            service_cidrs: !args.service_cidrs.is_empty(),
-        }
-    }
-}
-
-/// Translation and applying, shared by both sources.
-struct Sync<'a> {
-    state_file: &'a std::path::Path,
-    translator: &'a mut Translator,
-    applier: &'a mut Applier,
-    fixed: FixedNode,
-    health: HealthChecks,
-}
-
-impl Sync<'_> {
-    /// Reloads the manifests if they changed, and brings the maps in line.
-    fn manifests(&mut self, watch: &mut Watch, datapath: &mut Datapath) -> Option<Synced> {
-        let started = Instant::now();
-        match watch.poll() {
-            Ok(true) => {}
-            Ok(false) => return None,
-            Err(err) => {
-                // The datapath keeps serving what it last had.
-                warn!(error = %err, "reading the manifest directory failed");
-                return None;
-            }
-        }
-        // Only the services whose objects changed are translated again.
-        let dirty = watch.take_dirty();
-        self.translator.update(dirty, watch);
-        let problems: Vec<_> = watch.problems().cloned().collect();
-        Some(self.apply(datapath, &problems, started, "manifests applied"))
-    }
-
-    /// Re-derives what `dirty` names from the stores (everything on the
-    /// first sync and after a relist) and brings the maps in line, once
-    /// every kind has been listed (before that the state is partial).
-    fn kube(
-        &mut self,
-        source: &KubeSource,
-        dirty: Dirty,
-        first: bool,
-        started: Instant,
-        datapath: &mut Datapath,
-    ) -> Option<Synced> {
-        for (kind, error) in &dirty.failures {
-            warn!(kind = kind.name(), %error, "watch failed; retrying and relisting");
-        }
-        // A new zone or address changes what topology hints and source
-        // ranges keep: everything again.
-        let node_changed = dirty.node && self.node(source);
-        let cidrs_changed = (dirty.service_cidrs || first)
-            && !self.fixed.service_cidrs
-            && self.translator.set_service_cidrs(source.service_cidrs());
-        if cidrs_changed {
-            info!(cidrs = %join(&self.translator.desired().service_cidrs), "service CIDRs from the cluster's ServiceCIDRs");
-        }
-        if !source.ready() {
-            return None;
-        }
-        let keys: BTreeSet<ObjectKey> = if dirty.all || first || node_changed {
-            // A relist may have dropped services whose deletion was never
-            // seen: the translator's own keys are re-derived too.
-            let mut keys: BTreeSet<ObjectKey> = source.service_keys().into_iter().collect();
-            keys.extend(self.translator.service_keys().cloned());
-            keys
-        } else if dirty.services.is_empty() && !dirty.node && !cidrs_changed {
-            return None;
-        } else {
-            dirty.services
-        };
-        let fetched = source.fetch(&keys);
-        self.translator.update(keys, &fetched);
-        Some(self.apply(datapath, &[], started, "cluster state applied"))
-    }
-
-    /// Takes this node's addresses and zone from its Node object, where
-    /// no flag fixed them. Returns whether either changed.
-    fn node(&mut self, source: &KubeSource) -> bool {
-        let Some(node) = source.node() else {
-            warn!("this node's Node object is gone; keeping its last addresses and zone");
-            return false;
-        };
-        let current = self.translator.node().clone();
-        let addrs = if self.fixed.addrs {
-            current.addrs.clone()
-        } else {
-            source::kube::node_addresses(&node)
-        };
-        let zone = if self.fixed.zone {
-            current.zone.clone()
-        } else {
-            source::kube::node_zone(&node)
-        };
-        if addrs != current.addrs || zone != current.zone {
-            info!(?addrs, ?zone, "this node's addresses or zone changed");
-        }
-        if !self.fixed.pod_cidrs {
-            let pod_cidrs = source::kube::node_pod_cidrs(&node);
-            if self.translator.set_pod_cidrs(pod_cidrs.clone()) {
-                info!(cidrs = %join(&pod_cidrs), "this node's pod CIDRs");
-            }
-        }
-        self.translator.set_node(addrs, zone)
-    }
-
-    /// Writes the translator's desired state to the maps.
-    fn apply(
-        &mut self,
-        datapath: &mut Datapath,
-        source_problems: &[Problem],
-        started: Instant,
-        what: &str,
-    ) -> Synced {
-        let desired = self.translator.desired();
-        let translation_problems = self.translator.problems();
-        for problem in source_problems.iter().chain(&translation_problems) {
-            if problem.warning {
-                warn!(object = %problem.object, "{}", problem.message);
-            } else {
-                tracing::debug!(object = %problem.object, "{}", problem.message);
-            }
-        }
-        let report = self.applier.apply(datapath.maps_mut(), desired);
-        self.health.sync(&desired.health_checks);
-        if let Err(err) = svc_agent::inspect::write_state(self.state_file, desired) {
-            warn!(error = %err, "recording frontend names for the inspection commands failed");
-        }
-        for error in &report.errors {
-            warn!("{error}");
-        }
-        if !report.cidrs_dropped.is_empty() {
-            warn!(
-                cidrs = %join(&report.cidrs_dropped),
-                "the datapath holds {} CIDRs per set; these are ignored",
-                svc_common::lb::MAX_CIDRS
-            );
-        }
-        let (frontends, backends) = self.applier.sizes();
-        info!(
-            frontends,
-            backends,
-            written = report.frontends_written,
-            removed = report.frontends_removed,
-            backends_added = report.backends_added,
-            backends_removed = report.backends_removed,
-            "{what}"
-        );
-        Synced {
-            latency: started.elapsed(),
-            errors: report.errors.len() as u64,
-            problems: source_problems
-                .iter()
-                .chain(&translation_problems)
-                .filter(|p| p.warning)
-                .count() as u64,
-            names: desired
-                .frontends
-                .iter()
-                .map(|(frontend, spec)| (*frontend, spec.service.to_string()))
-                .collect(),
-            sweep_wanted: report.sweep_wanted,
-        }
-    }
-}
-
-/// The page the HTTP side serves.
-struct Page {
-    text: String,
-    ready: bool,
-    /// When the main loop last rendered it (every 2 s while it runs).
-    refreshed: Instant,
-    /// Why the agent cannot do its job any more (an essential task
-    /// ended): `/healthz` fails with it, so the agent is restarted.
-    failed: Option<String>,
-}
-
-fn lock(page: &Mutex<Page>) -> std::sync::MutexGuard<'_, Page> {
-    // A panicked holder left a whole page or none: still serve it.
-    page.lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// Renders the metrics from the maps and hands the page over.
-fn publish(
-    page: &Mutex<Page>,
-    snapshot: &mut metrics::Snapshot,
-    applier: &Applier,
-    datapath: &Datapath,
-    names: &[(Frontend, String)],
-    ready: bool,
-) {
-    (snapshot.frontends, snapshot.backends) = applier.sizes();
-    if let Ok(stats) = datapath.stats() {
-        snapshot.datapath = stats;
-    }
-    let maps = datapath.maps();
-    snapshot.fill = maps.fill();
-    snapshot.fill.push((
-        svc_common::ct::CT_MAP,
-        snapshot.sweeps.entries as u64,
-        u64::from(maps.ct_capacity()),
-    ));
-    snapshot.fill.push((
-        svc_common::lb::AFFINITY_MAP,
-        snapshot.sweeps.affinity_entries as u64,
-        u64::from(maps.affinity_capacity()),
-    ));
-    let config = datapath.config();
-    snapshot.nat_port_range =
-        u64::from(config.nat_port_max.saturating_sub(config.nat_port_min)) + 1;
-    snapshot.traffic = names
-        .iter()
-        .filter_map(|(frontend, service)| {
-            let id = maps.service(frontend)?.id;
-            let counters = maps.service_counters(id).ok()?;
-            Some(metrics::FrontendTraffic {
-                frontend: svc_agent::inspect::frontend_label(frontend),
-                service: service.clone(),
-                packets: counters.packets,
-                bytes: counters.bytes,
-            })
-        })
-        .collect();
-    let text = metrics::render(snapshot);
-    let mut page = lock(page);
-    page.text = text;
-    page.ready = ready;
-    page.refreshed = Instant::now();
 }
 
 /// Moves this (still single-threaded) process into the network namespace

@@ -6,11 +6,12 @@
 
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
+    future::Future,
     hash::BuildHasher as _,
     net::Ipv4Addr,
     path::Path,
     sync::Arc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use futures::{Stream, StreamExt as _};
@@ -29,11 +30,12 @@ use kube::{
         watcher,
     },
 };
-use tokio::sync::mpsc;
+use tokio::{sync::mpsc, time};
 
 use crate::{
     datapath::Ipv4Cidr,
-    model::{Inputs, ObjectKey, slice_service},
+    model::{Inputs, ObjectKey, Problem, slice_service},
+    reconcile::{Batch, Dirty, Failure, NodeFacts, Source},
     tasks::{Task, Tasks},
 };
 
@@ -146,20 +148,6 @@ pub enum Change {
     },
 }
 
-/// What a batch of changes asks of the translation.
-#[derive(Debug, Default)]
-pub struct Dirty {
-    pub services: BTreeSet<ObjectKey>,
-    /// Re-derive every service (after a relist).
-    pub all: bool,
-    /// Read the node's addresses again.
-    pub node: bool,
-    /// Read the service CIDRs again.
-    pub service_cidrs: bool,
-    /// Watch failures, for the log and the metrics.
-    pub failures: Vec<(Kind, String)>,
-}
-
 /// The stores, and which service each slice serves.
 pub struct KubeSource {
     services: Store<Service>,
@@ -173,6 +161,15 @@ pub struct KubeSource {
     by_service: HashMap<ObjectKey, BTreeSet<String>>,
     /// The kinds listed at least once.
     listed: HashSet<Kind>,
+    /// The watches' changes.
+    changes: mpsc::Receiver<Change>,
+    /// Quiet time that ends a batch.
+    debounce: Duration,
+    /// The batch being gathered, and when its first change came: kept
+    /// here so that [`Source::changed`] is cancel-safe.
+    pending: Dirty,
+    /// On Tokio's clock, which tests can pause.
+    started: Option<time::Instant>,
 }
 
 /// Retry delays of a failed watch: doubling from 250 ms to 4 s with
@@ -206,7 +203,7 @@ impl Iterator for WatchBackoff {
         let base = self.next;
         self.next = (base * 2).min(BACKOFF_MAX);
         // 50% to 150% of the base delay.
-        let noise = self.hasher.hash_one(std::time::Instant::now()) % 1000;
+        let noise = self.hasher.hash_one(Instant::now()) % 1000;
         Some(base / 2 + base * u32::try_from(noise).unwrap_or(0) / 1000)
     }
 }
@@ -224,15 +221,11 @@ fn slim<K: Resource>(object: &mut K) {
 }
 
 impl KubeSource {
-    /// Starts the watches on `client` as `tasks`; their changes arrive on
-    /// the returned channel. The watches retry with [`WatchBackoff`] and end
-    /// only when the receiver is dropped.
+    /// Starts the watches on `client` as `tasks`. The watches retry with
+    /// [`WatchBackoff`] and end only when the source is dropped. Changes
+    /// within `debounce` of each other make one batch.
     #[must_use]
-    pub fn start(
-        client: &Client,
-        node_name: &str,
-        tasks: &mut Tasks,
-    ) -> (Self, mpsc::Receiver<Change>) {
+    pub fn start(client: &Client, node_name: &str, debounce: Duration, tasks: &mut Tasks) -> Self {
         let (tx, rx) = mpsc::channel(4096);
         let all = watcher::Config::default();
         let services = watch(
@@ -273,10 +266,15 @@ impl KubeSource {
             nodes,
             service_cidrs,
         };
-        (Self::new(stores, node_name), rx)
+        Self::new(stores, node_name, rx, debounce)
     }
 
-    fn new(stores: Stores, node_name: &str) -> Self {
+    fn new(
+        stores: Stores,
+        node_name: &str,
+        changes: mpsc::Receiver<Change>,
+        debounce: Duration,
+    ) -> Self {
         let Stores {
             services,
             slices,
@@ -292,22 +290,56 @@ impl KubeSource {
             slice_owner: HashMap::new(),
             by_service: HashMap::new(),
             listed: HashSet::new(),
+            changes,
+            debounce,
+            pending: Dirty::default(),
+            started: None,
         }
     }
 
-    /// Every store has been listed once: the desired state is complete and
-    /// may be applied (before that, applying would remove what an earlier
-    /// agent installed).
-    #[must_use]
-    pub fn ready(&self) -> bool {
-        self.listed.len() == KINDS
+    /// Gathers a batch: the first change, then those that follow within
+    /// the debounce of each other, at most ten debounce periods in all.
+    async fn next_batch(&mut self) -> Batch {
+        let started = if let Some(started) = self.started {
+            started
+        } else {
+            let Some(first) = self.changes.recv().await else {
+                // Every watch ended; the supervisor says so.
+                return std::future::pending().await;
+            };
+            let now = time::Instant::now();
+            self.started = Some(now);
+            self.absorb(first);
+            now
+        };
+        let deadline = started + self.debounce * 10;
+        loop {
+            // What is queued already joins the batch without waiting.
+            while let Ok(change) = self.changes.try_recv() {
+                self.absorb(change);
+            }
+            let now = time::Instant::now();
+            if now >= deadline || self.debounce.is_zero() {
+                break;
+            }
+            match time::timeout(self.debounce.min(deadline - now), self.changes.recv()).await {
+                Ok(Some(change)) => self.absorb(change),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        self.started = None;
+        Batch {
+            started: started.into_std(),
+            dirty: std::mem::take(&mut self.pending),
+        }
     }
 
-    /// Folds `change` into `dirty`, keeping the slice index current.
-    pub fn absorb(&mut self, change: Change, dirty: &mut Dirty) {
+    /// Folds `change` into the pending batch, keeping the slice index
+    /// current.
+    fn absorb(&mut self, change: Change) {
         match change {
             Change::Service(key) => {
-                dirty.services.insert(key);
+                self.pending.services.insert(key);
             }
             Change::Slice { slice, service } => {
                 let old = match &service {
@@ -316,41 +348,47 @@ impl KubeSource {
                 };
                 if let Some(old) = old {
                     self.unindex(&old, &slice.1);
-                    dirty.services.insert(old);
+                    self.pending.services.insert(old);
                 }
                 if let Some(service) = service {
                     self.by_service
                         .entry(service.clone())
                         .or_default()
                         .insert(slice.1);
-                    dirty.services.insert(service);
+                    self.pending.services.insert(service);
                 }
             }
             Change::SliceDeleted(slice) => {
                 if let Some(old) = self.slice_owner.remove(&slice) {
                     self.unindex(&old, &slice.1);
-                    dirty.services.insert(old);
+                    self.pending.services.insert(old);
                 }
             }
-            Change::Node => dirty.node = true,
-            Change::ServiceCidrs => dirty.service_cidrs = true,
+            Change::Node => self.pending.node = true,
+            Change::ServiceCidrs => self.pending.service_cidrs = true,
             Change::Unavailable { kind, reason } => {
                 self.listed.insert(kind);
-                dirty.failures.push((kind, reason));
+                self.pending.failures.push(Failure {
+                    what: kind.name(),
+                    error: reason,
+                });
             }
             Change::Listed(kind) => {
                 self.listed.insert(kind);
                 match kind {
-                    Kind::Service => dirty.all = true,
+                    Kind::Service => self.pending.all = true,
                     Kind::EndpointSlice => {
                         self.reindex();
-                        dirty.all = true;
+                        self.pending.all = true;
                     }
-                    Kind::Node => dirty.node = true,
-                    Kind::ServiceCidr => dirty.service_cidrs = true,
+                    Kind::Node => self.pending.node = true,
+                    Kind::ServiceCidr => self.pending.service_cidrs = true,
                 }
             }
-            Change::Failed { kind, error } => dirty.failures.push((kind, error)),
+            Change::Failed { kind, error } => self.pending.failures.push(Failure {
+                what: kind.name(),
+                error,
+            }),
         }
     }
 
@@ -380,19 +418,8 @@ impl KubeSource {
         }
     }
 
-    /// Keys of every service in the store.
-    #[must_use]
-    pub fn service_keys(&self) -> Vec<ObjectKey> {
-        self.services
-            .state()
-            .iter()
-            .map(|service| key_of(service.as_ref()))
-            .collect()
-    }
-
     /// The services `keys` and their slices, as the stores hold them now.
-    #[must_use]
-    pub fn fetch<'k>(&self, keys: impl IntoIterator<Item = &'k ObjectKey>) -> Fetched {
+    fn fetch<'k>(&self, keys: impl IntoIterator<Item = &'k ObjectKey>) -> Fetched {
         let mut fetched = Fetched::default();
         for key in keys {
             let reference = ObjectRef::new(&key.1).within(&key.0);
@@ -412,16 +439,44 @@ impl KubeSource {
         }
         fetched
     }
+}
 
-    /// This node's object, once listed (`None` if it does not exist).
-    #[must_use]
-    pub fn node(&self) -> Option<Arc<Node>> {
-        self.nodes.get(&ObjectRef::new(&self.node_name))
+impl Source for KubeSource {
+    type Inputs<'a> = Fetched;
+
+    fn changed(&mut self) -> impl Future<Output = Batch> {
+        self.next_batch()
+    }
+
+    /// Every store has been listed once (or its kind is known to be
+    /// unavailable).
+    fn ready(&self) -> bool {
+        self.listed.len() == KINDS
+    }
+
+    fn service_keys(&self) -> Vec<ObjectKey> {
+        self.services
+            .state()
+            .iter()
+            .map(|service| key_of(service.as_ref()))
+            .collect()
+    }
+
+    fn inputs(&self, keys: &BTreeSet<ObjectKey>) -> Fetched {
+        self.fetch(keys)
+    }
+
+    fn node(&self) -> Option<NodeFacts> {
+        let node = self.nodes.get(&ObjectRef::new(&self.node_name))?;
+        Some(NodeFacts {
+            addrs: node_addresses(&node),
+            zone: node_zone(&node),
+            pod_cidrs: node_pod_cidrs(&node),
+        })
     }
 
     /// The IPv4 CIDRs of every `ServiceCIDR`, sorted.
-    #[must_use]
-    pub fn service_cidrs(&self) -> Vec<Ipv4Cidr> {
+    fn service_cidrs(&self) -> Option<Vec<Ipv4Cidr>> {
         let mut cidrs: Vec<Ipv4Cidr> = self
             .service_cidrs
             .state()
@@ -432,7 +487,11 @@ impl KubeSource {
             .collect();
         cidrs.sort_unstable();
         cidrs.dedup();
-        cidrs
+        Some(cidrs)
+    }
+
+    fn problems(&self) -> Vec<Problem> {
+        Vec::new()
     }
 }
 
@@ -665,16 +724,18 @@ mod tests {
 
     struct Fixture {
         source: KubeSource,
+        tx: mpsc::Sender<Change>,
         services: Writer<Service>,
         slices: Writer<EndpointSlice>,
+        nodes: Writer<Node>,
         service_cidrs: Writer<ServiceCIDR>,
     }
 
     impl Fixture {
-        fn new() -> Self {
+        fn new(debounce: Duration) -> Self {
             let (services, services_writer) = reflector::store();
             let (slices, slices_writer) = reflector::store();
-            let (nodes, _) = reflector::store();
+            let (nodes, nodes_writer) = reflector::store();
             let (service_cidrs, service_cidrs_writer) = reflector::store();
             let stores = Stores {
                 services,
@@ -682,17 +743,24 @@ mod tests {
                 nodes,
                 service_cidrs,
             };
+            let (tx, rx) = mpsc::channel(64);
             Self {
-                source: KubeSource::new(stores, "n1"),
+                source: KubeSource::new(stores, "n1", rx, debounce),
+                tx,
                 services: services_writer,
                 slices: slices_writer,
+                nodes: nodes_writer,
                 service_cidrs: service_cidrs_writer,
             }
         }
 
+        fn send(&self, change: Change) {
+            self.tx.try_send(change).expect("the channel has room");
+        }
+
         /// What the watch task does for one slice event: the store first,
         /// then the change.
-        fn slice_event(&mut self, event: &Event<EndpointSlice>, dirty: &mut Dirty) {
+        fn slice_event(&mut self, event: &Event<EndpointSlice>) {
             self.slices.apply_watcher_event(event);
             let change = match event {
                 Event::Apply(slice) => Change::Slice {
@@ -703,7 +771,14 @@ mod tests {
                 Event::InitDone => Change::Listed(Kind::EndpointSlice),
                 Event::Init | Event::InitApply(_) => return,
             };
-            self.source.absorb(change, dirty);
+            self.send(change);
+        }
+
+        /// The next batch, which must come within a second.
+        async fn batch(&mut self) -> Batch {
+            time::timeout(Duration::from_secs(1), self.source.changed())
+                .await
+                .expect("a batch within a second")
         }
 
         fn endpoints(&self, service: &str) -> Vec<String> {
@@ -718,66 +793,169 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_slice_moving_between_services_dirties_both_and_is_read_for_the_new_one() {
-        let mut fixture = Fixture::new();
-        let mut dirty = Dirty::default();
-        fixture.slice_event(&Event::Apply(slice("s1", "a", "10.0.0.1")), &mut dirty);
-        assert_eq!(dirty.services, BTreeSet::from([key("a")]));
+    #[tokio::test]
+    async fn a_slice_moving_between_services_dirties_both_and_is_read_for_the_new_one() {
+        let mut fixture = Fixture::new(Duration::ZERO);
+        fixture.slice_event(&Event::Apply(slice("s1", "a", "10.0.0.1")));
+        assert_eq!(
+            fixture.batch().await.dirty.services,
+            BTreeSet::from([key("a")])
+        );
         assert_eq!(fixture.endpoints("a"), ["10.0.0.1"]);
 
-        let mut dirty = Dirty::default();
-        fixture.slice_event(&Event::Apply(slice("s1", "b", "10.0.0.2")), &mut dirty);
-        assert_eq!(dirty.services, BTreeSet::from([key("a"), key("b")]));
+        fixture.slice_event(&Event::Apply(slice("s1", "b", "10.0.0.2")));
+        assert_eq!(
+            fixture.batch().await.dirty.services,
+            BTreeSet::from([key("a"), key("b")])
+        );
         assert!(fixture.endpoints("a").is_empty(), "a lost the slice");
         assert_eq!(fixture.endpoints("b"), ["10.0.0.2"]);
 
-        let mut dirty = Dirty::default();
-        fixture.slice_event(&Event::Delete(slice("s1", "b", "10.0.0.2")), &mut dirty);
-        assert_eq!(dirty.services, BTreeSet::from([key("b")]));
+        fixture.slice_event(&Event::Delete(slice("s1", "b", "10.0.0.2")));
+        assert_eq!(
+            fixture.batch().await.dirty.services,
+            BTreeSet::from([key("b")])
+        );
         assert!(fixture.endpoints("b").is_empty());
     }
 
-    #[test]
-    fn a_relist_rebuilds_the_index_and_rederives_everything() {
-        let mut fixture = Fixture::new();
-        let mut dirty = Dirty::default();
-        fixture.slice_event(&Event::Apply(slice("s1", "a", "10.0.0.1")), &mut dirty);
-        fixture.slice_event(&Event::Apply(slice("s2", "a", "10.0.0.2")), &mut dirty);
+    #[tokio::test]
+    async fn a_relist_rebuilds_the_index_and_rederives_everything() {
+        let mut fixture = Fixture::new(Duration::ZERO);
+        fixture.slice_event(&Event::Apply(slice("s1", "a", "10.0.0.1")));
+        fixture.slice_event(&Event::Apply(slice("s2", "a", "10.0.0.2")));
+        fixture.batch().await;
         assert!(!fixture.source.ready(), "nothing listed yet");
 
         // The watch missed s1's deletion; the relist has only s2.
-        let mut dirty = Dirty::default();
         for event in [
             Event::Init,
             Event::InitApply(slice("s2", "a", "10.0.0.2")),
             Event::InitDone,
         ] {
-            fixture.slice_event(&event, &mut dirty);
+            fixture.slice_event(&event);
         }
-        assert!(dirty.all, "a relist re-derives every service");
+        assert!(
+            fixture.batch().await.dirty.all,
+            "a relist re-derives every service"
+        );
         assert_eq!(fixture.endpoints("a"), ["10.0.0.2"]);
 
         fixture
             .services
             .apply_watcher_event(&Event::Apply(service("a")));
-        let mut dirty = Dirty::default();
         for kind in [Kind::Service, Kind::Node] {
-            fixture.source.absorb(Change::Listed(kind), &mut dirty);
+            fixture.send(Change::Listed(kind));
         }
+        fixture.batch().await;
         assert!(!fixture.source.ready(), "ServiceCIDRs not listed yet");
-        fixture.source.absorb(
-            Change::Unavailable {
-                kind: Kind::ServiceCidr,
-                reason: "forbidden (403)".to_owned(),
-            },
-            &mut dirty,
+        fixture.send(Change::Unavailable {
+            kind: Kind::ServiceCidr,
+            reason: "forbidden (403)".to_owned(),
+        });
+        let batch = fixture.batch().await;
+        assert_eq!(
+            batch.dirty.failures.len(),
+            1,
+            "the unavailable kind is said"
         );
         assert!(
             fixture.source.ready(),
             "every kind listed, or known to be unavailable"
         );
         assert_eq!(fixture.source.service_keys(), [key("a")]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn changes_within_the_debounce_make_one_batch_and_a_stream_of_them_is_cut_at_ten_periods()
+    {
+        let debounce = Duration::from_millis(50);
+        let mut fixture = Fixture::new(debounce);
+        fixture.send(Change::Service(key("a")));
+        let tx = fixture.tx.clone();
+        let feeder = tokio::spawn(async move {
+            // b within the debounce; then one change every 40 ms for 2 s.
+            time::sleep(Duration::from_millis(30)).await;
+            let _ = tx.send(Change::Service(key("b"))).await;
+            for _ in 0..50 {
+                time::sleep(Duration::from_millis(40)).await;
+                let _ = tx.send(Change::Service(key("c"))).await;
+            }
+        });
+        let started = time::Instant::now();
+        let batch = fixture.batch().await;
+        assert!(batch.dirty.services.contains(&key("a")));
+        assert!(
+            batch.dirty.services.contains(&key("b")),
+            "b came within the debounce"
+        );
+        assert_eq!(
+            started.elapsed(),
+            debounce * 10,
+            "a stream of changes is cut at ten debounce periods"
+        );
+        // The rest of the stream makes the following batches.
+        let next = fixture.batch().await;
+        assert_eq!(next.dirty.services, BTreeSet::from([key("c")]));
+        feeder.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_interrupted_by_another_branch_is_kept() {
+        let debounce = Duration::from_millis(50);
+        let mut fixture = Fixture::new(debounce);
+        fixture.send(Change::Service(key("a")));
+        // The agent's loop picks another branch while the batch gathers.
+        let interrupted = time::timeout(Duration::from_millis(10), fixture.source.changed()).await;
+        assert!(interrupted.is_err(), "still gathering after 10 ms");
+        fixture.send(Change::Service(key("b")));
+        let batch = fixture.batch().await;
+        assert_eq!(batch.dirty.services, BTreeSet::from([key("a"), key("b")]));
+    }
+
+    #[tokio::test]
+    async fn this_nodes_object_gives_its_facts_to_the_reconciler() {
+        use crate::{
+            model::{NodeInfo, Settings, Translator},
+            reconcile::{Fixed, Reconciler},
+        };
+        let mut fixture = Fixture::new(Duration::ZERO);
+        let node: Node = yaml(
+            "apiVersion: v1\nkind: Node\nmetadata:\n  name: n1\n  labels: {topology.kubernetes.io/zone: z2}\nspec:\n  podCIDRs: [10.244.1.0/24]\nstatus:\n  addresses: [{type: InternalIP, address: 192.168.1.5}]\n",
+        );
+        let other: Node = yaml(
+            "apiVersion: v1\nkind: Node\nmetadata:\n  name: n2\nstatus:\n  addresses: [{type: InternalIP, address: 192.168.1.6}]\n",
+        );
+        fixture.nodes.apply_watcher_event(&Event::Apply(other));
+        fixture.nodes.apply_watcher_event(&Event::Apply(node));
+        for kind in [
+            Kind::Service,
+            Kind::EndpointSlice,
+            Kind::Node,
+            Kind::ServiceCidr,
+        ] {
+            fixture.send(Change::Listed(kind));
+        }
+        let mut reconciler = Reconciler::new(
+            Translator::new(NodeInfo::default(), Settings::default()),
+            Fixed::default(),
+        );
+        let batch = fixture.batch().await;
+        assert!(batch.dirty.node, "listing the Node reads it");
+        reconciler
+            .reconcile(&fixture.source, batch)
+            .expect("every kind listed: a round");
+        let facts = reconciler.translator().node();
+        assert_eq!(
+            facts.addrs,
+            [Ipv4Addr::new(192, 168, 1, 5)],
+            "this node's, not n2's"
+        );
+        assert_eq!(facts.zone.as_deref(), Some("z2"));
+        assert_eq!(
+            facts.pod_cidrs,
+            ["10.244.1.0/24".parse::<Ipv4Cidr>().expect("a CIDR")]
+        );
     }
 
     #[test]
@@ -789,7 +967,7 @@ mod tests {
             node_pod_cidrs(&node),
             ["10.244.1.0/24".parse::<Ipv4Cidr>().expect("a CIDR")]
         );
-        let mut fixture = Fixture::new();
+        let mut fixture = Fixture::new(Duration::ZERO);
         let cidr: ServiceCIDR = yaml(
             "apiVersion: networking.k8s.io/v1\nkind: ServiceCIDR\nmetadata:\n  name: kubernetes\nspec:\n  cidrs: [10.96.0.0/16, 'fd00:10:96::/112']\n",
         );
@@ -798,7 +976,7 @@ mod tests {
             .apply_watcher_event(&Event::Apply(cidr));
         assert_eq!(
             fixture.source.service_cidrs(),
-            ["10.96.0.0/16".parse::<Ipv4Cidr>().expect("a CIDR")]
+            Some(vec!["10.96.0.0/16".parse::<Ipv4Cidr>().expect("a CIDR")])
         );
     }
 

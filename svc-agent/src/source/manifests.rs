@@ -21,8 +21,15 @@ use k8s_openapi::{
 };
 use serde::Deserialize as _;
 
+use tokio::time;
+use tracing::warn;
+
 use super::Objects;
-use crate::model::{Inputs, ObjectKey, Problem, SERVICE_NAME_LABEL, slice_service};
+use crate::{
+    datapath::Ipv4Cidr,
+    model::{Inputs, ObjectKey, Problem, SERVICE_NAME_LABEL, slice_service},
+    reconcile::{Batch, Dirty, NodeFacts, Source},
+};
 
 /// Label that keeps an Endpoints object from being mirrored.
 pub const SKIP_MIRROR_LABEL: &str = "endpointslice.kubernetes.io/skip-mirror";
@@ -596,6 +603,97 @@ impl Inputs for Watch {
     }
 }
 
+/// A manifest directory as a [`Source`]: looked at every 200 ms, so a
+/// burst of edits inside one poll is applied once.
+#[derive(Debug)]
+pub struct ManifestSource {
+    watch: Watch,
+    poll: time::Interval,
+}
+
+/// How often the directory is looked at.
+pub const POLL_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
+
+impl ManifestSource {
+    /// Watches `dir` (read at the first [`Source::changed`]); needs a
+    /// Tokio runtime.
+    #[must_use]
+    pub fn new(dir: &Path) -> Self {
+        Self {
+            watch: Watch::new(dir),
+            poll: time::interval(POLL_EVERY),
+        }
+    }
+
+    /// The next change, or `None` if nothing changed or the directory
+    /// could not be read (the datapath keeps serving what it last had).
+    fn poll(&mut self) -> Option<Dirty> {
+        match self.watch.poll() {
+            Ok(true) => Some(Dirty {
+                services: self.watch.take_dirty(),
+                problems: true,
+                ..Dirty::default()
+            }),
+            Ok(false) => None,
+            Err(err) => {
+                warn!(dir = %self.watch.dir.display(), error = %err, "reading the manifest directory failed");
+                None
+            }
+        }
+    }
+}
+
+impl Source for ManifestSource {
+    type Inputs<'a> = &'a Watch;
+
+    async fn changed(&mut self) -> Batch {
+        loop {
+            self.poll.tick().await;
+            let started = std::time::Instant::now();
+            if let Some(dirty) = self.poll() {
+                return Batch { started, dirty };
+            }
+        }
+    }
+
+    /// A directory is whole once read.
+    fn ready(&self) -> bool {
+        true
+    }
+
+    fn service_keys(&self) -> Vec<ObjectKey> {
+        self.watch.service_files.keys().cloned().collect()
+    }
+
+    fn inputs<'a>(&'a self, _keys: &BTreeSet<ObjectKey>) -> &'a Watch {
+        &self.watch
+    }
+
+    /// No Node object: the flags say what the node is.
+    fn node(&self) -> Option<NodeFacts> {
+        None
+    }
+
+    /// No `ServiceCIDR` objects: `--service-cidr` says.
+    fn service_cidrs(&self) -> Option<Vec<Ipv4Cidr>> {
+        None
+    }
+
+    fn problems(&self) -> Vec<Problem> {
+        self.watch.problems().cloned().collect()
+    }
+}
+
+impl<T: Inputs> Inputs for &T {
+    fn service(&self, key: &ObjectKey) -> Option<&Service> {
+        (**self).service(key)
+    }
+
+    fn slices(&self, key: &ObjectKey) -> Vec<&EndpointSlice> {
+        (**self).slices(key)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -699,6 +797,54 @@ mod tests {
         assert!(watch.poll().expect("readable"), "the removal is seen");
         assert_eq!(watch.take_dirty().len(), 1, "its service is dirty");
         assert_eq!(watch.services().count(), 0);
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_broken_file_is_a_round_that_says_so_and_keeps_the_frontends() {
+        use crate::{
+            datapath::Frontend,
+            model::{NodeInfo, Settings, Translator},
+            reconcile::{Fixed, Reconciler},
+        };
+        let dir = std::env::temp_dir().join(format!("svc-source-round-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("temp dir");
+        let file = dir.join("web.yaml");
+        let good = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\n\
+                    spec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}\n";
+        fs::write(&file, good).expect("write");
+        let mut source = ManifestSource::new(&dir);
+        let mut reconciler = Reconciler::new(
+            Translator::new(NodeInfo::default(), Settings::default()),
+            Fixed::default(),
+        );
+        let frontend = Frontend::tcp(std::net::Ipv4Addr::new(10, 96, 0, 10), 80);
+
+        let batch = source.changed().await;
+        assert_eq!(batch.dirty.services.len(), 1);
+        let round = reconciler.reconcile(&source, batch).expect("first round");
+        assert!(round.problems.is_empty(), "{:?}", round.problems);
+        assert!(reconciler.desired().frontends.contains_key(&frontend));
+
+        fs::write(&file, "apiVersion: v1\nkind: Service\nmetadata: {name: web").expect("write");
+        let batch = source.changed().await;
+        assert!(batch.dirty.services.is_empty(), "no service changed");
+        let round = reconciler
+            .reconcile(&source, batch)
+            .expect("a new problem is a round, so it is said and counted");
+        assert!(
+            round
+                .problems
+                .iter()
+                .any(|p| p.warning && p.object.contains("web.yaml")),
+            "the file is named: {:?}",
+            round.problems
+        );
+        assert!(
+            reconciler.desired().frontends.contains_key(&frontend),
+            "the last good read still serves"
+        );
         let _ = fs::remove_dir_all(&dir);
     }
 }
