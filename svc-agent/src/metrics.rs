@@ -50,7 +50,8 @@ pub struct Snapshot {
     pub frontends: usize,
     pub backends: usize,
     pub syncs: u64,
-    pub sync_errors: u64,
+    /// Failed map writes, by [`crate::sync::ApplyError::kind`].
+    pub sync_errors: BTreeMap<&'static str, u64>,
     pub input_problems: u64,
     /// Kubernetes watch failures (each followed by a retry and a relist).
     pub watch_errors: u64,
@@ -91,7 +92,7 @@ pub fn render(snapshot: &Snapshot) -> String {
     metric(
         "svc_sync_errors_total",
         "counter",
-        "Map writes that failed (a full map, no room for a table).",
+        "Map writes that failed, by kind (addresses, cidrs, frontend, backend, backend_ids): a full map, no room for a table, no free id.",
     );
     metric(
         "svc_input_problems_total",
@@ -107,7 +108,10 @@ pub fn render(snapshot: &Snapshot) -> String {
     let _ = writeln!(body, "svc_frontends {}", snapshot.frontends);
     let _ = writeln!(body, "svc_backends {}", snapshot.backends);
     let _ = writeln!(body, "svc_syncs_total {}", snapshot.syncs);
-    let _ = writeln!(body, "svc_sync_errors_total {}", snapshot.sync_errors);
+    for kind in crate::sync::ApplyError::KINDS {
+        let errors = snapshot.sync_errors.get(kind).copied().unwrap_or(0);
+        let _ = writeln!(body, "svc_sync_errors_total{{kind=\"{kind}\"}} {errors}");
+    }
     let _ = writeln!(body, "svc_input_problems_total {}", snapshot.input_problems);
     let _ = writeln!(body, "svc_watch_errors_total {}", snapshot.watch_errors);
     out.push_str(&body);
@@ -313,9 +317,12 @@ mod tests {
         };
         snapshot.sweeps.nat_ports_busiest = 3;
         snapshot.task_failures.insert("watch of Services", 1);
+        snapshot.sync_errors.insert("backend_ids", 2);
         snapshot.sync_latency.observe(Duration::from_millis(3));
         let page = render(&snapshot);
         assert!(page.contains("svc_frontends 2\n"));
+        assert!(page.contains("svc_sync_errors_total{kind=\"backend_ids\"} 2\n"));
+        assert!(page.contains("svc_sync_errors_total{kind=\"frontend\"} 0\n"));
         assert!(page.contains("svc_sync_latency_seconds_bucket{le=\"0.0025\"} 0\n"));
         assert!(page.contains("svc_sync_latency_seconds_bucket{le=\"0.005\"} 1\n"));
         assert!(page.contains("svc_sync_latency_seconds_count 1\n"));

@@ -22,15 +22,78 @@ use svc_common::{config::DatapathConfig, lb::BackendId};
 
 use crate::{
     datapath::{
-        BackendSpec, CidrSetKind, Frontend, Ipv4Cidr, Maps, Protocol, ServicePolicy,
+        self, BackendSpec, CidrSetKind, Frontend, Ipv4Cidr, Maps, Protocol, ServicePolicy,
         conntrack::{SweepPlan, SweepReport},
         ids::IdPool,
     },
     model::{Desired, Endpoint},
 };
 
+/// A write [`Applier::apply`] could not make; what was installed before
+/// stays, and the next apply tries again.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("addresses left over from an earlier failure: {0}")]
+    LeftoverAddrs(#[source] datapath::Error),
+    #[error("node addresses: {0}")]
+    NodeAddrs(#[source] datapath::Error),
+    #[error("ClusterIPs: {0}")]
+    ClusterIps(#[source] datapath::Error),
+    #[error("{kind:?} CIDRs: {source}")]
+    Cidrs {
+        kind: CidrSetKind,
+        #[source]
+        source: datapath::Error,
+    },
+    #[error("{frontend:?} of {service}: {source}")]
+    Frontend {
+        frontend: Frontend,
+        service: String,
+        #[source]
+        source: datapath::Error,
+    },
+    #[error("removing {frontend:?}: {source}")]
+    RemoveFrontend {
+        frontend: Frontend,
+        #[source]
+        source: datapath::Error,
+    },
+    #[error("backend {addr}: {source}")]
+    Backend {
+        addr: SocketAddrV4,
+        #[source]
+        source: datapath::Error,
+    },
+    #[error("backend {addr}: every backend id is in use or held by live flows")]
+    NoBackendId { addr: SocketAddrV4 },
+    #[error("removing backend {addr}: {source}")]
+    RemoveBackend {
+        addr: SocketAddrV4,
+        #[source]
+        source: datapath::Error,
+    },
+}
+
+impl ApplyError {
+    /// Every [`ApplyError::kind`].
+    pub const KINDS: [&'static str; 5] =
+        ["addresses", "cidrs", "frontend", "backend", "backend_ids"];
+
+    /// What failed, as the `kind` label of `svc_sync_errors_total`.
+    #[must_use]
+    pub const fn kind(&self) -> &'static str {
+        match self {
+            Self::LeftoverAddrs(_) | Self::NodeAddrs(_) | Self::ClusterIps(_) => "addresses",
+            Self::Cidrs { .. } => "cidrs",
+            Self::Frontend { .. } | Self::RemoveFrontend { .. } => "frontend",
+            Self::Backend { .. } | Self::RemoveBackend { .. } => "backend",
+            Self::NoBackendId { .. } => "backend_ids",
+        }
+    }
+}
+
 /// What one [`Applier::apply`] did.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Debug, Default)]
 pub struct Report {
     pub frontends_written: usize,
     pub frontends_removed: usize,
@@ -41,7 +104,7 @@ pub struct Report {
     pub sweep_wanted: bool,
     /// Writes that failed, naming the frontend or backend; everything else
     /// was applied and what was installed before stays.
-    pub errors: Vec<String>,
+    pub errors: Vec<ApplyError>,
     /// Service or local CIDRs the datapath had no room for.
     pub cidrs_dropped: Vec<Ipv4Cidr>,
 }
@@ -222,7 +285,9 @@ impl Applier {
                     report.frontends_removed += 1;
                     report.sweep_wanted = true;
                 }
-                Err(err) => report.errors.push(format!("removing {frontend:?}: {err}")),
+                Err(source) => report
+                    .errors
+                    .push(ApplyError::RemoveFrontend { frontend, source }),
             }
         }
         self.remove_unreferenced(maps, &mut report);
@@ -233,7 +298,7 @@ impl Applier {
     fn apply_addrs(maps: &mut Maps, desired: &Desired, report: &mut Report) {
         let addrs = maps.addrs_mut();
         if let Err(err) = addrs.flush() {
-            report.errors.push(format!("addresses left over: {err}"));
+            report.errors.push(ApplyError::LeftoverAddrs(err));
         }
         let mut nodes = desired.node_addrs.clone();
         nodes.sort_unstable();
@@ -241,12 +306,12 @@ impl Applier {
         if addrs.nodes() != nodes
             && let Err(err) = addrs.set_nodes(&nodes)
         {
-            report.errors.push(format!("node addresses: {err}"));
+            report.errors.push(ApplyError::NodeAddrs(err));
         }
         if addrs.cluster_ips() != &desired.cluster_ips
             && let Err(err) = addrs.set_cluster_ips(&desired.cluster_ips)
         {
-            report.errors.push(format!("ClusterIPs: {err}"));
+            report.errors.push(ApplyError::ClusterIps(err));
         }
         for (kind, cidrs) in [
             (CidrSetKind::Service, &desired.service_cidrs),
@@ -254,7 +319,7 @@ impl Applier {
         ] {
             match addrs.set_cidrs(kind, cidrs) {
                 Ok(dropped) => report.cidrs_dropped.extend(dropped),
-                Err(err) => report.errors.push(format!("{kind:?} CIDRs: {err}")),
+                Err(source) => report.errors.push(ApplyError::Cidrs { kind, source }),
             }
         }
     }
@@ -264,20 +329,35 @@ impl Applier {
         &mut self,
         maps: &mut Maps,
         frontend: Frontend,
-        want: InstalledFrontend,
+        mut want: InstalledFrontend,
         service: &str,
         report: &mut Report,
     ) {
-        let mut ids = Vec::with_capacity(want.endpoints.len());
-        let mut taken = Vec::with_capacity(want.endpoints.len());
+        // One reference per address; an endpoint whose backend could not
+        // be written is left out of the table and of the record, so the
+        // next apply sees the difference and tries again.
+        let mut held: BTreeMap<SocketAddrV4, BackendId> = BTreeMap::new();
         for endpoint in &want.endpoints {
+            if held.contains_key(&endpoint.addr) {
+                continue;
+            }
             if let Some(id) = self.hold_backend(maps, spec_of(*endpoint), report) {
-                ids.push(id);
-                taken.push(endpoint.addr);
+                held.insert(endpoint.addr, id);
             }
         }
+        let mut ids: Vec<BackendId> = held.values().copied().collect();
         ids.sort_unstable();
-        ids.dedup();
+        // What the maps hold (flags included, should a flag write have
+        // failed), not what was wanted.
+        want.endpoints = held
+            .keys()
+            .filter_map(|addr| self.backends.get(addr))
+            .map(|backend| Endpoint {
+                addr: backend.spec.addr,
+                local: backend.spec.local,
+                terminating: backend.spec.terminating,
+            })
+            .collect();
         match maps.upsert_service(&frontend, &want.policy, &ids) {
             Ok(_) => {
                 if let Some(old) = self.frontends.insert(frontend, want) {
@@ -290,15 +370,17 @@ impl Applier {
                 }
                 report.frontends_written += 1;
             }
-            Err(err) => {
-                for addr in taken {
-                    if let Some(backend) = self.backends.get_mut(&addr) {
+            Err(source) => {
+                for addr in held.keys() {
+                    if let Some(backend) = self.backends.get_mut(addr) {
                         backend.refs -= 1;
                     }
                 }
-                report
-                    .errors
-                    .push(format!("{frontend:?} of {service}: {err}"));
+                report.errors.push(ApplyError::Frontend {
+                    frontend,
+                    service: service.to_owned(),
+                    source,
+                });
             }
         }
     }
@@ -316,7 +398,10 @@ impl Applier {
             if installed.spec != spec {
                 match maps.set_backend(installed.id, &spec) {
                     Ok(()) => installed.spec = spec,
-                    Err(err) => report.errors.push(format!("backend {}: {err}", spec.addr)),
+                    Err(source) => report.errors.push(ApplyError::Backend {
+                        addr: spec.addr,
+                        source,
+                    }),
                 }
             }
             installed.refs += 1;
@@ -327,10 +412,9 @@ impl Applier {
             .remove(&spec.addr)
             .filter(|&id| self.ids.reclaim(id));
         let Some(id) = reclaimed.or_else(|| self.ids.allocate()) else {
-            report.errors.push(format!(
-                "backend {}: every backend id is in use or held by live flows",
-                spec.addr
-            ));
+            report
+                .errors
+                .push(ApplyError::NoBackendId { addr: spec.addr });
             return None;
         };
         match maps.set_backend(id, &spec) {
@@ -340,14 +424,17 @@ impl Applier {
                 report.backends_added += 1;
                 Some(id)
             }
-            Err(err) => {
+            Err(source) => {
                 if reclaimed.is_some() {
                     self.ids.release(id);
                     self.retired.insert(spec.addr, id);
                 } else {
                     self.ids.unallocate(id);
                 }
-                report.errors.push(format!("backend {}: {err}", spec.addr));
+                report.errors.push(ApplyError::Backend {
+                    addr: spec.addr,
+                    source,
+                });
                 None
             }
         }
@@ -379,9 +466,9 @@ impl Applier {
                     report.backends_removed += 1;
                     report.sweep_wanted = true;
                 }
-                Err(err) => report
+                Err(source) => report
                     .errors
-                    .push(format!("removing backend {addr}: {err}")),
+                    .push(ApplyError::RemoveBackend { addr, source }),
             }
         }
     }

@@ -150,7 +150,9 @@ impl Agent {
         );
         let snapshot = &mut state.snapshot;
         snapshot.syncs += 1;
-        snapshot.sync_errors += report.errors.len() as u64;
+        for error in &report.errors {
+            *snapshot.sync_errors.entry(error.kind()).or_default() += 1;
+        }
         snapshot.input_problems += round.problems.iter().filter(|p| p.warning).count() as u64;
         snapshot.sync_latency.observe(round.started.elapsed());
         state.names = desired
