@@ -50,6 +50,9 @@ pub struct Snapshot {
     pub frontends: usize,
     pub backends: usize,
     pub syncs: u64,
+    /// Map writes applied: (frontend tables written, frontends removed,
+    /// backends added, backends removed).
+    pub writes: [u64; 4],
     /// Failed map writes, by [`crate::sync::ApplyError::kind`].
     pub sync_errors: BTreeMap<&'static str, u64>,
     pub input_problems: u64,
@@ -67,6 +70,15 @@ pub struct Snapshot {
     /// Supervised tasks that ended, by name (each a fault).
     pub task_failures: BTreeMap<&'static str, u64>,
 }
+
+/// The `what` labels of `svc_map_writes_total`, in [`Snapshot::writes`]
+/// order.
+const WRITES: [&str; 4] = [
+    "frontend_written",
+    "frontend_removed",
+    "backend_added",
+    "backend_removed",
+];
 
 fn escape(value: &str) -> String {
     value
@@ -95,6 +107,11 @@ pub fn render(snapshot: &Snapshot) -> String {
         "Map writes that failed, by kind (addresses, cidrs, frontend, backend, backend_ids): a full map, no room for a table, no free id.",
     );
     metric(
+        "svc_map_writes_total",
+        "counter",
+        "Map writes applied, by what: frontend tables written and removed, backends added and removed (an unchanged cluster writes none).",
+    );
+    metric(
         "svc_input_problems_total",
         "counter",
         "Objects or parts of objects skipped as bad input.",
@@ -108,6 +125,9 @@ pub fn render(snapshot: &Snapshot) -> String {
     let _ = writeln!(body, "svc_frontends {}", snapshot.frontends);
     let _ = writeln!(body, "svc_backends {}", snapshot.backends);
     let _ = writeln!(body, "svc_syncs_total {}", snapshot.syncs);
+    for (what, count) in WRITES.iter().zip(snapshot.writes) {
+        let _ = writeln!(body, "svc_map_writes_total{{what=\"{what}\"}} {count}");
+    }
     for kind in crate::sync::ApplyError::KINDS {
         let errors = snapshot.sync_errors.get(kind).copied().unwrap_or(0);
         let _ = writeln!(body, "svc_sync_errors_total{{kind=\"{kind}\"}} {errors}");
@@ -318,10 +338,13 @@ mod tests {
         snapshot.sweeps.nat_ports_busiest = 3;
         snapshot.task_failures.insert("watch of Services", 1);
         snapshot.sync_errors.insert("backend_ids", 2);
+        snapshot.writes = [5, 0, 7, 0];
         snapshot.sync_latency.observe(Duration::from_millis(3));
         let page = render(&snapshot);
         assert!(page.contains("svc_frontends 2\n"));
         assert!(page.contains("svc_sync_errors_total{kind=\"backend_ids\"} 2\n"));
+        assert!(page.contains("svc_map_writes_total{what=\"frontend_written\"} 5\n"));
+        assert!(page.contains("svc_map_writes_total{what=\"backend_removed\"} 0\n"));
         assert!(page.contains("svc_sync_errors_total{kind=\"frontend\"} 0\n"));
         assert!(page.contains("svc_sync_latency_seconds_bucket{le=\"0.0025\"} 0\n"));
         assert!(page.contains("svc_sync_latency_seconds_bucket{le=\"0.005\"} 1\n"));

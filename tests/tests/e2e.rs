@@ -3,8 +3,11 @@
 //! controllers write the slices, the `svc-agent` binary on each node of the
 //! two-node namespace cluster reads them as a least-privileged service
 //! account, and traffic between the namespaces shows the result. Scenarios
-//! after the sig-network Service e2e tests, run in order on one control
-//! plane (starting it is the slow part).
+//! after the sig-network Service e2e tests, each a test of its own over one
+//! shared control plane (starting it is the slow part): a scenario makes
+//! the services and pods it needs beyond the shared `client`, `web-1` and
+//! `web-2`, and removes its services, so any one runs alone
+//! (`cargo xtask e2e -- <name>`) or after any other.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -14,7 +17,7 @@ use std::{
     path::PathBuf,
     process::{Child, Command, Stdio},
     sync::{
-        Arc,
+        Arc, Mutex, PoisonError,
         atomic::{AtomicBool, AtomicU32, Ordering},
     },
     thread,
@@ -176,6 +179,23 @@ fn metrics(ns: &tests::netns::NetNs) -> String {
     get(ns, AGENT_HTTP, "/metrics")
 }
 
+/// The value of the sample named exactly `name` (labels included) on a
+/// metrics page.
+fn metric(page: &str, name: &str) -> Option<u64> {
+    page.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse().ok())
+}
+
+/// A datapath counter's packets on `ns`'s agent.
+fn datapath_counter(ns: &tests::netns::NetNs, counter: &str) -> u64 {
+    metric(
+        &metrics(ns),
+        &format!("svc_datapath_packets_total{{counter=\"{counter}\"}}"),
+    )
+    .unwrap_or(0)
+}
+
 impl Drop for Agent {
     fn drop(&mut self) {
         self.stop();
@@ -257,12 +277,16 @@ impl E2e {
             .iter()
             .map(|node| Agent::new(node.name, node.ns.name(), kubeconfig.clone(), plane.dir()))
             .collect();
-        Self {
+        let mut e2e = Self {
             agents,
             cluster,
             _forwarders: forwarders,
             plane,
-        }
+        };
+        e2e.add_pod(0, "client", 200, "client", true);
+        e2e.add_pod(0, "web-1", 2, "web", true);
+        e2e.add_pod(1, "web-2", 2, "web", true);
+        e2e
     }
 
     fn pods(&self) -> Api<Pod> {
@@ -582,30 +606,106 @@ impl Chatter {
     }
 }
 
-#[test]
-fn services_through_a_real_control_plane() {
-    let mut e2e = E2e::start();
-    selector_service_reaches_the_selected_pods(&mut e2e);
-    scaling_and_readiness_are_followed(&mut e2e);
-    connections_outlive_deleted_pods(&mut e2e);
-    cluster_ips_refuse_unknown_ports_and_the_service_range_drops_the_rest(&mut e2e);
-    type_changes_install_and_remove_frontends(&mut e2e);
-    affinity_and_traffic_policies(&mut e2e);
-    traffic_distribution_keeps_traffic_in_the_zone(&mut e2e);
-    health_check_node_ports_follow_local_endpoints(&mut e2e);
-    load_balancer_source_ranges_admit_only_their_sources(&mut e2e);
-    local_load_balancer_ips_serve_in_cluster_clients_from_every_endpoint(&mut e2e);
-    selectorless_services_with_slices_and_mirrored_endpoints(&mut e2e);
-    no_endpoints_is_refused_and_deletion_removes_everything(&mut e2e);
-    api_server_restarts_and_expired_resource_versions(&mut e2e);
-    a_thousand_services(&mut e2e);
+/// A scenario, run on the shared control plane.
+type Scenario = fn(&mut E2e);
+
+/// The scenarios, in the order they run: the thousand services last, as
+/// they stay (deleting 5,000 pods would take longer than the rest).
+const SCENARIOS: &[(&str, Scenario)] = &[
+    (
+        "selector_service_reaches_the_selected_pods",
+        selector_service_reaches_the_selected_pods,
+    ),
+    (
+        "scaling_and_readiness_are_followed",
+        scaling_and_readiness_are_followed,
+    ),
+    (
+        "connections_outlive_deleted_pods",
+        connections_outlive_deleted_pods,
+    ),
+    (
+        "cluster_ips_refuse_unknown_ports_and_the_service_range_drops_the_rest",
+        cluster_ips_refuse_unknown_ports_and_the_service_range_drops_the_rest,
+    ),
+    (
+        "type_changes_install_and_remove_frontends",
+        type_changes_install_and_remove_frontends,
+    ),
+    (
+        "affinity_and_traffic_policies",
+        affinity_and_traffic_policies,
+    ),
+    (
+        "traffic_distribution_keeps_traffic_in_the_zone",
+        traffic_distribution_keeps_traffic_in_the_zone,
+    ),
+    (
+        "health_check_node_ports_follow_local_endpoints",
+        health_check_node_ports_follow_local_endpoints,
+    ),
+    (
+        "load_balancer_source_ranges_admit_only_their_sources",
+        load_balancer_source_ranges_admit_only_their_sources,
+    ),
+    (
+        "local_load_balancer_ips_serve_in_cluster_clients_from_every_endpoint",
+        local_load_balancer_ips_serve_in_cluster_clients_from_every_endpoint,
+    ),
+    (
+        "selectorless_services_with_slices_and_mirrored_endpoints",
+        selectorless_services_with_slices_and_mirrored_endpoints,
+    ),
+    (
+        "no_endpoints_is_refused_and_deletion_removes_everything",
+        no_endpoints_is_refused_and_deletion_removes_everything,
+    ),
+    (
+        "agent_and_api_server_restarts",
+        agent_and_api_server_restarts,
+    ),
+    ("a_thousand_services", a_thousand_services),
+];
+
+/// The shared control plane: started by the first scenario that runs.
+enum Shared {
+    NotStarted,
+    Running(Box<E2e>),
+    /// Starting it panicked (the first scenario to run says why).
+    Failed,
+}
+
+fn main() -> std::process::ExitCode {
+    let mut args = libtest_mimic::Arguments::from_args();
+    // One control plane: one scenario at a time.
+    args.test_threads = Some(1);
+    let shared = Arc::new(Mutex::new(Shared::NotStarted));
+    let trials = SCENARIOS
+        .iter()
+        .map(|&(name, scenario)| {
+            let shared = Arc::clone(&shared);
+            libtest_mimic::Trial::test(name, move || {
+                let mut shared = shared.lock().unwrap_or_else(PoisonError::into_inner);
+                if matches!(*shared, Shared::NotStarted) {
+                    *shared = Shared::Failed;
+                    *shared = Shared::Running(Box::new(E2e::start()));
+                }
+                let Shared::Running(e2e) = &mut *shared else {
+                    return Err("the control plane did not start; see the first scenario".into());
+                };
+                scenario(e2e);
+                Ok(())
+            })
+        })
+        .collect();
+    let conclusion = libtest_mimic::run(&args, trials);
+    // The agents, the namespaces and the control plane stop here.
+    *shared.lock().unwrap_or_else(PoisonError::into_inner) = Shared::NotStarted;
+    conclusion.exit_code()
 }
 
 /// Scenario 1.
 fn selector_service_reaches_the_selected_pods(e2e: &mut E2e) {
-    e2e.add_pod(0, "client", 200, "client", true);
-    e2e.add_pod(0, "web-1", 2, "web", true);
-    e2e.add_pod(1, "web-2", 2, "web", true);
     let web = e2e.apply_service(
         "web",
         &json!({"selector": {"app": "web"},
@@ -641,59 +741,64 @@ fn selector_service_reaches_the_selected_pods(e2e: &mut E2e) {
         BTreeSet::from(["web-1".to_owned(), "web-2".to_owned()]),
         "24 connections to the ClusterIP spread over both pods"
     );
+    e2e.delete_service("web");
 }
 
 /// Scenario 2.
 fn scaling_and_readiness_are_followed(e2e: &mut E2e) {
+    // Pods of its own: their readiness and lives change here.
+    e2e.add_pod(0, "scale-1", 31, "scale", true);
+    e2e.add_pod(1, "scale-2", 32, "scale", true);
     let ip = E2e::cluster_ip(&e2e.apply_service(
-        "web",
-        &json!({"selector": {"app": "web"},
+        "scale",
+        &json!({"selector": {"app": "scale"},
                "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}),
     ));
     let frontend = format!("{ip}:80/TCP");
-    let (web1, web2) = (e2e.pod_addr("web-1"), e2e.pod_addr("web-2"));
+    let (web1, web2) = (e2e.pod_addr("scale-1"), e2e.pod_addr("scale-2"));
+    e2e.converge(&frontend, Some(&[web1, web2]));
 
-    e2e.add_pod(1, "web-3", 3, "web", true);
-    let web3 = e2e.pod_addr("web-3");
+    e2e.add_pod(1, "scale-3", 33, "scale", true);
+    let web3 = e2e.pod_addr("scale-3");
     let took = e2e.converge(&frontend, Some(&[web1, web2, web3]));
     eprintln!("scenario 2: scale up to 3 applied in {took:?}");
-    e2e.delete_pod("web-3", 0);
+    e2e.delete_pod("scale-3", 0);
     let took = e2e.converge(&frontend, Some(&[web1, web2]));
     eprintln!("scenario 2: scale down to 2 applied in {took:?}");
 
     // Not ready: no new connections.
-    e2e.set_ready("web-2", false);
+    e2e.set_ready("scale-2", false);
     let took = e2e.converge(&frontend, Some(&[web1]));
     eprintln!("scenario 2: readiness flip applied in {took:?}");
     assert_eq!(
         e2e.answers("client", addr(&ip, 80), 12),
-        BTreeSet::from(["web-1".to_owned()]),
+        BTreeSet::from(["scale-1".to_owned()]),
         "a not-ready pod gets no new connections"
     );
 
     // web-1 terminating (still serving), nothing ready: web-1 serves.
-    e2e.delete_pod("web-1", 300);
+    e2e.delete_pod("scale-1", 300);
     e2e.converge(&frontend, Some(&[web1]));
     assert_eq!(
         e2e.answers("client", addr(&ip, 80), 6),
-        BTreeSet::from(["web-1".to_owned()]),
+        BTreeSet::from(["scale-1".to_owned()]),
         "a terminating, serving pod is used when nothing is ready"
     );
     // Once something is ready, the terminating pod is left alone.
-    e2e.set_ready("web-2", true);
+    e2e.set_ready("scale-2", true);
     e2e.converge(&frontend, Some(&[web2]));
     assert_eq!(
         e2e.answers("client", addr(&ip, 80), 6),
-        BTreeSet::from(["web-2".to_owned()]),
+        BTreeSet::from(["scale-2".to_owned()]),
         "a terminating pod gets nothing while a ready one exists"
     );
     // Its replacement comes up under the same name and address.
-    e2e.delete_pod("web-1", 0);
+    e2e.delete_pod("scale-1", 0);
     let pods = e2e.pods();
     e2e.plane.block_on(async {
         let gone = async {
             for _ in 0..200 {
-                if pods.get_opt("web-1").await.ok().flatten().is_none() {
+                if pods.get_opt("scale-1").await.ok().flatten().is_none() {
                     return true;
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -702,8 +807,9 @@ fn scaling_and_readiness_are_followed(e2e: &mut E2e) {
         };
         assert!(gone.await, "web-1 should be deleted");
     });
-    e2e.create_pod(0, "web-1", web1, "web", true);
+    e2e.create_pod(0, "scale-1", web1, "scale", true);
     e2e.converge(&frontend, Some(&[web1, web2]));
+    e2e.delete_service("scale");
 }
 
 /// A connection from `connect` that lands on pod `name` (Maglev spreads
@@ -827,17 +933,7 @@ fn cluster_ips_refuse_unknown_ports_and_the_service_range_drops_the_rest(e2e: &m
         "refused at once: {err}"
     );
     let node1 = &e2e.cluster.nodes[0].ns;
-    let dropped = || {
-        metrics(node1)
-            .lines()
-            .find_map(|line| {
-                line.strip_prefix(
-                    "svc_datapath_packets_total{counter=\"drop_unallocated_service_ip\"} ",
-                )
-            })
-            .and_then(|value| value.trim().parse::<u64>().ok())
-            .unwrap_or(0)
-    };
+    let dropped = || datapath_counter(node1, "drop_unallocated_service_ip");
     let before = dropped();
     let unallocated = addr("10.96.255.254", 80);
     let err = e2e
@@ -855,6 +951,7 @@ fn cluster_ips_refuse_unknown_ports_and_the_service_range_drops_the_rest(e2e: &m
         eventually(Duration::from_secs(5), || dropped() > before),
         "node1 counted the drop: the service CIDR came from the ServiceCIDR objects"
     );
+    e2e.delete_service("web");
 }
 
 /// Scenario 3.
@@ -866,9 +963,9 @@ fn type_changes_install_and_remove_frontends(e2e: &mut E2e) {
 
     let mut spec = base.clone();
     spec["type"] = json!("NodePort");
-    let web = e2e.apply_service("web", &spec);
-    let ip = E2e::cluster_ip(&web);
-    let node_port = node_port(&web);
+    let typed = e2e.apply_service("typed", &spec);
+    let ip = E2e::cluster_ip(&typed);
+    let node_port = node_port(&typed);
     let np_frontend = format!("*:{node_port}/TCP");
     e2e.converge(&np_frontend, Some(&[web1, web2]));
     let answer = e2e
@@ -880,9 +977,9 @@ fn type_changes_install_and_remove_frontends(e2e: &mut E2e) {
 
     let mut spec = base.clone();
     spec["type"] = json!("LoadBalancer");
-    e2e.apply_service("web", &spec);
+    e2e.apply_service("typed", &spec);
     let lb_ip = "172.16.1.10";
-    e2e.set_ingress("web", lb_ip);
+    e2e.set_ingress("typed", lb_ip);
     e2e.converge(&format!("{lb_ip}:80/TCP"), Some(&[web1, web2]));
     let answer = e2e
         .cluster
@@ -892,10 +989,11 @@ fn type_changes_install_and_remove_frontends(e2e: &mut E2e) {
     assert!(answer.name.starts_with("web-"), "answered by {answer:?}");
 
     // Back to ClusterIP: the node port and the LB IP go away.
-    e2e.apply_service("web", &base);
+    e2e.apply_service("typed", &base);
     e2e.converge(&np_frontend, None);
     e2e.converge(&format!("{lb_ip}:80/TCP"), None);
     e2e.converge(&format!("{ip}:80/TCP"), Some(&[web1, web2]));
+    e2e.delete_service("typed");
 }
 
 /// Scenario 4.
@@ -978,6 +1076,9 @@ fn affinity_and_traffic_policies(e2e: &mut E2e) {
         done,
         "Cluster policy: node1's node port reaches web-2 on node2, masqueraded as node1"
     );
+    for name in ["sticky", "local"] {
+        e2e.delete_service(name);
+    }
 }
 
 /// Topology hints: with `trafficDistribution: PreferClose` the controller
@@ -1042,10 +1143,27 @@ fn health_check_node_ports_follow_local_endpoints(e2e: &mut E2e) {
         "node2 has no endpoint of lb-local: 503; got {last:?}"
     );
     e2e.delete_service("lb-local");
+    let to = SocketAddrV4::new(e2e.cluster.nodes[0].addr, port);
+    let refused = || refusal(ext, to) == Some(std::io::ErrorKind::ConnectionRefused);
     assert!(
-        eventually(CONVERGE, || probe(0).is_empty()),
-        "the health check port closes with the service"
+        eventually(CONVERGE, refused),
+        "the health check port closes with the service: {:?}",
+        refusal(ext, to)
     );
+    for attempt in 0..3 {
+        assert!(
+            refused(),
+            "attempt {attempt}: the port stays closed: {:?}",
+            refusal(ext, to)
+        );
+    }
+}
+
+/// How a TCP connection from `ns` to `to` fails (`None`: it connected).
+fn refusal(ns: &tests::netns::NetNs, to: SocketAddrV4) -> Option<std::io::ErrorKind> {
+    ns.run(|| TcpStream::connect_timeout(&to.into(), TIMEOUT))
+        .err()
+        .map(|err| err.kind())
 }
 
 /// `loadBalancerSourceRanges`: the load balancer IP takes new connections
@@ -1077,9 +1195,28 @@ fn load_balancer_source_ranges_admit_only_their_sources(e2e: &mut E2e) {
         row.flags
     );
     e2e.apply_service("ranged", &spec("10.0.0.0/8"));
+    let node1 = &e2e.cluster.nodes[0].ns;
+    let to = addr(lb_ip, 80);
+    let dropped = || refusal(&external.ns, to) == Some(std::io::ErrorKind::TimedOut);
     assert!(
-        eventually(CONVERGE, || external.ask(addr(lb_ip, 80)).is_err()),
-        "outside the source ranges: no new connection"
+        eventually(CONVERGE, dropped),
+        "outside the source ranges: dropped (not refused): {:?}",
+        refusal(&external.ns, to)
+    );
+    let before = datapath_counter(node1, "drop_source_range");
+    for attempt in 0..2 {
+        assert!(
+            dropped(),
+            "attempt {attempt}: still dropped: {:?}",
+            refusal(&external.ns, to)
+        );
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || datapath_counter(
+            node1,
+            "drop_source_range"
+        ) > before),
+        "node1 counted the dropped SYNs as drop_source_range"
     );
     e2e.delete_service("ranged");
 }
@@ -1105,9 +1242,22 @@ fn local_load_balancer_ips_serve_in_cluster_clients_from_every_endpoint(e2e: &mu
         BTreeSet::from(["web-2".to_owned()]),
         "a pod on node1 reaches the pod on node2 through the load balancer IP"
     );
+    let node1 = &e2e.cluster.nodes[0].ns;
+    let before = datapath_counter(node1, "drop_no_backend");
+    let to = addr(lb_ip, 80);
+    for attempt in 0..2 {
+        assert_eq!(
+            refusal(&e2e.cluster.external.ns, to),
+            Some(std::io::ErrorKind::TimedOut),
+            "attempt {attempt}: from outside, node1 has no local endpoint: dropped, as kube-proxy does"
+        );
+    }
     assert!(
-        e2e.cluster.external.ask(addr(lb_ip, 80)).is_err(),
-        "from outside, node1 has no local endpoint: dropped"
+        eventually(Duration::from_secs(5), || datapath_counter(
+            node1,
+            "drop_no_backend"
+        ) > before),
+        "node1 counted the drops as drop_no_backend"
     );
     // The inspection command lists both tables.
     let agent = &e2e.agents[0];
@@ -1168,6 +1318,15 @@ fn selectorless_services_with_slices_and_mirrored_endpoints(e2e: &mut E2e) {
         BTreeSet::from(["web-1".to_owned()]),
         "the mirroring controller's slice is served"
     );
+    for name in ["manual", "legacy"] {
+        e2e.delete_service(name);
+    }
+    e2e.plane
+        .block_on(endpoints.delete("legacy", &DeleteParams::default()))
+        .unwrap_or_else(|err| panic!("deleting Endpoints legacy: {err}"));
+    e2e.plane
+        .block_on(slices.delete("manual-1", &DeleteParams::default()))
+        .unwrap_or_else(|err| panic!("deleting EndpointSlice manual-1: {err}"));
 }
 
 /// Scenarios 6 and 7.
@@ -1191,12 +1350,15 @@ fn no_endpoints_is_refused_and_deletion_removes_everything(e2e: &mut E2e) {
     );
 
     let sticky_ip = E2e::cluster_ip(&e2e.apply_service(
-        "sticky",
+        "counted",
         &json!({"selector": {"app": "web"}, "sessionAffinity": "ClientIP",
                "ports": [{"port": 80, "targetPort": WEB_PORT}]}),
     ));
-    // sticky carried traffic in scenario 4: its counters are not zero.
     let sticky_frontend = format!("{sticky_ip}:80/TCP");
+    let (web1, web2) = (e2e.pod_addr("web-1"), e2e.pod_addr("web-2"));
+    e2e.converge(&sticky_frontend, Some(&[web1, web2]));
+    // Traffic, so that its counters are not zero.
+    e2e.answers("client", addr(&sticky_ip, 80), 4);
     let sticky_ids: Vec<u32> = e2e
         .agents
         .iter()
@@ -1207,21 +1369,21 @@ fn no_endpoints_is_refused_and_deletion_removes_everything(e2e: &mut E2e) {
                 .expect("services")
                 .into_iter()
                 .find(|row| row.frontend == sticky_frontend)
-                .expect("sticky is installed");
+                .expect("counted is installed");
             row.id
         })
         .collect();
     let counted = |agent: &Agent, id: u32| {
         PinnedMaps::open(&agent.pin_dir)
             .and_then(|maps| maps.service_counters(id))
-            .expect("sticky's counters")
+            .expect("counted's counters")
             .packets
     };
     assert!(
         counted(&e2e.agents[0], sticky_ids[0]) > 0,
-        "node1 counted sticky's traffic"
+        "node1 counted the service's traffic"
     );
-    for name in ["empty", "sticky"] {
+    for name in ["empty", "counted"] {
         e2e.delete_service(name);
     }
     e2e.converge(&frontend, None);
@@ -1244,21 +1406,24 @@ fn no_endpoints_is_refused_and_deletion_removes_everything(e2e: &mut E2e) {
     }
 }
 
-/// Scenario 8.
-fn api_server_restarts_and_expired_resource_versions(e2e: &mut E2e) {
-    let manual_ip =
-        E2e::cluster_ip(&e2e.apply_service("manual", &json!({"ports": [{"port": 80}]})));
+/// Scenario 8: an agent restart, an API server restart, and etcd
+/// compaction with a restart, under a connection that keeps exchanging.
+fn agent_and_api_server_restarts(e2e: &mut E2e) {
+    // Pods of its own: their readiness changes here.
+    e2e.add_pod(0, "restart-1", 41, "restart", true);
+    e2e.add_pod(1, "restart-2", 42, "restart", true);
     let web_ip = E2e::cluster_ip(&e2e.apply_service(
-        "web",
-        &json!({"selector": {"app": "web"},
+        "restart",
+        &json!({"selector": {"app": "restart"},
                "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}),
     ));
-    let (web1, web2) = (e2e.pod_addr("web-1"), e2e.pod_addr("web-2"));
+    let (web1, web2) = (e2e.pod_addr("restart-1"), e2e.pod_addr("restart-2"));
+    e2e.converge(&format!("{web_ip}:80/TCP"), Some(&[web1, web2]));
     let stream = e2e
         .cluster
         .pod("client")
-        .connect(addr(&manual_ip, 80))
-        .expect("client → manual");
+        .connect(addr(&web_ip, 80))
+        .expect("client → restart");
     let chatter = Chatter::new(stream);
 
     // The agent that translated it restarts: it adopts the pinned maps,
@@ -1271,12 +1436,27 @@ fn api_server_restarts_and_expired_resource_versions(e2e: &mut E2e) {
             .starts_with("HTTP/1.0 200")),
         "the restarted agent becomes ready (its first sync applied)"
     );
+    let page = metrics(node1);
+    let syncs = metric(&page, "svc_syncs_total").unwrap_or(0);
+    assert!(syncs >= 1, "the first sync is counted: {syncs}");
+    for what in [
+        "frontend_written",
+        "frontend_removed",
+        "backend_added",
+        "backend_removed",
+    ] {
+        assert_eq!(
+            metric(&page, &format!("svc_map_writes_total{{what=\"{what}\"}}")),
+            Some(0),
+            "an unchanged cluster writes nothing after a restart ({what}, {syncs} syncs)"
+        );
+    }
     e2e.converge(&format!("{web_ip}:80/TCP"), Some(&[web1, web2]));
 
     e2e.plane.restart_apiserver();
     // A change after the restart is applied: the watches reconnected.
-    e2e.set_ready("web-2", false);
-    let (slice, maps) = e2e.after_restart("web", &web_ip, &[web1]);
+    e2e.set_ready("restart-2", false);
+    let (slice, maps) = e2e.after_restart("restart", &web_ip, &[web1]);
     eprintln!(
         "scenario 8: change after an API server restart: in the slice after {slice:?}, in the maps after {maps:?}"
     );
@@ -1286,18 +1466,15 @@ fn api_server_restarts_and_expired_resource_versions(e2e: &mut E2e) {
     e2e.plane.stop_apiserver();
     e2e.plane.compact_etcd();
     e2e.plane.start_apiserver_again();
-    e2e.set_ready("web-2", true);
-    let (slice, maps) = e2e.after_restart("web", &web_ip, &[web1, web2]);
+    e2e.set_ready("restart-2", true);
+    let (slice, maps) = e2e.after_restart("restart", &web_ip, &[web1, web2]);
     eprintln!(
         "scenario 8: change after compaction and restart: in the slice after {slice:?}, in the maps after {maps:?}"
     );
     for (agent, node) in e2e.agents.iter().zip(&e2e.cluster.nodes) {
-        let errors = metrics(&node.ns)
-            .lines()
-            .find_map(|line| line.strip_prefix("svc_watch_errors_total "))
-            .and_then(|value| value.trim().parse::<u64>().ok());
+        let errors = metric(&metrics(&node.ns), "svc_watch_errors_total").unwrap_or(0);
         assert!(
-            errors.is_some_and(|errors| errors > 0),
+            errors > 0,
             "{}: the watches saw the outages ({errors:?} errors) and recovered",
             agent.node
         );
@@ -1308,6 +1485,7 @@ fn api_server_restarts_and_expired_resource_versions(e2e: &mut E2e) {
         exchanges > 10,
         "the connection kept exchanging ({exchanges})"
     );
+    e2e.delete_service("restart");
 }
 
 /// Scenario 9.

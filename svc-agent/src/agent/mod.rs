@@ -150,6 +150,14 @@ impl Agent {
         );
         let snapshot = &mut state.snapshot;
         snapshot.syncs += 1;
+        for (total, count) in snapshot.writes.iter_mut().zip([
+            report.frontends_written,
+            report.frontends_removed,
+            report.backends_added,
+            report.backends_removed,
+        ]) {
+            *total += count as u64;
+        }
         for error in &report.errors {
             *snapshot.sync_errors.entry(error.kind()).or_default() += 1;
         }
