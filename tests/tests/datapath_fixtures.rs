@@ -1330,11 +1330,50 @@ fn every_nat_port_is_taken_before_new_flows_are_dropped() {
     );
 }
 
+/// A Maglev slot naming a backend id with no backend (the agent and the
+/// maps disagree, which the agent's applier never lets happen): the new
+/// flow is dropped and counted, never sent anywhere.
+#[test]
+fn a_table_naming_a_missing_backend_drops_and_counts() {
+    use aya::maps::{Array, Map, MapData};
+    require_root();
+    let pin = std::path::PathBuf::from(format!(
+        "/sys/fs/bpf/svc-test-bad-backend-{}",
+        std::process::id()
+    ));
+    let _ = Datapath::cleanup(&pin);
+    let mut datapath = Datapath::load(&LoadOptions {
+        config: config(),
+        pin_dir: Some(pin.clone()),
+        ..LoadOptions::default()
+    })
+    .expect("the datapath must load");
+    install(datapath.maps_mut());
+    // SVC_C's table names only backend 1; its entry is zeroed behind the
+    // map writer's back (which refuses to remove a backend a table names).
+    let pinned = MapData::from_pin(pin.join(svc_common::lb::BACKENDS_MAP)).expect("pinned");
+    let mut backends: Array<_, svc_common::lb::Backend> =
+        Array::try_from(Map::Array(pinned)).expect("an array");
+    backends
+        .set(1, svc_common::lb::Backend::default(), 0)
+        .expect("zeroing backend 1");
+    let packet = packet::tcp4(CLIENT, (SVC_C, 80), SYN, &[]);
+    let run = run(&datapath, POD, "a SYN to SVC_C", &packet);
+    drop(datapath);
+    let _ = Datapath::cleanup(&pin);
+    assert_eq!(run.verdict, TC_ACT_SHOT, "dropped");
+    assert_eq!(
+        run.moved,
+        one_packet(&[Counter::Ipv4Tcp, Counter::DropBadBackend], packet.len())
+    );
+}
+
 /// Frames BPF_PROG_TEST_RUN refuses (EINVAL) before running a tc program:
 /// shorter than an Ethernet header, or IPv4 shorter than a minimal IPv4
-/// header. A real hook can still see them, so the program counts them; this
-/// table keeps the counters covered and notices a kernel that starts to
-/// accept them.
+/// header. This table notices a kernel that starts to accept them. A real
+/// veth delivers the second kind
+/// (`veth_traffic::a_frame_ending_inside_its_ipv4_header_is_counted_on_a_real_hook`);
+/// the first cannot arrive at all (see [`COVERED_ELSEWHERE`]).
 fn refused_by_test_run() -> Vec<Fixture> {
     vec![
         fixture(
@@ -1350,19 +1389,36 @@ fn refused_by_test_run() -> Vec<Fixture> {
     ]
 }
 
-/// Counters no fixture here reaches, and why.
+/// Counters no fixture table here reaches: the test that does, or why
+/// none can.
 const COVERED_ELSEWHERE: &[(Counter, &str)] = &[
     (
         Counter::DropBadBackend,
-        "the map writer never lets a table name a missing backend",
+        "a_table_naming_a_missing_backend_drops_and_counts",
+    ),
+    (
+        Counter::MalformedIpv4Truncated,
+        "veth_traffic::a_frame_ending_inside_its_ipv4_header_is_counted_on_a_real_hook",
+    ),
+    (
+        Counter::MalformedEthernet,
+        "unreachable: the agent attaches only to Ethernet devices \
+         (devices_without_an_ethernet_header_are_refused), whose frames the kernel \
+         pulls an Ethernet header from before tc ingress (eth_type_trans), and \
+         BPF_PROG_TEST_RUN refuses shorter ones; the bounds check the verifier \
+         needs stays counted",
     ),
     (
         Counter::DropCtInsertFailed,
-        "an LRU map makes room instead of failing",
+        "unreachable by a test: connection tracking is an LRU hash written with \
+         BPF_ANY, which evicts to make room and fails only with ENOMEM when every \
+         LRU node is held by other CPUs mid-update",
     ),
     (
         Counter::DropRewriteFailed,
-        "only a helper failing on a checked offset",
+        "unreachable by a test: the rewrite's offsets are checked against the \
+         packet first, so only bpf_skb_store_bytes failing to make a cloned skb \
+         writable (ENOMEM) lands here",
     ),
     (
         Counter::DropNoSnatAddr,

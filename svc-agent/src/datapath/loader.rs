@@ -309,6 +309,18 @@ impl Datapath {
         if self.tc_links.has(index, iface) {
             return Ok(());
         }
+        // Without an Ethernet header (WireGuard, tun, IP-in-IP) the
+        // programs would read the IP header as one and could mistranslate.
+        let link_layer = super::netlink::link_layer(iface).map_err(|source| Error::Link {
+            iface: iface.to_owned(),
+            source,
+        })?;
+        if link_layer != netlink_packet_route::link::LinkLayerType::Ether {
+            return Err(Error::NotEthernet {
+                iface: iface.to_owned(),
+                link_layer: link_layer.to_string(),
+            });
+        }
         // Translated packets may carry a node address as their source
         // (masquerade, hairpin), or a source the reverse path does not
         // lead back through: the kernel must accept them on ingress, also

@@ -74,6 +74,8 @@ pub enum Error {
     },
     #[error("{count} node addresses: the datapath holds at most {max}")]
     TooManyNodeAddrs { count: usize, max: u32 },
+    #[error("{iface} is not an Ethernet device ({link_layer}): the programs parse Ethernet frames")]
+    NotEthernet { iface: String, link_layer: String },
     #[error("asking rtnetlink about {iface}: {source}")]
     Link {
         iface: String,

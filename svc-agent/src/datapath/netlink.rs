@@ -7,7 +7,7 @@ use std::io;
 use netlink_packet_core::{NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload};
 use netlink_packet_route::{
     RouteNetlinkMessage,
-    link::{LinkAttribute, LinkMessage},
+    link::{LinkAttribute, LinkLayerType, LinkMessage},
 };
 use netlink_sys::{
     AsyncSocket as _, AsyncSocketExt as _, Socket, SocketAddr, TokioSocket,
@@ -66,6 +66,16 @@ pub fn controller_of(iface: &str) -> io::Result<Option<String>> {
         }))
 }
 
+/// The link-layer type of `iface` (`ARPHRD_*`): the programs parse an
+/// Ethernet header, so they go only where there is one.
+pub fn link_layer(iface: &str) -> io::Result<LinkLayerType> {
+    let mut by_name = LinkMessage::default();
+    by_name
+        .attributes
+        .push(LinkAttribute::IfName(iface.to_owned()));
+    Ok(get_link(by_name)?.header.link_layer_type)
+}
+
 /// One `RTM_GETLINK` request and its answer.
 fn get_link(request: LinkMessage) -> io::Result<LinkMessage> {
     let mut socket = Socket::new(NETLINK_ROUTE)?;
@@ -103,5 +113,9 @@ mod tests {
         assert_eq!(controller_of("lo").expect("lo exists"), None);
         let err = controller_of("svc-no-such0").expect_err("no such link");
         assert_eq!(err.raw_os_error(), Some(libc::ENODEV), "{err}");
+        assert_eq!(
+            link_layer("lo").expect("lo exists"),
+            LinkLayerType::Loopback
+        );
     }
 }
