@@ -2,13 +2,7 @@
 //! maps, and the names the agent recorded for its frontends, for
 //! `kubectl`-like tables or JSON.
 
-use std::{
-    collections::BTreeMap,
-    fmt::Write as _,
-    fs,
-    net::{Ipv4Addr, SocketAddrV4},
-    path::Path,
-};
+use std::{collections::BTreeMap, fmt::Write as _, fs, path::Path};
 
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use serde::{Deserialize, Serialize};
@@ -22,6 +16,7 @@ use svc_common::{
     maglev::MAX_TABLE_SIZE,
     proto,
     stats::CounterValue,
+    wire::{FrontendId, socket},
 };
 
 use crate::{
@@ -165,7 +160,8 @@ fn read_state(path: &Path) -> BTreeMap<String, FrontendName> {
 pub struct PinnedMaps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     backends: Array<MapData, Backend>,
-    maglev: Array<MapData, BackendId>,
+    /// Slots: backend ids as `u32`s.
+    maglev: Array<MapData, u32>,
     ct: HashMap<MapData, CtKey, CtEntry>,
     service_stats: PerCpuArray<MapData, CounterValue>,
     backend_stats: PerCpuArray<MapData, CounterValue>,
@@ -183,10 +179,6 @@ fn open(dir: &Path, name: &str) -> Result<Map> {
 
 fn read_error(name: &'static str) -> impl Fn(aya::maps::MapError) -> Error {
     move |source| Error::Read { name, source }
-}
-
-fn socket(addr: u32, port: u16) -> SocketAddrV4 {
-    SocketAddrV4::new(Ipv4Addr::from(addr.to_ne_bytes()), u16::from_be(port))
 }
 
 fn sum(values: &aya::maps::PerCpuValues<CounterValue>) -> CounterValue {
@@ -257,14 +249,21 @@ impl PinnedMaps {
                 size: value.maglev_size,
             })?;
         (value.maglev_offset..end)
-            .map(|slot| self.maglev.get(&slot, 0).map_err(read_error(MAGLEV_MAP)))
+            .map(|slot| {
+                let id = self.maglev.get(&slot, 0).map_err(read_error(MAGLEV_MAP))?;
+                // 0 is no backend: a table this agent never writes.
+                BackendId::new(id).ok_or(Error::BadTable {
+                    offset: value.maglev_offset,
+                    size: value.maglev_size,
+                })
+            })
             .collect()
     }
 
     fn backend_addr(&self, id: BackendId) -> Result<String> {
         let backend = self
             .backends
-            .get(&id, 0)
+            .get(&id.get(), 0)
             .map_err(read_error(BACKENDS_MAP))?;
         Ok(socket(backend.addr, backend.port).to_string())
     }
@@ -314,7 +313,7 @@ impl PinnedMaps {
                 service: name.map_or_else(|| "?".to_owned(), |n| n.service.clone()),
                 kind: kind.to_owned(),
                 frontend: label,
-                id: value.id,
+                id: value.id.get(),
                 backends,
                 affinity_timeout_secs: (value.flags & SVC_F_AFFINITY != 0)
                     .then_some(value.affinity_timeout_secs),
@@ -329,10 +328,10 @@ impl PinnedMaps {
     }
 
     /// The traffic counted for service id `id` (summed over CPUs).
-    pub fn service_counters(&self, id: u32) -> Result<CounterValue> {
+    pub fn service_counters(&self, id: FrontendId) -> Result<CounterValue> {
         Ok(sum(&self
             .service_stats
-            .get(&id, 0)
+            .get(&id.get(), 0)
             .map_err(read_error(SERVICE_STATS_MAP))?))
     }
 
@@ -371,7 +370,7 @@ impl PinnedMaps {
             .map(|id| {
                 let counters = sum(&self
                     .backend_stats
-                    .get(&id, 0)
+                    .get(&id.get(), 0)
                     .map_err(read_error(BACKEND_STATS_MAP))?);
                 Ok((self.backend_addr(id)?, id, counters))
             })

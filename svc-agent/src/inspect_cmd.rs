@@ -94,7 +94,7 @@ pub fn backends(service: &str, args: &InspectArgs) -> Result<()> {
             rows.push(BackendRow {
                 frontend: frontend.frontend.clone(),
                 backend,
-                id,
+                id: id.get(),
                 packets: counters.packets,
                 bytes: counters.bytes,
             });

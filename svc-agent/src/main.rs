@@ -99,7 +99,7 @@ fn load_datapath(args: &RunArgs) -> Result<Datapath> {
         .masquerade_addr
         .or_else(|| args.node_addrs.first().copied())
     {
-        config.masq_addr = u32::from_ne_bytes(addr.octets());
+        config.masq_addr = addr.into();
     } else {
         warn!(
             "no masquerade address (--node-addr or --masquerade-addr): hairpinned and masqueraded flows are dropped (drop_no_snat_addr)"

@@ -152,7 +152,7 @@ pub struct Applier {
     /// Removed backends whose ids wait for a sweep, by address: a backend
     /// that comes back before takes its id back.
     retired: HashMap<SocketAddrV4, BackendId>,
-    ids: IdPool,
+    ids: IdPool<BackendId>,
 }
 
 impl Default for Applier {

@@ -311,7 +311,10 @@ fn metric_value(netns: &str, name: &str) -> u64 {
 #[test]
 fn removing_backends_under_a_large_table_never_stalls_the_agent() {
     use aya::maps::{HashMap, Map, MapData};
-    use svc_common::ct::{CT_MAP, CtEntry, CtKey};
+    use svc_common::{
+        ct::{CT_MAP, CtEntry, CtKey},
+        wire::{WireAddr, WirePort},
+    };
     const ENDPOINTS: u32 = 1_000;
     const ENTRIES: u32 = 200_000;
     let fixture = Fixture::start("large", &web_with_endpoints(ENDPOINTS), &[]);
@@ -331,18 +334,18 @@ fn removing_backends_under_a_large_table_never_stalls_the_agent() {
     for i in 0..ENTRIES {
         let [_, a, b, c] = i.to_be_bytes();
         let key = CtKey {
-            saddr: u32::from_ne_bytes([10, 200 + a, b, c]),
-            daddr: u32::from_ne_bytes([10, 96, 0, 10]),
-            sport: 40_000u16.to_be(),
-            dport: 80u16.to_be(),
+            saddr: WireAddr::from_octets([10, 200 + a, b, c]),
+            daddr: WireAddr::from_octets([10, 96, 0, 10]),
+            sport: WirePort::from_host(40_000),
+            dport: WirePort::from_host(80),
             protocol: svc_common::proto::TCP,
             _pad: [0; 3],
         };
         let entry = CtEntry {
             saddr: key.saddr,
-            daddr: u32::from_ne_bytes([10, 244, 0, (i % 250) as u8]),
+            daddr: WireAddr::from_octets([10, 244, 0, (i % 250) as u8]),
             sport: key.sport,
-            dport: 8080u16.to_be(),
+            dport: WirePort::from_host(8080),
             backend_id: 1 + i % ENDPOINTS,
             ..CtEntry::default()
         };

@@ -1,7 +1,7 @@
 //! Load-time configuration of the datapath: one global, [`CONFIG_GLOBAL`],
 //! written by the loader with `EbpfLoader::override_global`.
 
-use crate::{assert_layout, impl_user_pod};
+use crate::{assert_layout, impl_user_pod, wire::WireAddr};
 
 /// Symbol name of the `Global<DatapathConfig>` in the eBPF object.
 pub const CONFIG_GLOBAL: &str = "SVC_CONFIG";
@@ -36,8 +36,8 @@ pub struct DatapathConfig {
     /// A UDP flow, nanoseconds.
     pub ct_timeout_udp_ns: u64,
     /// The node address that masqueraded and hairpinned flows take as
-    /// their source, network order.
-    pub masq_addr: u32,
+    /// their source.
+    pub masq_addr: WireAddr,
     /// First source port for NAT, host order.
     pub nat_port_min: u16,
     /// Last source port for NAT, host order.
@@ -65,7 +65,7 @@ impl DatapathConfig {
         ct_timeout_tcp_established_ns: 6 * 3600 * NS_PER_SEC,
         ct_timeout_tcp_closing_ns: 10 * NS_PER_SEC,
         ct_timeout_udp_ns: 60 * NS_PER_SEC,
-        masq_addr: 0,
+        masq_addr: WireAddr::UNSPECIFIED,
         nat_port_min: 61_000,
         nat_port_max: 65_535,
         ns_per_tick: 0,

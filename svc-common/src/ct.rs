@@ -19,6 +19,7 @@ use crate::{
     assert_layout,
     config::{DatapathConfig, NS_PER_SEC},
     impl_user_pod, proto,
+    wire::{FrontendId, WireAddr, WirePort},
 };
 
 pub const CT_MAP: &str = "SVC_CT_V1";
@@ -30,14 +31,10 @@ pub const DEFAULT_CT_ENTRIES: u32 = 524_288;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct CtKey {
-    /// Network order.
-    pub saddr: u32,
-    /// Network order.
-    pub daddr: u32,
-    /// Network order.
-    pub sport: u16,
-    /// Network order.
-    pub dport: u16,
+    pub saddr: WireAddr,
+    pub daddr: WireAddr,
+    pub sport: WirePort,
+    pub dport: WirePort,
     pub protocol: u8,
     pub _pad: [u8; 3],
 }
@@ -78,18 +75,18 @@ pub struct CtEntry {
     /// `DatapathConfig::ns_per_tick`, or `bpf_ktime_get_coarse_ns` when that
     /// is 0; refreshed at most once a second).
     pub last_seen_ns: u64,
-    /// The tuple's new source address (network order).
-    pub saddr: u32,
-    /// The tuple's new destination address (network order).
-    pub daddr: u32,
-    /// New source port (network order).
-    pub sport: u16,
-    /// New destination port (network order).
-    pub dport: u16,
-    /// The backend the flow goes to.
+    /// The tuple's new source address.
+    pub saddr: WireAddr,
+    /// The tuple's new destination address.
+    pub daddr: WireAddr,
+    /// New source port.
+    pub sport: WirePort,
+    /// New destination port.
+    pub dport: WirePort,
+    /// The backend the flow goes to (a [`crate::wire::BackendId`]).
     pub backend_id: u32,
     /// The frontend ([`crate::lb::ServiceValue::id`]).
-    pub service_id: u32,
+    pub service_id: FrontendId,
     /// `CT_F_*` bits.
     pub flags: u8,
     pub _pad: [u8; 3],
@@ -108,10 +105,8 @@ pub const DEFAULT_FRAG_ENTRIES: u32 = 8192;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct FragKey {
-    /// Network order.
-    pub saddr: u32,
-    /// Network order.
-    pub daddr: u32,
+    pub saddr: WireAddr,
+    pub daddr: WireAddr,
     /// IPv4 identification, network order.
     pub id: u16,
     /// IP protocol number.
@@ -125,10 +120,8 @@ assert_layout!(FragKey, size = 12, align = 4);
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct FragValue {
-    /// Network order.
-    pub saddr: u32,
-    /// Network order.
-    pub daddr: u32,
+    pub saddr: WireAddr,
+    pub daddr: WireAddr,
 }
 assert_layout!(FragValue, size = 8, align = 4);
 
@@ -202,10 +195,10 @@ impl CtEntry {
     #[inline]
     #[must_use]
     pub const fn is_peer_of(&self, key: &CtKey) -> bool {
-        self.saddr == key.daddr
-            && self.daddr == key.saddr
-            && self.sport == key.dport
-            && self.dport == key.sport
+        self.saddr.raw() == key.daddr.raw()
+            && self.daddr.raw() == key.saddr.raw()
+            && self.sport.raw() == key.dport.raw()
+            && self.dport.raw() == key.sport.raw()
     }
 }
 
@@ -222,10 +215,10 @@ mod tests {
     }
 
     const KEY: CtKey = CtKey {
-        saddr: 0x0a00_0001,
-        daddr: 0x0a60_0001,
-        sport: 40_000,
-        dport: 80,
+        saddr: WireAddr::from_octets([10, 0, 0, 1]),
+        daddr: WireAddr::from_octets([10, 96, 0, 1]),
+        sport: WirePort::from_host(40_000),
+        dport: WirePort::from_host(80),
         protocol: proto::TCP,
         _pad: [0; 3],
     };
@@ -234,9 +227,9 @@ mod tests {
     fn flow() -> (CtEntry, CtEntry) {
         let original = CtEntry {
             saddr: KEY.saddr,
-            daddr: 0x0a01_0005,
+            daddr: WireAddr::from_octets([10, 1, 0, 5]),
             sport: KEY.sport,
-            dport: 8080,
+            dport: WirePort::from_host(8080),
             ..CtEntry::default()
         };
         let reply = CtEntry {
@@ -260,7 +253,7 @@ mod tests {
         // A flow that took the original key over with another NAT port
         // no longer owns the old reply entry.
         let taken_over = CtEntry {
-            sport: 61_000,
+            sport: WirePort::from_host(61_000),
             ..original
         };
         assert!(!taken_over.is_peer_of(&reply_key));
@@ -297,14 +290,14 @@ mod tests {
     #[test]
     fn reversing_twice_is_identity() {
         let key = CtKey {
-            saddr: 1,
-            daddr: 2,
-            sport: 3,
-            dport: 4,
+            saddr: WireAddr::from_raw(1),
+            daddr: WireAddr::from_raw(2),
+            sport: WirePort::from_raw(3),
+            dport: WirePort::from_raw(4),
             protocol: 6,
             _pad: [0; 3],
         };
         assert_eq!(key.reversed().reversed(), key);
-        assert_eq!(key.reversed().saddr, 2);
+        assert_eq!(key.reversed().saddr, WireAddr::from_raw(2));
     }
 }

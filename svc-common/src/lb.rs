@@ -4,12 +4,13 @@
 //! |---|---|---|---|
 //! | [`SERVICES_MAP`] | hash | [`ServiceKey`] | [`ServiceValue`] |
 //! | [`BACKENDS_MAP`] | array | [`BackendId`] (`u32`) | [`Backend`] |
-//! | [`MAGLEV_MAP`] | array, mmapable | slot (`u32`) | [`BackendId`] |
-//! | [`ADDRS_MAP`] | hash | IPv4 address (network order) | [`AddrInfo`] |
+//! | [`MAGLEV_MAP`] | array, mmapable | slot (`u32`) | [`BackendId`] (`u32`) |
+//! | [`ADDRS_MAP`] | hash | [`WireAddr`] | [`AddrInfo`] |
 //! | [`CIDRS_MAP`] | array | [`CIDRS_SERVICE`] or [`CIDRS_LOCAL`] | [`CidrSet`] |
 //! | [`AFFINITY_MAP`] | LRU hash | [`AffinityKey`] | [`AffinityValue`] |
 //! | [`MEMBERS_MAP`] | hash | [`MemberKey`] | `u32` (unused) |
 
+pub use crate::wire::{FrontendId, WireAddr, WirePort};
 use crate::{assert_layout, impl_user_pod};
 
 pub const SERVICES_MAP: &str = "SVC_SERVICES_V1";
@@ -44,8 +45,7 @@ pub const DEFAULT_MAX_AFFINITY: u32 = 65_536;
 /// frontend.
 pub const MAX_NODE_ADDRS: u32 = 64;
 
-/// A backend's index in [`BACKENDS_MAP`]. 0 is never a backend.
-pub type BackendId = u32;
+pub use crate::wire::BackendId;
 
 /// [`ServiceKey::scope`]: the key's address is the service's own (a
 /// ClusterIP, an externalIP or a LoadBalancer ingress IP).
@@ -62,10 +62,10 @@ pub const SCOPE_IN_CLUSTER: u8 = 0x80;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct ServiceKey {
-    /// Service address, network order; 0 for [`SCOPE_NODEPORT`].
-    pub addr: u32,
-    /// Service port (or node port), network order.
-    pub port: u16,
+    /// Service address; unspecified for [`SCOPE_NODEPORT`].
+    pub addr: WireAddr,
+    /// Service port (or node port).
+    pub port: WirePort,
     /// IP protocol number.
     pub protocol: u8,
     /// [`SCOPE_ADDR`] or [`SCOPE_NODEPORT`].
@@ -113,7 +113,7 @@ pub const EMPTY_DROP: u8 = 1;
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct ServiceValue {
     /// Frontend id: index of its counters and part of its affinity keys.
-    pub id: u32,
+    pub id: FrontendId,
     /// First slot of this frontend's table in [`MAGLEV_MAP`].
     pub maglev_offset: u32,
     /// Table size M (a prime); 0 when there are no backends.
@@ -140,10 +140,9 @@ pub const BACKEND_F_TERMINATING: u8 = 1 << 1;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct Backend {
-    /// Network order; 0 marks an unused id.
-    pub addr: u32,
-    /// Network order.
-    pub port: u16,
+    /// Unspecified marks an unused id.
+    pub addr: WireAddr,
+    pub port: WirePort,
     /// `BACKEND_F_*` bits.
     pub flags: u8,
     pub _pad: u8,
@@ -181,16 +180,15 @@ pub const CIDR_SETS: u32 = 2;
 /// CIDRs one [`CidrSet`] holds.
 pub const MAX_CIDRS: u32 = 8;
 
-/// An IPv4 CIDR as a base and a mask, both network order, so that
+/// An IPv4 CIDR as a base and a mask, both in wire order, so that
 /// `addr & mask == base` works on addresses as read from packets.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct Cidr {
-    /// Network order, host bits zero.
-    pub base: u32,
-    /// Network order.
-    pub mask: u32,
+    /// Host bits zero.
+    pub base: WireAddr,
+    pub mask: WireAddr,
 }
 assert_layout!(Cidr, size = 8, align = 4);
 
@@ -208,10 +206,10 @@ pub struct CidrSet {
 assert_layout!(CidrSet, size = 72, align = 4);
 
 impl CidrSet {
-    /// Whether `addr` (network order) lies in one of the CIDRs.
+    /// Whether `addr` lies in one of the CIDRs.
     #[inline]
     #[must_use]
-    pub fn contains(&self, addr: u32) -> bool {
+    pub fn contains(&self, addr: WireAddr) -> bool {
         let mut i = 0;
         while i < MAX_CIDRS {
             if i >= self.count {
@@ -233,9 +231,8 @@ impl CidrSet {
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct AffinityKey {
     /// [`ServiceValue::id`].
-    pub service_id: u32,
-    /// Client address, network order.
-    pub client_addr: u32,
+    pub service_id: FrontendId,
+    pub client_addr: WireAddr,
 }
 assert_layout!(AffinityKey, size = 8, align = 4);
 
@@ -246,7 +243,8 @@ pub struct AffinityValue {
     /// Time of the last new connection, on the datapath's clock (as
     /// `CtEntry::last_seen_ns`).
     pub last_used_ns: u64,
-    pub backend_id: BackendId,
+    /// A [`BackendId`].
+    pub backend_id: u32,
     pub _pad: u32,
 }
 assert_layout!(AffinityValue, size = 16, align = 8);
@@ -257,8 +255,9 @@ assert_layout!(AffinityValue, size = 16, align = 8);
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct MemberKey {
     /// [`ServiceValue::id`].
-    pub service_id: u32,
-    pub backend_id: BackendId,
+    pub service_id: FrontendId,
+    /// A [`BackendId`].
+    pub backend_id: u32,
 }
 assert_layout!(MemberKey, size = 8, align = 4);
 
@@ -269,11 +268,10 @@ assert_layout!(MemberKey, size = 8, align = 4);
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct SourceRangeKey {
-    /// [`ServiceValue::id`], host order.
-    pub service_id: u32,
-    /// Source address (a packet's) or CIDR base (an entry's), network
-    /// order.
-    pub addr: u32,
+    /// [`ServiceValue::id`].
+    pub service_id: FrontendId,
+    /// Source address (a packet's) or CIDR base (an entry's).
+    pub addr: WireAddr,
 }
 assert_layout!(SourceRangeKey, size = 8, align = 4);
 
@@ -319,10 +317,10 @@ mod tests {
         assert_eq!(offset_of!(CidrSet, cidrs), 8);
     }
 
-    fn cidr(octets: [u8; 4], prefix: u32) -> Cidr {
-        let mask = u32::MAX.checked_shl(32 - prefix).unwrap_or(0).to_be();
+    fn cidr(octets: [u8; 4], prefix: u8) -> Cidr {
+        let mask = WireAddr::mask(prefix);
         Cidr {
-            base: u32::from_ne_bytes(octets) & mask,
+            base: WireAddr::from_octets(octets) & mask,
             mask,
         }
     }
@@ -336,7 +334,7 @@ mod tests {
         set.cidrs[0] = cidr([10, 96, 0, 0], 12);
         set.cidrs[1] = cidr([192, 168, 7, 9], 32);
         set.cidrs[2] = cidr([172, 16, 0, 0], 16);
-        let addr = |octets: [u8; 4]| u32::from_ne_bytes(octets);
+        let addr = WireAddr::from_octets;
         assert!(set.contains(addr([10, 96, 0, 10])));
         assert!(set.contains(addr([10, 111, 255, 255])));
         assert!(!set.contains(addr([10, 112, 0, 0])));
@@ -347,7 +345,7 @@ mod tests {
             "beyond the count: unused"
         );
         assert!(
-            !CidrSet::default().contains(0),
+            !CidrSet::default().contains(WireAddr::UNSPECIFIED),
             "an empty set holds nothing"
         );
         set.count = 99;

@@ -9,9 +9,9 @@
 //! and `aya::Pod`.
 //!
 //! Byte order: addresses and ports are kept exactly as they appear on the
-//! wire ("network order"): the `u32`/`u16` holds the packet's bytes, so on a
-//! little-endian machine `10.0.0.1` is `u32::from_ne_bytes([10, 0, 0, 1])`.
-//! Everything else is host order.
+//! wire, as [`wire::WireAddr`] and [`wire::WirePort`]; ids are
+//! [`wire::FrontendId`] and backend ids `u32`s that are 0 or a
+//! [`wire::BackendId`]. Everything else is host order.
 //!
 //! Map names are at most 15 characters (the kernel's limit) and end in a
 //! `_V<n>` that changes with the layout.
@@ -25,6 +25,7 @@ pub mod lb;
 pub mod maglev;
 pub mod sock;
 pub mod stats;
+pub mod wire;
 
 /// Checks a map type's size and alignment at compile time, on both sides.
 macro_rules! assert_layout {

@@ -9,7 +9,10 @@
 //!
 //! The datapath looks a flow up as `table[flow_hash % M]`.
 
-use crate::hash::fmix32;
+use crate::{
+    hash::fmix32,
+    wire::{WireAddr, WirePort},
+};
 
 /// Table sizes (primes) a service's table is chosen from.
 pub const TABLE_SIZES: &[u32] = &[251, 509, 1_021, 2_039, 4_093, 8_191, 16_381, 32_749, 65_537];
@@ -39,11 +42,11 @@ pub fn table_size(backends: u32, slots_per_backend: u32) -> u32 {
     MAX_TABLE_SIZE
 }
 
-/// A backend's stable identity for Maglev: its address and port, network
-/// order as in the packet.
+/// A backend's stable identity for Maglev: its address and port, as the
+/// packet carries them.
 #[must_use]
-pub const fn backend_key(addr: u32, port: u16) -> u64 {
-    ((addr as u64) << 16) | port as u64
+pub const fn backend_key(addr: WireAddr, port: WirePort) -> u64 {
+    ((addr.raw() as u64) << 16) | port.raw() as u64
 }
 
 /// A backend's first preferred slot and the step between its preferences.
@@ -125,7 +128,10 @@ mod tests {
         let mut keys: Vec<u64> = (0..n)
             .map(|i| {
                 let [_, _, hi, lo] = (i + 2).to_be_bytes();
-                backend_key(u32::from_ne_bytes([10, 244, hi, lo]), 8080u16.to_be())
+                backend_key(
+                    WireAddr::from_octets([10, 244, hi, lo]),
+                    WirePort::from_host(8080),
+                )
             })
             .collect();
         keys.sort_unstable();

@@ -3,7 +3,10 @@
 //! socket, which service address to report back (`recvmsg`,
 //! `getpeername`).
 
-use crate::{assert_layout, impl_user_pod};
+use crate::{
+    assert_layout, impl_user_pod,
+    wire::{WireAddr, WirePort},
+};
 
 /// LRU hash of [`SockRevKey`] → [`SockRevValue`].
 pub const SOCK_REVNAT_MAP: &str = "SVC_SOCK_REV_V1";
@@ -15,10 +18,8 @@ pub const DEFAULT_SOCK_REVNAT_ENTRIES: u32 = 65_536;
 pub struct SockRevKey {
     /// `bpf_get_socket_cookie` of the socket.
     pub cookie: u64,
-    /// Backend address, network order.
-    pub backend_addr: u32,
-    /// Backend port, network order.
-    pub backend_port: u16,
+    pub backend_addr: WireAddr,
+    pub backend_port: WirePort,
     pub _pad: u16,
 }
 assert_layout!(SockRevKey, size = 16, align = 8);
@@ -27,10 +28,9 @@ assert_layout!(SockRevKey, size = 16, align = 8);
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct SockRevValue {
-    /// Service address the process asked for, network order.
-    pub service_addr: u32,
-    /// Service port, network order.
-    pub service_port: u16,
+    /// Service address the process asked for.
+    pub service_addr: WireAddr,
+    pub service_port: WirePort,
     pub _pad: u16,
 }
 assert_layout!(SockRevValue, size = 8, align = 4);

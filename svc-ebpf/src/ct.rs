@@ -112,7 +112,9 @@ pub enum Owner {
 }
 
 /// Who holds `reply_key`, for a new flow starting at `original`.
-#[inline(always)]
+/// Not inlined: the claim loop keeps its lookups out of the packet
+/// path's stack frame.
+#[inline(never)]
 pub fn reply_key_owner(
     config: &DatapathConfig,
     reply_key: &CtKey,

@@ -5,11 +5,14 @@
 //! addresses, as conntrack's defragmentation gives kube-proxy. A later
 //! fragment that arrives before its first passes as it is.
 
-use svc_common::ct::{FragKey, FragValue};
+use svc_common::{
+    ct::{FragKey, FragValue},
+    wire::WireAddr,
+};
 
 use crate::{
     maps::SVC_FRAGS_V1,
-    nat::csum_replace4,
+    nat::csum_addr,
     parse::{ETH_HLEN, Ipv4Hdr, Ipv4Packet, ptr_at},
 };
 
@@ -28,7 +31,7 @@ fn key(packet: &Ipv4Packet) -> FragKey {
 /// translated to. Not inlined: rare, and its keys would add to the packet
 /// path's stack frame.
 #[inline(never)]
-pub fn remember(packet: &Ipv4Packet, saddr: u32, daddr: u32) {
+pub fn remember(packet: &Ipv4Packet, saddr: WireAddr, daddr: WireAddr) {
     // Best effort: without the entry, the later fragments pass as they are.
     let _ = SVC_FRAGS_V1.insert(key(packet), FragValue { saddr, daddr }, 0);
 }
@@ -48,8 +51,8 @@ pub fn translate_later(ctx: &aya_ebpf::programs::TcContext, packet: &Ipv4Packet)
     // SAFETY: `ptr_at` checked the header lies inside the packet.
     unsafe {
         let mut check = (*ip).check;
-        check = csum_replace4(check, packet.saddr, saddr);
-        check = csum_replace4(check, packet.daddr, daddr);
+        check = csum_addr(check, packet.saddr, saddr);
+        check = csum_addr(check, packet.daddr, daddr);
         (*ip).saddr = saddr;
         (*ip).daddr = daddr;
         (*ip).check = check;

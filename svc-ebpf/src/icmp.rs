@@ -14,11 +14,12 @@
 use svc_common::{
     ct::{CtEntry, CtKey},
     proto,
+    wire::WirePort,
 };
 
 use crate::{
     ct,
-    nat::{csum_replace2, csum_replace4},
+    nat::{csum_addr, csum_port, csum_replace2},
     parse::{ETH_HLEN, Ipv4Hdr, Ipv4Packet, ptr_at},
 };
 
@@ -82,7 +83,7 @@ pub fn reverse(ctx: &aya_ebpf::programs::TcContext, packet: &Ipv4Packet) -> bool
     }
     // The first 4 bytes of a TCP or UDP header are its ports; an error
     // quotes at least 8.
-    let Some(ports) = ptr_at::<[u16; 2]>(ctx, quote_offset + quote_hlen) else {
+    let Some(ports) = ptr_at::<[WirePort; 2]>(ctx, quote_offset + quote_hlen) else {
         return false;
     };
     // SAFETY: as above.
@@ -114,19 +115,19 @@ pub fn reverse(ctx: &aya_ebpf::programs::TcContext, packet: &Ipv4Packet) -> bool
         let new_osrc = if osrc == qdst { new_dst } else { osrc };
         let new_odst = if odst == qsrc { new_src } else { odst };
         let mut ocheck = (*outer).check;
-        ocheck = csum_replace4(ocheck, osrc, new_osrc);
-        ocheck = csum_replace4(ocheck, odst, new_odst);
+        ocheck = csum_addr(ocheck, osrc, new_osrc);
+        ocheck = csum_addr(ocheck, odst, new_odst);
         (*outer).saddr = new_osrc;
         (*outer).daddr = new_odst;
         (*outer).check = ocheck;
 
-        let new_qcheck = csum_replace4(csum_replace4(qcheck, qsrc, new_src), qdst, new_dst);
+        let new_qcheck = csum_addr(csum_addr(qcheck, qsrc, new_src), qdst, new_dst);
         let mut icheck = (*icmp).check;
-        icheck = csum_replace4(icheck, qsrc, new_src);
-        icheck = csum_replace4(icheck, qdst, new_dst);
+        icheck = csum_addr(icheck, qsrc, new_src);
+        icheck = csum_addr(icheck, qdst, new_dst);
         icheck = csum_replace2(icheck, qcheck, new_qcheck);
-        icheck = csum_replace2(icheck, qsport, new_sport);
-        icheck = csum_replace2(icheck, qdport, new_dport);
+        icheck = csum_port(icheck, qsport, new_sport);
+        icheck = csum_port(icheck, qdport, new_dport);
         (*quote).saddr = new_src;
         (*quote).daddr = new_dst;
         (*quote).check = new_qcheck;

@@ -4,11 +4,12 @@
 use svc_common::{
     config::{DatapathConfig, LOCAL_BY_INTERFACE, NS_PER_SEC},
     lb::{
-        ADDR_F_CLUSTER_IP, ADDR_F_NODE, AffinityKey, AffinityValue, Backend, BackendId,
-        CIDRS_LOCAL, CIDRS_SERVICE, MemberKey, SCOPE_ADDR, SCOPE_IN_CLUSTER, SCOPE_NODEPORT,
+        ADDR_F_CLUSTER_IP, ADDR_F_NODE, AffinityKey, AffinityValue, Backend, CIDRS_LOCAL,
+        CIDRS_SERVICE, MemberKey, SCOPE_ADDR, SCOPE_IN_CLUSTER, SCOPE_NODEPORT,
         SOURCE_RANGE_LOOKUP_PREFIX, SVC_F_AFFINITY, SVC_F_IN_CLUSTER, SVC_F_SOURCE_RANGES,
         ServiceKey, ServiceValue, SourceRangeKey,
     },
+    wire::{FrontendId, WireAddr, WirePort},
 };
 
 use aya_ebpf::maps::lpm_trie::Key;
@@ -38,7 +39,7 @@ pub enum Destination {
 /// Failing that, a ClusterIP is refused and the rest of the service CIDRs
 /// dropped, as kube-proxy's nftables mode does.
 #[inline(always)]
-pub fn destination(daddr: u32, dport: u16, protocol: u8) -> Destination {
+pub fn destination(daddr: WireAddr, dport: WirePort, protocol: u8) -> Destination {
     let key = ServiceKey {
         addr: daddr,
         port: dport,
@@ -60,7 +61,7 @@ pub fn destination(daddr: u32, dport: u16, protocol: u8) -> Destination {
     let flags = unsafe { (*info).flags };
     if flags & ADDR_F_NODE != 0 {
         let key = ServiceKey {
-            addr: 0,
+            addr: WireAddr::UNSPECIFIED,
             port: dport,
             protocol,
             scope: SCOPE_NODEPORT,
@@ -81,7 +82,7 @@ pub fn destination(daddr: u32, dport: u16, protocol: u8) -> Destination {
 /// later fragment) is refused or dropped: every protocol but TCP and UDP
 /// is unknown to a ClusterIP.
 #[inline(always)]
-pub fn other_protocol_destination(daddr: u32) -> Destination {
+pub fn other_protocol_destination(daddr: WireAddr) -> Destination {
     match SVC_ADDRS_V1.get_ptr(daddr) {
         // SAFETY: from a map lookup.
         Some(info) if unsafe { (*info).flags } & ADDR_F_CLUSTER_IP != 0 => Destination::UnknownPort,
@@ -92,7 +93,7 @@ pub fn other_protocol_destination(daddr: u32) -> Destination {
 }
 
 #[inline(always)]
-fn in_cidrs(set: u32, addr: u32) -> bool {
+fn in_cidrs(set: u32, addr: WireAddr) -> bool {
     SVC_CIDRS_V1
         .get(set)
         .is_some_and(|cidrs| cidrs.contains(addr))
@@ -103,7 +104,7 @@ fn in_cidrs(set: u32, addr: u32) -> bool {
 /// Local sources keep their address to ClusterIPs and reach every endpoint
 /// of external addresses with a Local policy.
 #[inline(always)]
-pub fn is_local(config: &DatapathConfig, from_pod: bool, saddr: u32) -> bool {
+pub fn is_local(config: &DatapathConfig, from_pod: bool, saddr: WireAddr) -> bool {
     if config.local_detect == LOCAL_BY_INTERFACE {
         from_pod
     } else {
@@ -129,14 +130,14 @@ pub fn in_cluster(mut key: ServiceKey, service: &'static ServiceValue) -> &'stat
 /// Whether `saddr` may open a new flow to `service`: always, unless the
 /// frontend has `loadBalancerSourceRanges` and none of them holds it.
 #[inline(always)]
-pub fn source_allowed(service: &ServiceValue, saddr: u32) -> bool {
+pub fn source_allowed(service: &ServiceValue, saddr: WireAddr) -> bool {
     service.flags & SVC_F_SOURCE_RANGES == 0 || in_source_ranges(service.id, saddr)
 }
 
 /// Whether `saddr` is in frontend `service_id`'s source ranges. Not
 /// inlined: its key would add to the packet path's stack frame.
 #[inline(never)]
-fn in_source_ranges(service_id: u32, saddr: u32) -> bool {
+fn in_source_ranges(service_id: FrontendId, saddr: WireAddr) -> bool {
     let key = Key::new(
         SOURCE_RANGE_LOOKUP_PREFIX,
         SourceRangeKey {
@@ -147,16 +148,16 @@ fn in_source_ranges(service_id: u32, saddr: u32) -> bool {
     SVC_SRC_RANGES_V1.get(&key).is_some()
 }
 
-/// A backend by id; `None` for an id without a backend.
+/// A backend by id; `None` for 0 or an id without a backend.
 #[inline(always)]
-pub fn backend(id: BackendId) -> Option<Backend> {
+pub fn backend(id: u32) -> Option<Backend> {
     let backend = *SVC_BACKENDS_V1.get(id)?;
-    (backend.addr != 0).then_some(backend)
+    (!backend.addr.is_unspecified()).then_some(backend)
 }
 
 /// The Maglev pick for a flow hash. The service must have backends.
 #[inline(always)]
-pub fn maglev(service: &ServiceValue, hash: u32) -> Option<BackendId> {
+pub fn maglev(service: &ServiceValue, hash: u32) -> Option<u32> {
     if service.maglev_size == 0 {
         return None;
     }
@@ -168,7 +169,8 @@ pub fn maglev(service: &ServiceValue, hash: u32) -> Option<BackendId> {
 
 /// A chosen backend and whether session affinity chose it.
 pub struct Choice {
-    pub id: BackendId,
+    /// A backend id (never 0).
+    pub id: u32,
     pub backend: Backend,
     pub from_affinity: bool,
 }
@@ -177,7 +179,7 @@ pub struct Choice {
 /// entry the next flow still gets a backend. Not inlined: its value would
 /// add to the packet path's stack frame.
 #[inline(never)]
-fn remember_affinity(key: &AffinityKey, backend_id: BackendId, now: u64) {
+fn remember_affinity(key: &AffinityKey, backend_id: u32, now: u64) {
     let value = AffinityValue {
         last_used_ns: now,
         backend_id,
@@ -188,7 +190,7 @@ fn remember_affinity(key: &AffinityKey, backend_id: BackendId, now: u64) {
 
 /// Whether backend `id` is in the table of affinity frontend `service_id`.
 #[inline(always)]
-fn is_member(service_id: u32, id: BackendId) -> bool {
+fn is_member(service_id: FrontendId, id: u32) -> bool {
     let key = MemberKey {
         service_id,
         backend_id: id,
@@ -200,7 +202,7 @@ fn is_member(service_id: u32, id: BackendId) -> bool {
 /// fresh and its backend is still in the service's table, else Maglev on
 /// the flow hash. Records affinity for the next flow.
 #[inline(always)]
-pub fn choose(service: &ServiceValue, client: u32, hash: u32, now: u64) -> Option<Choice> {
+pub fn choose(service: &ServiceValue, client: WireAddr, hash: u32, now: u64) -> Option<Choice> {
     let affinity_key = AffinityKey {
         service_id: service.id,
         client_addr: client,

@@ -15,13 +15,14 @@ use svc_common::{
         CtEntry, CtKey, DEFAULT_CT_ENTRIES, DEFAULT_FRAG_ENTRIES, DIRECT_SLOTS, FragKey, FragValue,
     },
     lb::{
-        AddrInfo, AffinityKey, AffinityValue, Backend, BackendId, CIDR_SETS, CidrSet,
-        DEFAULT_MAGLEV_SLOTS, DEFAULT_MAX_AFFINITY, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES,
+        AddrInfo, AffinityKey, AffinityValue, Backend, CIDR_SETS, CidrSet, DEFAULT_MAGLEV_SLOTS,
+        DEFAULT_MAX_AFFINITY, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES,
         DEFAULT_MAX_SOURCE_RANGES, MAX_NODE_ADDRS, MemberKey, ServiceKey, ServiceValue,
         SourceRangeKey,
     },
     sock::{DEFAULT_SOCK_REVNAT_ENTRIES, SockRevKey, SockRevValue},
     stats::{COUNTERS, CounterValue},
+    wire::WireAddr,
 };
 
 /// `svc_common::config::CONFIG_GLOBAL`, set by the loader.
@@ -62,12 +63,12 @@ pub static SVC_BACKENDS_V1: Array<Backend> = Array::with_max_entries(DEFAULT_MAX
 /// `svc_common::lb::MAGLEV_MAP`: every service's table back to back. User
 /// space writes tables through a memory mapping.
 #[map]
-pub static SVC_MAGLEV_V1: Array<BackendId> =
+pub static SVC_MAGLEV_V1: Array<u32> =
     Array::with_max_entries(DEFAULT_MAGLEV_SLOTS, BPF_F_MMAPABLE);
 
 /// `svc_common::lb::ADDRS_MAP`: node addresses and ClusterIPs.
 #[map]
-pub static SVC_ADDRS_V1: HashMap<u32, AddrInfo> =
+pub static SVC_ADDRS_V1: HashMap<WireAddr, AddrInfo> =
     HashMap::with_max_entries(DEFAULT_MAX_SERVICES + MAX_NODE_ADDRS, 0);
 
 /// `svc_common::lb::CIDRS_MAP`: the service CIDRs and the local CIDRs.

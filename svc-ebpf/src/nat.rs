@@ -13,6 +13,7 @@ use svc_common::{
     ct::{CtEntry, CtKey},
     hash::fmix32,
     proto,
+    wire::{WireAddr, WirePort},
 };
 
 use crate::{
@@ -93,6 +94,18 @@ pub fn csum_replace4(check: u16, old: u32, new: u32) -> u16 {
     .to_be()
 }
 
+/// `check` after an address changes from `old` to `new`.
+#[inline(always)]
+pub fn csum_addr(check: u16, old: WireAddr, new: WireAddr) -> u16 {
+    csum_replace4(check, old.raw(), new.raw())
+}
+
+/// `check` after a port changes from `old` to `new`.
+#[inline(always)]
+pub fn csum_port(check: u16, old: WirePort, new: WirePort) -> u16 {
+    csum_replace2(check, old.raw(), new.raw())
+}
+
 /// Updates the L4 checksum for one changed field through the kernel's
 /// helper: only the kernel knows whether the field holds a full checksum
 /// or, for a segment from a local socket (`CHECKSUM_PARTIAL`), the
@@ -131,14 +144,15 @@ pub fn rewrite(
     new: &CtEntry,
 ) -> Result<(), RewriteFailed> {
     let protocol = old.protocol;
-    l4_field(ctx, l4, protocol, old.saddr, new.saddr, 4, true)?;
-    l4_field(ctx, l4, protocol, old.daddr, new.daddr, 4, true)?;
+    let (addr, port) = (|a: WireAddr| a.raw(), |p: WirePort| u32::from(p.raw()));
+    l4_field(ctx, l4, protocol, addr(old.saddr), addr(new.saddr), 4, true)?;
+    l4_field(ctx, l4, protocol, addr(old.daddr), addr(new.daddr), 4, true)?;
     l4_field(
         ctx,
         l4,
         protocol,
-        old.sport.into(),
-        new.sport.into(),
+        port(old.sport),
+        port(new.sport),
         2,
         false,
     )?;
@@ -146,19 +160,19 @@ pub fn rewrite(
         ctx,
         l4,
         protocol,
-        old.dport.into(),
-        new.dport.into(),
+        port(old.dport),
+        port(new.dport),
         2,
         false,
     )?;
     // The helpers may have moved the packet: pointers are taken afresh.
     let ip: *mut Ipv4Hdr = ptr_at(ctx, ETH_HLEN).ok_or(RewriteFailed)?;
-    let ports: *mut [u16; 2] = ptr_at(ctx, l4_offset).ok_or(RewriteFailed)?;
+    let ports: *mut [WirePort; 2] = ptr_at(ctx, l4_offset).ok_or(RewriteFailed)?;
     // SAFETY: `ptr_at` checked both headers lie inside the packet.
     unsafe {
         let mut check = (*ip).check;
-        check = csum_replace4(check, old.saddr, new.saddr);
-        check = csum_replace4(check, old.daddr, new.daddr);
+        check = csum_addr(check, old.saddr, new.saddr);
+        check = csum_addr(check, old.daddr, new.daddr);
         (*ip).check = check;
         (*ip).saddr = new.saddr;
         (*ip).daddr = new.daddr;
@@ -204,14 +218,17 @@ pub fn claim_reply(
         return true;
     }
     let range = u32::from(config.nat_port_max.saturating_sub(config.nat_port_min)) + 1;
-    let start =
-        fmix32(original.saddr ^ u32::from(original.sport) ^ (u32::from(original.dport) << 16));
+    let start = fmix32(
+        original.saddr.raw()
+            ^ u32::from(original.sport.raw())
+            ^ (u32::from(original.dport.raw()) << 16),
+    );
     for attempt in 0..PORT_ATTEMPTS {
         let offset = start.wrapping_add(attempt.wrapping_mul(0x9e37)) % range;
         // `offset < range <= 65536` and the sum stays within u16.
         #[expect(clippy::cast_possible_truncation, reason = "offset < range")]
         let port = (config.nat_port_min as u32 + offset) as u16;
-        reply_key.dport = port.to_be();
+        reply_key.dport = WirePort::from_host(port);
         if try_claim(config, original, &reply_key, reply, now) {
             new.sport = reply_key.dport;
             return true;
@@ -239,13 +256,13 @@ pub struct NatScan {
     now: u64,
     start: u32,
     range: u32,
-    /// The port claimed, network order; 0: none.
-    port: u16,
+    /// The port claimed; 0: none.
+    port: WirePort,
     _pad: [u8; 6],
 }
 
 /// Tries every port of the NAT range once, in order from `start`
-/// (`bpf_loop`). Returns the port claimed (network order).
+/// (`bpf_loop`). Returns the port claimed.
 #[inline(always)]
 fn scan_range(
     original: &CtKey,
@@ -254,7 +271,7 @@ fn scan_range(
     now: u64,
     start: u32,
     range: u32,
-) -> Option<u16> {
+) -> Option<WirePort> {
     let scan = SVC_NAT_SCAN.get_ptr_mut(0)?;
     // SAFETY: this CPU's slot; nothing else runs on it meanwhile.
     unsafe {
@@ -264,10 +281,10 @@ fn scan_range(
         (*scan).now = now;
         (*scan).start = start;
         (*scan).range = range;
-        (*scan).port = 0;
+        (*scan).port = WirePort::from_raw(0);
         bpf_loop(range, scan_step as *mut c_void, core::ptr::null_mut(), 0);
         let port = (*scan).port;
-        (port != 0).then_some(port)
+        (port.raw() != 0).then_some(port)
     }
 }
 
@@ -283,7 +300,7 @@ extern "C" fn scan_step(index: u32, _ctx: *mut c_void) -> i64 {
     let offset = scan.start.wrapping_add(index) % scan.range.max(1);
     #[expect(clippy::cast_possible_truncation, reason = "offset < range")]
     let port = (u32::from(config.nat_port_min) + offset) as u16;
-    scan.reply_key.dport = port.to_be();
+    scan.reply_key.dport = WirePort::from_host(port);
     let protocol = scan.reply_key.protocol;
     if let Some(held) = ct::lookup(&scan.reply_key) {
         // SAFETY: from a map lookup.
@@ -292,7 +309,7 @@ extern "C" fn scan_step(index: u32, _ctx: *mut c_void) -> i64 {
         if scan.owner_key == scan.original {
             // Our own flow's old entry (see `Owner::Ours`).
             if SVC_CT_V1.insert(&scan.reply_key, &scan.reply, 0).is_ok() {
-                scan.port = port.to_be();
+                scan.port = scan.reply_key.dport;
                 return 1;
             }
             return 0;
@@ -313,7 +330,7 @@ extern "C" fn scan_step(index: u32, _ctx: *mut c_void) -> i64 {
         .insert(&scan.reply_key, &scan.reply, u64::from(BPF_NOEXIST))
         .is_ok()
     {
-        scan.port = port.to_be();
+        scan.port = scan.reply_key.dport;
         return 1;
     }
     0

@@ -5,7 +5,11 @@
 use core::mem::size_of;
 
 use aya_ebpf::programs::TcContext;
-use svc_common::{proto, stats::Counter};
+use svc_common::{
+    proto,
+    stats::Counter,
+    wire::{WireAddr, WirePort},
+};
 
 pub const ETH_P_IP: u16 = 0x0800;
 
@@ -36,18 +40,14 @@ pub struct Ipv4Hdr {
     pub protocol: u8,
     /// Network byte order.
     pub check: u16,
-    /// Network byte order.
-    pub saddr: u32,
-    /// Network byte order.
-    pub daddr: u32,
+    pub saddr: WireAddr,
+    pub daddr: WireAddr,
 }
 
 #[repr(C)]
 pub struct TcpHdr {
-    /// Network byte order.
-    pub source: u16,
-    /// Network byte order.
-    pub dest: u16,
+    pub source: WirePort,
+    pub dest: WirePort,
     pub seq: u32,
     pub ack_seq: u32,
     /// Data offset (high 4 bits) and reserved bits.
@@ -62,10 +62,8 @@ pub struct TcpHdr {
 
 #[repr(C)]
 pub struct UdpHdr {
-    /// Network byte order.
-    pub source: u16,
-    /// Network byte order.
-    pub dest: u16,
+    pub source: WirePort,
+    pub dest: WirePort,
     /// Network byte order.
     pub len: u16,
     /// Network byte order; zero means "no checksum".
@@ -110,10 +108,8 @@ pub enum L3 {
 pub struct Ipv4Packet {
     /// Offset of the L4 header: Ethernet header plus the IPv4 header length.
     pub l4_offset: usize,
-    /// Network order.
-    pub saddr: u32,
-    /// Network order.
-    pub daddr: u32,
+    pub saddr: WireAddr,
+    pub daddr: WireAddr,
     pub protocol: u8,
     /// A fragment other than the first: no L4 header to read.
     pub is_later_fragment: bool,
@@ -165,10 +161,8 @@ pub fn l3(ctx: &TcContext) -> Result<L3, Counter> {
 
 /// Ports and checksum location of a TCP or UDP header.
 pub struct L4 {
-    /// Network order.
-    pub sport: u16,
-    /// Network order.
-    pub dport: u16,
+    pub sport: WirePort,
+    pub dport: WirePort,
     /// Offset of the L4 checksum from the start of the frame.
     pub csum_offset: usize,
     /// TCP flags; 0 for UDP.

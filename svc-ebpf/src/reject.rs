@@ -9,7 +9,7 @@ use aya_ebpf::{
     helpers::{bpf_redirect, bpf_skb_change_tail},
     programs::TcContext,
 };
-use svc_common::proto;
+use svc_common::{proto, wire::WireAddr};
 
 use crate::{
     nat::{fold, halves},
@@ -33,10 +33,8 @@ pub struct RejectFailed;
 
 /// A flow to refuse: the tuple of its first packet.
 pub struct Refusal {
-    /// Network order.
-    pub saddr: u32,
-    /// Network order.
-    pub daddr: u32,
+    pub saddr: WireAddr,
+    pub daddr: WireAddr,
     pub protocol: u8,
     /// Non-zero when the IPv4 header has options (such packets are not
     /// quoted). Not a `bool`: its niche would become the enclosing enum's
@@ -70,8 +68,8 @@ pub fn port_unreachable(ctx: &TcContext, refusal: &Refusal) -> Result<i32, Rejec
 #[inline(never)]
 fn refuse<const QUOTE_LEN: usize>(
     ctx: &TcContext,
-    saddr: u32,
-    daddr: u32,
+    saddr: WireAddr,
+    daddr: WireAddr,
 ) -> Result<i32, RejectFailed> {
     let mut quote_sum = 0u32;
     let mut offset = ETH_HLEN;
@@ -94,8 +92,8 @@ fn refuse<const QUOTE_LEN: usize>(
 
     // Answer from whom the client addressed, to the client: the IPv4 and
     // ICMP headers as 16-bit words, host order.
-    let (s_hi, s_lo) = halves(daddr);
-    let (d_hi, d_lo) = halves(saddr);
+    let (s_hi, s_lo) = halves(daddr.raw());
+    let (d_hi, d_lo) = halves(saddr.raw());
     let mut words: [u16; PREFIX_LEN / 2] = [
         0x4500,
         (PREFIX_LEN + QUOTE_LEN) as u16,

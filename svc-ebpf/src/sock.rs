@@ -14,6 +14,7 @@ use svc_common::{
     proto,
     sock::{SockRevKey, SockRevValue},
     stats::Counter,
+    wire::{WireAddr, WirePort},
 };
 
 use crate::{
@@ -62,9 +63,8 @@ pub fn try_translate_dst(ctx: &SockAddrContext) -> Result<i32, i32> {
     let sa = ctx.sock_addr;
     // SAFETY: the context pointer is valid for the program run.
     let (daddr, user_port, protocol) = unsafe { ((*sa).user_ip4, (*sa).user_port, (*sa).protocol) };
-    // The port is in the low 16 bits, network order.
-    #[expect(clippy::cast_possible_truncation, reason = "a port is 16 bits")]
-    let dport = user_port as u16;
+    let daddr = WireAddr::from_raw(daddr);
+    let dport = wire_port(user_port);
     #[expect(
         clippy::cast_possible_truncation,
         reason = "IP protocol numbers are 8 bits"
@@ -102,7 +102,7 @@ pub fn try_translate_dst(ctx: &SockAddrContext) -> Result<i32, i32> {
     let hash = flow_hash(
         config.masq_addr,
         daddr,
-        (cookie ^ (cookie >> 16) ^ (cookie >> 32)) as u16,
+        WirePort::from_raw((cookie ^ (cookie >> 16) ^ (cookie >> 32)) as u16),
         dport,
         protocol,
     );
@@ -126,8 +126,8 @@ pub fn try_translate_dst(ctx: &SockAddrContext) -> Result<i32, i32> {
     let _ = SVC_SOCK_REV_V1.insert(key, value, 0);
     // SAFETY: as above; these fields are writable in these hooks.
     unsafe {
-        (*sa).user_ip4 = choice.backend.addr;
-        (*sa).user_port = u32::from(choice.backend.port);
+        (*sa).user_ip4 = choice.backend.addr.raw();
+        (*sa).user_port = u32::from(choice.backend.port.raw());
     }
     stats::count(Counter::SockTranslated, 0);
     if choice.from_affinity {
@@ -145,20 +145,26 @@ pub fn try_translate_peer(ctx: &SockAddrContext) -> Result<i32, i32> {
     let (addr, user_port) = unsafe { ((*sa).user_ip4, (*sa).user_port) };
     // SAFETY: the helper takes the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    #[expect(clippy::cast_possible_truncation, reason = "a port is 16 bits")]
     let key = SockRevKey {
         cookie,
-        backend_addr: addr,
-        backend_port: user_port as u16,
+        backend_addr: WireAddr::from_raw(addr),
+        backend_port: wire_port(user_port),
         _pad: 0,
     };
     if let Some(value) = SVC_SOCK_REV_V1.get_ptr(key) {
         // SAFETY: from a map lookup; the context fields are writable here.
         unsafe {
-            (*sa).user_ip4 = (*value).service_addr;
-            (*sa).user_port = u32::from((*value).service_port);
+            (*sa).user_ip4 = (*value).service_addr.raw();
+            (*sa).user_port = u32::from((*value).service_port.raw());
         }
         stats::count(Counter::SockRevTranslated, 0);
     }
     Ok(ALLOW)
+}
+
+/// A `bpf_sock_addr` port: the low 16 bits, in wire order.
+#[inline(always)]
+fn wire_port(user_port: u32) -> WirePort {
+    #[expect(clippy::cast_possible_truncation, reason = "a port is 16 bits")]
+    WirePort::from_raw(user_port as u16)
 }

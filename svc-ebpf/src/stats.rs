@@ -2,7 +2,10 @@
 //! and per-backend traffic.
 
 use aya_ebpf::maps::PerCpuArray;
-use svc_common::stats::{Counter, CounterValue};
+use svc_common::{
+    stats::{Counter, CounterValue},
+    wire::FrontendId,
+};
 
 use crate::maps::{SVC_BE_STATS_V1, SVC_STATS_V3, SVC_SVC_CTRS_V1};
 
@@ -26,7 +29,7 @@ pub fn count(counter: Counter, bytes: u32) {
 
 /// Counts a translated packet under its frontend and its backend.
 #[inline(always)]
-pub fn count_flow(service_id: u32, backend_id: u32, bytes: u32) {
-    bump(&SVC_SVC_CTRS_V1, service_id, bytes);
+pub fn count_flow(service_id: FrontendId, backend_id: u32, bytes: u32) {
+    bump(&SVC_SVC_CTRS_V1, service_id.get(), bytes);
     bump(&SVC_BE_STATS_V1, backend_id, bytes);
 }

@@ -274,7 +274,7 @@ fn new_flow(ctx: &TcContext, config: &DatapathConfig, flow: &NewFlow<'_>) -> Res
     let masquerade = service.flags & SVC_F_MASQ_ALWAYS != 0
         || (service.flags & SVC_F_MASQ_NON_LOCAL != 0 && !flow.local);
     let snat = hairpin || masquerade;
-    if snat && config.masq_addr == 0 {
+    if snat && config.masq_addr.is_unspecified() {
         return Err(drop(Counter::DropNoSnatAddr, len));
     }
     let snat_flag = if snat { CT_F_SNAT } else { 0 };
@@ -314,7 +314,9 @@ fn new_flow(ctx: &TcContext, config: &DatapathConfig, flow: &NewFlow<'_>) -> Res
     }
     trace!(
         ctx,
-        "new flow to service {} backend {}", service.id, choice.id
+        "new flow to service {} backend {}",
+        service.id.get(),
+        choice.id
     );
     nat::rewrite(ctx, flow.l4, packet.l4_offset, key, &forward)
         .map_err(|_| drop(Counter::DropRewriteFailed, len))?;

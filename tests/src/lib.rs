@@ -47,3 +47,12 @@ pub fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
         thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Backend id `n` (not 0), for tables written by hand.
+#[must_use]
+pub const fn backend(n: u32) -> svc_common::lb::BackendId {
+    match svc_common::lb::BackendId::new(n) {
+        Some(id) => id,
+        None => panic!("backend ids start at 1"),
+    }
+}

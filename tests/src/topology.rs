@@ -182,13 +182,14 @@ pub fn connect_from(from: SocketAddrV4, to: SocketAddrV4) -> std::io::Result<Tcp
             4,
         );
     }
-    let sockaddr = |addr: SocketAddrV4| libc::sockaddr_in {
-        sin_family: libc::sa_family_t::try_from(libc::AF_INET).expect("AF_INET fits"),
-        sin_port: addr.port().to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from_ne_bytes(addr.ip().octets()),
-        },
-        sin_zero: [0; 8],
+    let sockaddr = |addr: SocketAddrV4| {
+        let (addr, port) = svc_common::wire::split(addr);
+        libc::sockaddr_in {
+            sin_family: libc::sa_family_t::try_from(libc::AF_INET).expect("AF_INET fits"),
+            sin_port: port.raw(),
+            sin_addr: libc::in_addr { s_addr: addr.raw() },
+            sin_zero: [0; 8],
+        }
     };
     let len = libc::socklen_t::try_from(size_of::<libc::sockaddr_in>()).expect("fits");
     let local = sockaddr(from);
@@ -258,7 +259,7 @@ impl Node {
             ns.ip(&["link", "set", "cbr0", "up"]);
         }
         let mut config = DatapathConfig {
-            masq_addr: u32::from_ne_bytes(addr.octets()),
+            masq_addr: addr.into(),
             local_detect: if options.local_by_cidr {
                 LOCAL_BY_CIDR
             } else {
@@ -561,7 +562,10 @@ impl Cluster {
 
     /// The id both nodes give the backend at `addr` (stable per address).
     pub fn backend_id(&mut self, addr: SocketAddrV4) -> BackendId {
-        let next = BackendId::try_from(self.backend_ids.len() + 1).expect("few backends");
+        let next = u32::try_from(self.backend_ids.len() + 1)
+            .ok()
+            .and_then(BackendId::new)
+            .expect("few backends");
         *self.backend_ids.entry(addr).or_insert(next)
     }
 

@@ -16,8 +16,10 @@ use svc_common::{
     hash::flow_hash,
     lb::BackendId,
     stats::{Counter, CounterValue},
+    wire::WirePort,
 };
 use tests::{
+    backend,
     packet::{self, ETH_HLEN, TcpFlags},
     require_root,
 };
@@ -204,10 +206,10 @@ const NAT_PORTS: std::ops::RangeInclusive<u16> = 61_000..=65_535;
 
 /// Backends by id: 1 and 2 on this node, 3 and 4 on another.
 const BACKENDS: [(BackendId, Ipv4Addr, u16, bool); 4] = [
-    (1, Ipv4Addr::new(10, 1, 0, 7), 8080, true),
-    (2, Ipv4Addr::new(10, 1, 0, 8), 8080, true),
-    (3, Ipv4Addr::new(10, 2, 0, 9), 8080, false),
-    (4, Ipv4Addr::new(10, 2, 0, 4), 9090, false),
+    (backend(1), Ipv4Addr::new(10, 1, 0, 7), 8080, true),
+    (backend(2), Ipv4Addr::new(10, 1, 0, 8), 8080, true),
+    (backend(3), Ipv4Addr::new(10, 2, 0, 9), 8080, false),
+    (backend(4), Ipv4Addr::new(10, 2, 0, 4), 9090, false),
 ];
 
 fn backend_addr(id: BackendId) -> (Ipv4Addr, u16) {
@@ -220,7 +222,7 @@ fn backend_addr(id: BackendId) -> (Ipv4Addr, u16) {
 
 fn config() -> DatapathConfig {
     DatapathConfig {
-        masq_addr: u32::from_ne_bytes(NODE.octets()),
+        masq_addr: NODE.into(),
         ..DatapathConfig::DEFAULT
     }
 }
@@ -306,19 +308,31 @@ fn install(maps: &mut Maps) {
         ..external.clone()
     };
     let services: [(Frontend, &ServicePolicy, &[BackendId]); 13] = [
-        (Frontend::tcp(CLUSTER, 80), &cluster, &[1, 2, 3]),
-        (Frontend::udp(CLUSTER, 53), &cluster, &[1, 2, 3]),
+        (
+            Frontend::tcp(CLUSTER, 80),
+            &cluster,
+            &[backend(1), backend(2), backend(3)],
+        ),
+        (
+            Frontend::udp(CLUSTER, 53),
+            &cluster,
+            &[backend(1), backend(2), backend(3)],
+        ),
         (Frontend::tcp(EMPTY_SVC, 80), &cluster, &[]),
         (Frontend::udp(EMPTY_SVC, 80), &cluster, &[]),
-        (Frontend::tcp(SVC_C, 80), &cluster, &[1]),
-        (Frontend::tcp(SVC_D, 80), &cluster, &[1]),
-        (Frontend::tcp(AFFINITY_SVC, 80), &affinity, &[1, 2, 3]),
-        (Frontend::node_port_tcp(NODE_PORT), &external, &[3]),
-        (in_cluster, &cluster, &[3]),
+        (Frontend::tcp(SVC_C, 80), &cluster, &[backend(1)]),
+        (Frontend::tcp(SVC_D, 80), &cluster, &[backend(1)]),
+        (
+            Frontend::tcp(AFFINITY_SVC, 80),
+            &affinity,
+            &[backend(1), backend(2), backend(3)],
+        ),
+        (Frontend::node_port_tcp(NODE_PORT), &external, &[backend(3)]),
+        (in_cluster, &cluster, &[backend(3)]),
         (node_port_local, &local_with_variant, &[]),
-        (Frontend::tcp(LB_IP, 443), &external, &[4]),
-        (Frontend::tcp(LB_IP_RANGED, 443), &ranged, &[4]),
-        (Frontend::tcp(EXTERNAL_IP, 80), &local, &[1]),
+        (Frontend::tcp(LB_IP, 443), &external, &[backend(4)]),
+        (Frontend::tcp(LB_IP_RANGED, 443), &ranged, &[backend(4)]),
+        (Frontend::tcp(EXTERNAL_IP, 80), &local, &[backend(1)]),
     ];
     for (frontend, policy, backends) in services {
         maps.upsert_service(&frontend, policy, backends)
@@ -326,16 +340,12 @@ fn install(maps: &mut Maps) {
     }
 }
 
-fn ne(addr: Ipv4Addr) -> u32 {
-    u32::from_ne_bytes(addr.octets())
-}
-
 fn ct_key(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), protocol: u8) -> CtKey {
     CtKey {
-        saddr: ne(src.0),
-        daddr: ne(dst.0),
-        sport: src.1.to_be(),
-        dport: dst.1.to_be(),
+        saddr: src.0.into(),
+        daddr: dst.0.into(),
+        sport: WirePort::from_host(src.1),
+        dport: WirePort::from_host(dst.1),
         protocol,
         _pad: [0; 3],
     }
@@ -352,10 +362,10 @@ fn predict(
     let service = maps.service(&frontend).expect("the service is installed");
     let key = frontend.key();
     let hash = flow_hash(
-        ne(src.0),
-        ne(dst.0),
-        src.1.to_be(),
-        dst.1.to_be(),
+        src.0.into(),
+        dst.0.into(),
+        WirePort::from_host(src.1),
+        WirePort::from_host(dst.1),
         key.protocol,
     );
     let slot = service.maglev_offset + hash % service.maglev_size;
@@ -376,7 +386,7 @@ fn ct_entry(maps: &Maps, key: &CtKey) -> CtEntry {
 
 /// The source port a flow was translated to, checked to be a NAT port.
 fn nat_port(maps: &Maps, src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> u16 {
-    let port = u16::from_be(ct_entry(maps, &ct_key(src, dst, 6)).sport);
+    let port = ct_entry(maps, &ct_key(src, dst, 6)).sport.host();
     assert!(
         NAT_PORTS.contains(&port),
         "NAT port {port} outside {NAT_PORTS:?}"
@@ -624,7 +634,7 @@ fn translation_steps() -> Vec<fn(&Maps) -> Step> {
             verdict: TC_ACT_OK,
             expect: Expect::NatPacket(|maps| {
                 let port = nat_port(maps, EXTERNAL, (NODE, NODE_PORT));
-                packet::tcp4((NODE, port), backend_addr(3), SYN, &[])
+                packet::tcp4((NODE, port), backend_addr(backend(3)), SYN, &[])
             }),
             counters: NEW_TCP,
         },
@@ -633,7 +643,7 @@ fn translation_steps() -> Vec<fn(&Maps) -> Step> {
             step(
                 "the remote backend's reply: back to the client from the node port",
                 UPLINK,
-                packet::tcp4(backend_addr(3), (NODE, port), SYNACK, &[]),
+                packet::tcp4(backend_addr(backend(3)), (NODE, port), SYNACK, &[]),
                 packet::tcp4((NODE, NODE_PORT), EXTERNAL, SYNACK, &[]),
                 REPLY_TCP,
             )
@@ -644,9 +654,9 @@ fn translation_steps() -> Vec<fn(&Maps) -> Step> {
                 "an error from the remote backend about a masqueraded segment: from the node port to the client",
                 UPLINK,
                 packet::icmp4_frag_needed(
-                    backend_addr(3).0,
+                    backend_addr(backend(3)).0,
                     NODE,
-                    &packet::tcp4((NODE, port), backend_addr(3), TcpFlags::Ack, &[]),
+                    &packet::tcp4((NODE, port), backend_addr(backend(3)), TcpFlags::Ack, &[]),
                 ),
                 packet::icmp4_frag_needed(
                     NODE,
@@ -669,7 +679,7 @@ fn translation_steps() -> Vec<fn(&Maps) -> Step> {
                 "that Local node port from a pod of this node: every endpoint (the in-cluster variant)",
                 POD,
                 packet::tcp4((CLIENT.0, 40_100), (NODE, NODE_PORT_LOCAL), SYN, &[]),
-                packet::tcp4((CLIENT.0, 40_100), backend_addr(3), SYN, &[]),
+                packet::tcp4((CLIENT.0, 40_100), backend_addr(backend(3)), SYN, &[]),
                 NEW_TCP,
             )
         },
@@ -680,7 +690,7 @@ fn translation_steps() -> Vec<fn(&Maps) -> Step> {
             verdict: TC_ACT_OK,
             expect: Expect::NatPacket(|maps| {
                 let port = nat_port(maps, (EXTERNAL.0, 5556), (LB_IP, 443));
-                packet::tcp4((NODE, port), backend_addr(4), SYN, &[])
+                packet::tcp4((NODE, port), backend_addr(backend(4)), SYN, &[])
             }),
             counters: NEW_TCP,
         },
@@ -699,7 +709,7 @@ fn translation_steps() -> Vec<fn(&Maps) -> Step> {
             verdict: TC_ACT_OK,
             expect: Expect::NatPacket(|maps| {
                 let port = nat_port(maps, (EXTERNAL.0, 5558), (LB_IP_RANGED, 443));
-                packet::tcp4((NODE, port), backend_addr(4), SYN, &[])
+                packet::tcp4((NODE, port), backend_addr(backend(4)), SYN, &[])
             }),
             counters: NEW_TCP,
         },
@@ -708,7 +718,7 @@ fn translation_steps() -> Vec<fn(&Maps) -> Step> {
                 "externalIP with traffic policy Local: the client's address is kept",
                 UPLINK,
                 packet::tcp4((EXTERNAL.0, 5557), (EXTERNAL_IP, 80), SYN, &[]),
-                packet::tcp4((EXTERNAL.0, 5557), backend_addr(1), SYN, &[]),
+                packet::tcp4((EXTERNAL.0, 5557), backend_addr(backend(1)), SYN, &[]),
                 NEW_TCP,
             )
         },
@@ -717,7 +727,7 @@ fn translation_steps() -> Vec<fn(&Maps) -> Step> {
                 "one backend behind two services: the first flow keeps its port",
                 POD,
                 packet::tcp4(C2, (SVC_C, 80), SYN, &[]),
-                packet::tcp4(C2, backend_addr(1), SYN, &[]),
+                packet::tcp4(C2, backend_addr(backend(1)), SYN, &[]),
                 NEW_TCP,
             )
         },
@@ -728,7 +738,7 @@ fn translation_steps() -> Vec<fn(&Maps) -> Step> {
             verdict: TC_ACT_OK,
             expect: Expect::NatPacket(|maps| {
                 let port = nat_port(maps, C2, (SVC_D, 80));
-                packet::tcp4((C2.0, port), backend_addr(1), SYN, &[])
+                packet::tcp4((C2.0, port), backend_addr(backend(1)), SYN, &[])
             }),
             counters: NEW_TCP,
         },
@@ -736,7 +746,7 @@ fn translation_steps() -> Vec<fn(&Maps) -> Step> {
             step(
                 "reply of the first flow: from the first service",
                 POD,
-                packet::tcp4(backend_addr(1), C2, SYNACK, &[]),
+                packet::tcp4(backend_addr(backend(1)), C2, SYNACK, &[]),
                 packet::tcp4((SVC_C, 80), C2, SYNACK, &[]),
                 REPLY_TCP,
             )
@@ -746,7 +756,7 @@ fn translation_steps() -> Vec<fn(&Maps) -> Step> {
             step(
                 "reply of the second flow: from the second service, to the client's own port",
                 POD,
-                packet::tcp4(backend_addr(1), (C2.0, port), SYNACK, &[]),
+                packet::tcp4(backend_addr(backend(1)), (C2.0, port), SYNACK, &[]),
                 packet::tcp4((SVC_D, 80), C2, SYNACK, &[]),
                 REPLY_TCP,
             )
@@ -754,21 +764,26 @@ fn translation_steps() -> Vec<fn(&Maps) -> Step> {
         |_| Step {
             name: "hairpin: a backend reaching itself through its service comes from the node",
             program: POD,
-            packet: packet::tcp4((backend_addr(1).0, 41_000), (SVC_C, 80), SYN, &[]),
+            packet: packet::tcp4((backend_addr(backend(1)).0, 41_000), (SVC_C, 80), SYN, &[]),
             verdict: TC_ACT_OK,
             expect: Expect::NatPacket(|maps| {
-                let port = nat_port(maps, (backend_addr(1).0, 41_000), (SVC_C, 80));
-                packet::tcp4((NODE, port), backend_addr(1), SYN, &[])
+                let port = nat_port(maps, (backend_addr(backend(1)).0, 41_000), (SVC_C, 80));
+                packet::tcp4((NODE, port), backend_addr(backend(1)), SYN, &[])
             }),
             counters: NEW_TCP,
         },
         |maps| {
-            let port = nat_port(maps, (backend_addr(1).0, 41_000), (SVC_C, 80));
+            let port = nat_port(maps, (backend_addr(backend(1)).0, 41_000), (SVC_C, 80));
             step(
                 "hairpin reply: back to the backend from the service",
                 POD,
-                packet::tcp4(backend_addr(1), (NODE, port), SYNACK, &[]),
-                packet::tcp4((SVC_C, 80), (backend_addr(1).0, 41_000), SYNACK, &[]),
+                packet::tcp4(backend_addr(backend(1)), (NODE, port), SYNACK, &[]),
+                packet::tcp4(
+                    (SVC_C, 80),
+                    (backend_addr(backend(1)).0, 41_000),
+                    SYNACK,
+                    &[],
+                ),
                 REPLY_TCP,
             )
         },
@@ -872,7 +887,7 @@ fn translation_steps() -> Vec<fn(&Maps) -> Step> {
             verdict: TC_ACT_OK,
             expect: Expect::NatPacket(|maps| {
                 let port = nat_port(maps, (EXTERNAL.0, 5600), (SVC_C, 80));
-                packet::tcp4((NODE, port), backend_addr(1), SYN, &[])
+                packet::tcp4((NODE, port), backend_addr(backend(1)), SYN, &[])
             }),
             counters: NEW_TCP,
         },
@@ -881,7 +896,7 @@ fn translation_steps() -> Vec<fn(&Maps) -> Step> {
             step(
                 "its reply: back to the client from the ClusterIP",
                 POD,
-                packet::tcp4(backend_addr(1), (NODE, port), SYNACK, &[]),
+                packet::tcp4(backend_addr(backend(1)), (NODE, port), SYNACK, &[]),
                 packet::tcp4((SVC_C, 80), (EXTERNAL.0, 5600), SYNACK, &[]),
                 REPLY_TCP,
             )
@@ -1145,8 +1160,30 @@ fn the_table_depends_on_the_endpoints_not_on_node_local_ids() {
             })
             .collect::<Vec<_>>()
     };
-    let first = table(&[11, 12, 13, 14, 15, 16, 17, 18, 19, 20]);
-    let second = table(&[40, 31, 38, 33, 36, 35, 34, 37, 32, 39]);
+    let first = table(&[
+        backend(11),
+        backend(12),
+        backend(13),
+        backend(14),
+        backend(15),
+        backend(16),
+        backend(17),
+        backend(18),
+        backend(19),
+        backend(20),
+    ]);
+    let second = table(&[
+        backend(40),
+        backend(31),
+        backend(38),
+        backend(33),
+        backend(36),
+        backend(35),
+        backend(34),
+        backend(37),
+        backend(32),
+        backend(39),
+    ]);
     assert_eq!(first.len(), 1_021);
     assert_eq!(first, second, "the same endpoints, slot for slot");
 }
@@ -1205,7 +1242,7 @@ fn a_failed_update_leaves_no_source_range_behind() {
     };
     datapath
         .maps_mut()
-        .upsert_service(&frontend, &policy, &[4])
+        .upsert_service(&frontend, &policy, &[backend(4)])
         .expect_err("more source ranges than the trie holds");
     let packet = packet::tcp4(OUTSIDE_RANGES, (LB_IP_RANGED, 443), SYN, &[]);
     let run = run(&datapath, UPLINK, "after the failed update", &packet);
@@ -1229,12 +1266,12 @@ fn a_replaced_table_s_block_is_not_reused_at_once() {
     let a = Frontend::tcp(Ipv4Addr::new(10, 96, 9, 1), 80);
     let b = Frontend::tcp(Ipv4Addr::new(10, 96, 9, 2), 80);
     let policy = ServicePolicy::default();
-    maps.upsert_service(&a, &policy, &[1]).expect("a");
+    maps.upsert_service(&a, &policy, &[backend(1)]).expect("a");
     let old = maps.service(&a).expect("a is installed");
-    maps.upsert_service(&a, &policy, &[1, 2, 3])
+    maps.upsert_service(&a, &policy, &[backend(1), backend(2), backend(3)])
         .expect("a grows");
     let grown = maps.service(&a).expect("a is installed");
-    maps.upsert_service(&b, &policy, &[4]).expect("b");
+    maps.upsert_service(&b, &policy, &[backend(4)]).expect("b");
     let new = maps.service(&b).expect("b is installed");
     assert_eq!(new.maglev_size, old.maglev_size, "the old block would fit");
     assert_ne!(
@@ -1243,7 +1280,8 @@ fn a_replaced_table_s_block_is_not_reused_at_once() {
     );
     maps.remove_service(&a).expect("a goes");
     let c = Frontend::tcp(Ipv4Addr::new(10, 96, 9, 3), 80);
-    maps.upsert_service(&c, &policy, &[1, 2, 3]).expect("c");
+    maps.upsert_service(&c, &policy, &[backend(1), backend(2), backend(3)])
+        .expect("c");
     let c = maps.service(&c).expect("c is installed");
     assert_eq!(c.maglev_size, grown.maglev_size);
     assert_ne!(
@@ -1256,7 +1294,7 @@ fn a_replaced_table_s_block_is_not_reused_at_once() {
 fn hairpin_without_a_masquerade_address_is_dropped_not_mistranslated() {
     require_root();
     let datapath = load(DatapathConfig::DEFAULT);
-    let packet = packet::tcp4((backend_addr(1).0, 41_000), (SVC_C, 80), SYN, &[]);
+    let packet = packet::tcp4((backend_addr(backend(1)).0, 41_000), (SVC_C, 80), SYN, &[]);
     let run = run(&datapath, POD, "hairpin without masq", &packet);
     assert_eq!(run.verdict, TC_ACT_SHOT, "counters moved: {:?}", run.moved);
     assert_eq!(

@@ -1375,7 +1375,7 @@ fn no_endpoints_is_refused_and_deletion_removes_everything(e2e: &mut E2e) {
         .collect();
     let counted = |agent: &Agent, id: u32| {
         PinnedMaps::open(&agent.pin_dir)
-            .and_then(|maps| maps.service_counters(id))
+            .and_then(|maps| maps.service_counters(svc_common::wire::FrontendId::new(id)))
             .expect("counted's counters")
             .packets
     };

@@ -244,13 +244,13 @@ fn adoption_refuses_a_pinned_entry_it_cannot_have_written() {
     let mut services: HashMap<_, ServiceKey, ServiceValue> =
         HashMap::try_from(Map::HashMap(pinned)).expect("a hash map");
     let key = ServiceKey {
-        addr: u32::from_ne_bytes([10, 96, 0, 99]),
-        port: 80u16.to_be(),
+        addr: svc_common::wire::WireAddr::from_octets([10, 96, 0, 99]),
+        port: svc_common::wire::WirePort::from_host(80),
         protocol: svc_common::proto::TCP,
         scope: SCOPE_ADDR,
     };
     let value = ServiceValue {
-        id: 1,
+        id: svc_common::wire::FrontendId::new(1),
         maglev_offset: u32::MAX - 5,
         maglev_size: 251,
         backend_count: 1,

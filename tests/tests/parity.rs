@@ -315,8 +315,7 @@ fn udp_flows_stay_while_their_endpoint_serves_and_move_when_it_stops() {
         let first_addr: Ipv4Addr = pod_addr(first_pod).0.parse().expect("address");
         assert!(
             entries.iter().all(|(key, entry)| key.protocol != proto::UDP
-                || (entry.daddr != u32::from_ne_bytes(first_addr.octets())
-                    && key.saddr != u32::from_ne_bytes(first_addr.octets()))),
+                || (entry.daddr != first_addr.into() && key.saddr != first_addr.into())),
             "{}: no UDP entry leads to {first} any more",
             node.name
         );
@@ -351,7 +350,7 @@ fn a_deleted_service_lets_tcp_finish_and_clears_udp() {
     let entries = cluster.nodes[0].datapath().maps().ct_entries().expect("CT");
     assert!(
         !entries.iter().any(|(key, _)| key.protocol == proto::UDP
-            && (key.sport == udp_port.to_be() || key.dport == udp_port.to_be())),
+            && (key.sport.host() == udp_port || key.dport.host() == udp_port)),
         "the UDP flow of the deleted service is cleared"
     );
     let dropped = counted(&cluster, 0, Counter::DropUnallocatedServiceIp);

@@ -11,7 +11,7 @@ use std::{
 };
 
 use svc_agent::datapath::{Frontend, Maps, Masquerade, ServicePolicy};
-use svc_common::{hash::flow_hash, proto, stats::Counter};
+use svc_common::{hash::flow_hash, lb::BackendId, proto, stats::Counter, wire};
 use tests::{
     servers::{Answer, read_answer},
     topology::{Cluster, Options, Pod, TIMEOUT},
@@ -355,21 +355,22 @@ fn external_ips_and_load_balancer_ips_behave_like_node_ports() {
 
 /// The backend Maglev gives a flow, from the shared hash and the table
 /// the map writer built.
-fn predict(maps: &Maps, frontend: Frontend, src: SocketAddrV4, dst: SocketAddrV4) -> u32 {
+fn predict(maps: &Maps, frontend: Frontend, src: SocketAddrV4, dst: SocketAddrV4) -> BackendId {
     let service = maps.service(&frontend).expect("installed");
-    let hash = flow_hash(
-        u32::from_ne_bytes(src.ip().octets()),
-        u32::from_ne_bytes(dst.ip().octets()),
-        src.port().to_be(),
-        dst.port().to_be(),
-        proto::TCP,
-    );
+    let ((saddr, sport), (daddr, dport)) = (wire::split(src), wire::split(dst));
+    let hash = flow_hash(saddr, daddr, sport, dport, proto::TCP);
     maps.maglev_slot(service.maglev_offset + hash % service.maglev_size)
         .expect("slot")
 }
 
 /// A source port whose Maglev pick is not `backend`.
-fn port_avoiding(maps: &Maps, frontend: Frontend, client: &Pod, backend: u32, from: u16) -> u16 {
+fn port_avoiding(
+    maps: &Maps,
+    frontend: Frontend,
+    client: &Pod,
+    backend: BackendId,
+    from: u16,
+) -> u16 {
     let dst = addr(CLUSTER_IP, 80);
     (from..from + 1000)
         .find(|&port| predict(maps, frontend, addr(client.addr, port), dst) != backend)

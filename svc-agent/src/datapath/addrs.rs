@@ -10,9 +10,12 @@ use std::{
 };
 
 use aya::maps::{Array, HashMap, MapData, MapError};
-use svc_common::lb::{
-    ADDR_F_CLUSTER_IP, ADDR_F_NODE, ADDRS_MAP, AddrInfo, CIDRS_LOCAL, CIDRS_MAP, CIDRS_SERVICE,
-    Cidr, MAX_NODE_ADDRS,
+use svc_common::{
+    lb::{
+        ADDR_F_CLUSTER_IP, ADDR_F_NODE, ADDRS_MAP, AddrInfo, CIDRS_LOCAL, CIDRS_MAP, CIDRS_SERVICE,
+        Cidr, MAX_NODE_ADDRS,
+    },
+    wire::WireAddr,
 };
 
 use super::{Error, Ipv4Cidr, Result, cidr::cidr_set};
@@ -37,7 +40,7 @@ impl CidrSetKind {
 
 /// The address map and the CIDR sets, and what this agent wrote to them.
 pub struct Addrs {
-    map: HashMap<MapData, u32, AddrInfo>,
+    map: HashMap<MapData, WireAddr, AddrInfo>,
     cidrs: Array<MapData, svc_common::lb::CidrSet>,
     nodes: BTreeSet<Ipv4Addr>,
     /// ClusterIPs: `true` for a service this proxy serves.
@@ -55,13 +58,9 @@ fn map_error(name: &'static str) -> impl Fn(MapError) -> Error {
     move |source| Error::Map { name, source }
 }
 
-fn ne(addr: Ipv4Addr) -> u32 {
-    u32::from_ne_bytes(addr.octets())
-}
-
 impl Addrs {
     pub(super) fn new(
-        map: HashMap<MapData, u32, AddrInfo>,
+        map: HashMap<MapData, WireAddr, AddrInfo>,
         cidrs: Array<MapData, svc_common::lb::CidrSet>,
     ) -> Self {
         Self {
@@ -80,7 +79,7 @@ impl Addrs {
     pub(super) fn adopt(&mut self) -> Result<()> {
         for entry in &self.map {
             let (addr, info) = entry.map_err(map_error(ADDRS_MAP))?;
-            let addr = Ipv4Addr::from(addr.to_ne_bytes());
+            let addr = Ipv4Addr::from(addr);
             if info.flags & ADDR_F_NODE != 0 {
                 self.nodes.insert(addr);
             } else {
@@ -213,12 +212,12 @@ impl Addrs {
             (true, Some(&written)) if written == flags => {}
             (true, _) => {
                 self.map
-                    .insert(ne(addr), AddrInfo { flags }, 0)
+                    .insert(WireAddr::from(addr), AddrInfo { flags }, 0)
                     .map_err(map_error(ADDRS_MAP))?;
                 self.written.insert(addr, flags);
             }
             (false, Some(_)) => {
-                match self.map.remove(&ne(addr)) {
+                match self.map.remove(&WireAddr::from(addr)) {
                     Ok(()) | Err(MapError::KeyNotFound) => {}
                     Err(source) => return Err(map_error(ADDRS_MAP)(source)),
                 }
@@ -245,8 +244,8 @@ impl Addrs {
 }
 
 fn from_map(cidr: Cidr) -> Option<Ipv4Cidr> {
-    let prefix = u8::try_from(u32::from_be(cidr.mask).leading_ones()).ok()?;
-    Ipv4Cidr::new(Ipv4Addr::from(cidr.base.to_ne_bytes()), prefix)
+    let prefix = u8::try_from(cidr.mask.prefix_len()).ok()?;
+    Ipv4Cidr::new(cidr.base.into(), prefix)
 }
 
 #[cfg(test)]

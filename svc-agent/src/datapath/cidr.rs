@@ -2,7 +2,10 @@
 
 use std::{fmt, net::Ipv4Addr, str::FromStr};
 
-use svc_common::lb::{Cidr, CidrSet, MAX_CIDRS};
+use svc_common::{
+    lb::{Cidr, CidrSet, MAX_CIDRS},
+    wire::WireAddr,
+};
 
 /// An IPv4 CIDR, its address masked to the prefix. The prefix is at most
 /// 32 by construction.
@@ -40,12 +43,12 @@ impl Ipv4Cidr {
         u32::from(addr) & mask(self.prefix) == u32::from(self.addr)
     }
 
-    /// The datapath's form: base and mask in network order.
+    /// The datapath's form: base and mask in wire order.
     #[must_use]
     pub fn to_map(self) -> Cidr {
         Cidr {
-            base: u32::from_ne_bytes(self.addr.octets()),
-            mask: mask(self.prefix).to_be(),
+            base: self.addr.into(),
+            mask: WireAddr::mask(self.prefix),
         }
     }
 }
@@ -151,7 +154,7 @@ mod tests {
             Ipv4Addr::new(10, 97, 0, 1),
         ] {
             assert_eq!(
-                set.contains(u32::from_ne_bytes(addr.octets())),
+                set.contains(addr.into()),
                 cidrs.iter().any(|cidr| cidr.contains(addr)),
                 "{addr}"
             );

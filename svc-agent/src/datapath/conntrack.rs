@@ -21,7 +21,7 @@
 use std::{
     collections::{HashMap, HashSet},
     io,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::SocketAddrV4,
     os::fd::{AsFd as _, OwnedFd},
     time::{Duration, Instant},
 };
@@ -32,6 +32,7 @@ use svc_common::{
     ct::{CT_F_REPLY, CtEntry, CtKey},
     lb::{AffinityKey, AffinityValue, BackendId},
     proto,
+    wire::{self, FrontendId, WireAddr, WirePort},
 };
 
 use super::sys;
@@ -71,7 +72,7 @@ pub struct SweepPlan {
     /// Every installed frontend id; for a UDP frontend, the endpoints
     /// serving it (ready or serving-and-terminating, whatever the traffic
     /// policy or topology keep: kube-proxy's set).
-    pub frontends: HashMap<u32, Option<HashSet<SocketAddrV4>>>,
+    pub frontends: HashMap<FrontendId, Option<HashSet<SocketAddrV4>>>,
     /// Every installed backend id.
     pub backends: HashSet<BackendId>,
 }
@@ -96,7 +97,7 @@ pub struct SweepReport {
     /// source address and protocol): the range runs out there first.
     pub nat_ports_busiest: usize,
     /// Frontend ids that live flows name.
-    pub frontends: HashSet<u32>,
+    pub frontends: HashSet<FrontendId>,
     /// Backend ids that live flows name.
     pub backends: HashSet<BackendId>,
     pub elapsed: Duration,
@@ -114,7 +115,7 @@ enum Removal {
 struct Judged {
     remove: Vec<(CtKey, CtEntry, Removal)>,
     flows: usize,
-    frontends: HashSet<u32>,
+    frontends: HashSet<FrontendId>,
     backends: HashSet<BackendId>,
     /// Live masqueraded flows toward the busiest (source address,
     /// backend, protocol): the ports of the NAT range it holds.
@@ -129,7 +130,7 @@ fn endpoint(key: &CtKey, entry: &CtEntry) -> SocketAddrV4 {
     } else {
         (entry.daddr, entry.dport)
     };
-    SocketAddrV4::new(Ipv4Addr::from(addr.to_ne_bytes()), u16::from_be(port))
+    wire::socket(addr, port)
 }
 
 /// Judges every entry of `snapshot` (sorted by key): dead ones are to be
@@ -144,7 +145,7 @@ fn judge(snapshot: &[(CtKey, CtEntry)], plan: &SweepPlan, prune_udp: bool) -> Ju
             .filter(|peer| peer.is_peer_of(key))
     };
     let mut judged = Judged::default();
-    let mut nat_ports: HashMap<(u32, u32, u16, u8), usize> = HashMap::new();
+    let mut nat_ports: HashMap<(WireAddr, WireAddr, WirePort, u8), usize> = HashMap::new();
     let nat_range = plan.config.nat_port_min..=plan.config.nat_port_max;
     for (key, entry) in snapshot {
         let fresh = |e: &CtEntry| e.is_fresh(&plan.config, key.protocol, plan.now_ns);
@@ -166,7 +167,7 @@ fn judge(snapshot: &[(CtKey, CtEntry)], plan: &SweepPlan, prune_udp: bool) -> Ju
         }
         if entry.flags & CT_F_REPLY == 0 {
             judged.flows += 1;
-            if entry.saddr != key.saddr && nat_range.contains(&u16::from_be(entry.sport)) {
+            if entry.saddr != key.saddr && nat_range.contains(&entry.sport.host()) {
                 let held = nat_ports
                     .entry((entry.saddr, entry.daddr, entry.dport, key.protocol))
                     .or_default();
@@ -175,7 +176,8 @@ fn judge(snapshot: &[(CtKey, CtEntry)], plan: &SweepPlan, prune_udp: bool) -> Ju
             }
         }
         judged.frontends.insert(entry.service_id);
-        judged.backends.insert(entry.backend_id);
+        // 0 (no backend) names nothing.
+        judged.backends.extend(BackendId::new(entry.backend_id));
     }
     judged
 }
@@ -228,7 +230,7 @@ pub fn named_ids(
     maps: &SweepMaps,
     now_ns: u64,
     config: &DatapathConfig,
-) -> io::Result<(HashSet<u32>, HashSet<BackendId>)> {
+) -> io::Result<(HashSet<FrontendId>, HashSet<BackendId>)> {
     let mut snapshot: Vec<(CtKey, CtEntry)> = sys::dump(maps.ct.as_fd())?;
     snapshot.sort_unstable_by(|(a, _), (b, _)| a.cmp_key(b));
     let plan = SweepPlan {
@@ -270,7 +272,7 @@ pub fn sweep(maps: &SweepMaps, plan: &SweepPlan) -> io::Result<SweepReport> {
     report.affinity_entries = affinity.len();
     for (key, value) in affinity {
         let gone = !plan.frontends.contains_key(&key.service_id)
-            || !plan.backends.contains(&value.backend_id);
+            || BackendId::new(value.backend_id).is_none_or(|id| !plan.backends.contains(&id));
         if gone && sys::delete(maps.affinity.as_fd(), &key)? {
             report.removed_affinity += 1;
         }
@@ -288,8 +290,16 @@ mod tests {
 
     use super::*;
 
-    fn ne(a: u8, b: u8, c: u8, d: u8) -> u32 {
-        u32::from_ne_bytes([a, b, c, d])
+    fn ne(a: u8, b: u8, c: u8, d: u8) -> WireAddr {
+        WireAddr::from_octets([a, b, c, d])
+    }
+
+    fn port(port: u16) -> WirePort {
+        WirePort::from_host(port)
+    }
+
+    fn backend(id: u32) -> BackendId {
+        BackendId::new(id).expect("not 0")
     }
 
     const CLIENT: (u8, u8, u8, u8) = (10, 244, 1, 9);
@@ -298,15 +308,15 @@ mod tests {
     /// The two entries of a flow from the client's `port` to the VIP's
     /// port 53 over `protocol`, sent to backend `be` (10.244.2.be:5353),
     /// last seen `secs` seconds after 0.
-    fn flow(protocol: u8, port: u16, be: u8, ids: (u32, u32), secs: u64) -> Vec<(CtKey, CtEntry)> {
+    fn flow(protocol: u8, sport: u16, be: u8, ids: (u32, u32), secs: u64) -> Vec<(CtKey, CtEntry)> {
         let client = ne(CLIENT.0, CLIENT.1, CLIENT.2, CLIENT.3);
         let vip = ne(VIP.0, VIP.1, VIP.2, VIP.3);
         let backend = ne(10, 244, 2, be);
         let key = CtKey {
             saddr: client,
             daddr: vip,
-            sport: port.to_be(),
-            dport: 53u16.to_be(),
+            sport: port(sport),
+            dport: port(53),
             protocol,
             _pad: [0; 3],
         };
@@ -314,9 +324,9 @@ mod tests {
             last_seen_ns: secs * NS_PER_SEC,
             saddr: client,
             daddr: backend,
-            sport: port.to_be(),
-            dport: 5353u16.to_be(),
-            service_id: ids.0,
+            sport: port(sport),
+            dport: port(5353),
+            service_id: FrontendId::new(ids.0),
             backend_id: ids.1,
             flags: CT_F_SEEN_REPLY,
             _pad: [0; 3],
@@ -324,8 +334,8 @@ mod tests {
         let reply = CtEntry {
             saddr: vip,
             daddr: client,
-            sport: 53u16.to_be(),
-            dport: port.to_be(),
+            sport: port(53),
+            dport: port(sport),
             flags: CT_F_REPLY | CT_F_SEEN_REPLY,
             ..original
         };
@@ -348,7 +358,7 @@ mod tests {
     fn serving(hosts: &[u8]) -> HashSet<SocketAddrV4> {
         hosts
             .iter()
-            .map(|&h| SocketAddrV4::new(Ipv4Addr::new(10, 244, 2, h), 5353))
+            .map(|&h| SocketAddrV4::new(std::net::Ipv4Addr::new(10, 244, 2, h), 5353))
             .collect()
     }
 
@@ -362,7 +372,8 @@ mod tests {
             entry.flags |= CT_F_CLOSING;
         }
         let mut plan = plan(150);
-        plan.frontends.insert(1, Some(serving(&[5])));
+        plan.frontends
+            .insert(FrontendId::new(1), Some(serving(&[5])));
         let judged = judge(&sorted([entries, dead].concat()), &plan, true);
         assert_eq!(judged.flows, 1);
         assert_eq!(judged.remove.len(), 2, "the closed TCP flow, both entries");
@@ -374,7 +385,7 @@ mod tests {
         );
         assert_eq!(
             judged.backends,
-            HashSet::from([7]),
+            HashSet::from([backend(7)]),
             "8 is named by nothing live"
         );
     }
@@ -386,8 +397,9 @@ mod tests {
         let tcp_gone = flow(proto::TCP, 40_002, 5, (2, 7), 100);
         let udp_of_removed = flow(proto::UDP, 40_003, 6, (3, 8), 100);
         let mut plan = plan(101);
-        plan.frontends.insert(1, Some(serving(&[6])));
-        plan.frontends.insert(2, None);
+        plan.frontends
+            .insert(FrontendId::new(1), Some(serving(&[6])));
+        plan.frontends.insert(FrontendId::new(2), None);
         let snapshot = sorted([udp_gone, udp_kept, tcp_gone, udp_of_removed].concat());
         assert!(
             judge(&snapshot, &plan, false).remove.is_empty(),
@@ -403,7 +415,7 @@ mod tests {
                 } else {
                     key.sport
                 };
-                (u16::from_be(port), *why)
+                (port.host(), *why)
             })
             .collect();
         assert_eq!(removed.len(), 4, "{removed:?}");
@@ -416,7 +428,7 @@ mod tests {
         assert_eq!(judged.flows, 2, "the kept UDP flow and the TCP flow");
         assert_eq!(
             judged.frontends,
-            HashSet::from([1, 2]),
+            HashSet::from([FrontendId::new(1), FrontendId::new(2)]),
             "the TCP flow keeps its removed frontend's id"
         );
     }
@@ -424,10 +436,10 @@ mod tests {
     #[test]
     fn nat_ports_are_counted_toward_the_busiest_backend() {
         let node = ne(192, 168, 0, 1);
-        let masqueraded = |port: u16, nat_port: u16, be: u8| {
-            let mut entries = flow(proto::TCP, port, be, (1, u32::from(be)), 100);
+        let masqueraded = |client_port: u16, nat_port: u16, be: u8| {
+            let mut entries = flow(proto::TCP, client_port, be, (1, u32::from(be)), 100);
             entries[0].1.saddr = node;
-            entries[0].1.sport = nat_port.to_be();
+            entries[0].1.sport = port(nat_port);
             entries
         };
         let snapshot = sorted(
@@ -453,7 +465,7 @@ mod tests {
     fn an_orphaned_reply_entry_lives_only_on_its_own_stamp() {
         let mut entries = flow(proto::TCP, 40_000, 5, (1, 7), 100);
         // The original was taken over by a newer flow through a NAT port.
-        entries[0].1.sport = 61_000u16.to_be();
+        entries[0].1.sport = port(61_000);
         entries[0].1.last_seen_ns = 200 * NS_PER_SEC;
         entries[1].1.flags |= CT_F_CLOSING;
         let judged = judge(&sorted(entries), &plan(200), true);

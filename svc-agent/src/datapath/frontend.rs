@@ -11,6 +11,7 @@ use svc_common::{
         SVC_F_MASQ_ALWAYS, SVC_F_MASQ_NON_LOCAL, SVC_F_SOURCE_RANGES, ServiceKey, ServiceValue,
     },
     proto,
+    wire::{self, WirePort},
 };
 
 use super::Ipv4Cidr;
@@ -130,8 +131,8 @@ impl Frontend {
             ),
         };
         ServiceKey {
-            addr: u32::from_ne_bytes(addr.octets()),
-            port: port.to_be(),
+            addr: addr.into(),
+            port: WirePort::from_host(port),
             protocol: protocol.number(),
             scope,
         }
@@ -148,10 +149,10 @@ impl Frontend {
             proto::UDP => Protocol::Udp,
             _ => return None,
         };
-        let port = u16::from_be(key.port);
+        let port = key.port.host();
         let frontend = match key.scope & !SCOPE_IN_CLUSTER {
             SCOPE_ADDR => Self::Address {
-                addr: Ipv4Addr::from(key.addr.to_ne_bytes()),
+                addr: key.addr.into(),
                 port,
                 protocol,
             },
@@ -261,10 +262,7 @@ impl ServicePolicy {
 impl BackendSpec {
     pub(super) fn from_value(value: Backend) -> Self {
         Self {
-            addr: SocketAddrV4::new(
-                Ipv4Addr::from(value.addr.to_ne_bytes()),
-                u16::from_be(value.port),
-            ),
+            addr: wire::socket(value.addr, value.port),
             local: value.flags & BACKEND_F_LOCAL != 0,
             terminating: value.flags & BACKEND_F_TERMINATING != 0,
         }
@@ -278,9 +276,10 @@ impl BackendSpec {
         if self.terminating {
             flags |= BACKEND_F_TERMINATING;
         }
+        let (addr, port) = wire::split(self.addr);
         Backend {
-            addr: u32::from_ne_bytes(self.addr.ip().octets()),
-            port: self.addr.port().to_be(),
+            addr,
+            port,
             flags,
             _pad: 0,
         }

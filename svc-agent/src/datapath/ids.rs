@@ -5,11 +5,44 @@
 //! frontend or backend (a TCP connection finishing after its pod left the
 //! service) is thus never counted under, or mistaken for, another.
 
-use std::collections::{BTreeMap, HashSet};
+use std::{
+    collections::{BTreeMap, HashSet},
+    hash::Hash,
+    marker::PhantomData,
+};
+
+use svc_common::wire::{BackendId, FrontendId};
+
+/// An id a pool hands out: an index into the datapath's arrays.
+pub trait PoolId: Copy + Eq + Hash + std::fmt::Debug {
+    /// The id of index `index`; `None` for an index no id has.
+    fn from_index(index: u32) -> Option<Self>;
+    fn index(self) -> u32;
+}
+
+impl PoolId for FrontendId {
+    fn from_index(index: u32) -> Option<Self> {
+        Some(Self::new(index))
+    }
+
+    fn index(self) -> u32 {
+        self.get()
+    }
+}
+
+impl PoolId for BackendId {
+    fn from_index(index: u32) -> Option<Self> {
+        Self::new(index)
+    }
+
+    fn index(self) -> u32 {
+        self.get()
+    }
+}
 
 /// Ids from `first` up to a capacity, with a quarantine for released ones.
 #[derive(Debug)]
-pub struct IdPool {
+pub struct IdPool<I> {
     first: u32,
     capacity: u32,
     /// Ids below this have been handed out at some point.
@@ -19,10 +52,11 @@ pub struct IdPool {
     quarantined: BTreeMap<u32, u64>,
     /// Sweeps begun so far.
     epoch: u64,
+    ids: PhantomData<I>,
 }
 
-impl IdPool {
-    /// Ids `first..capacity`.
+impl<I: PoolId> IdPool<I> {
+    /// Ids of indexes `first..capacity`; `first` must be an id's.
     #[must_use]
     pub const fn new(first: u32, capacity: u32) -> Self {
         Self {
@@ -32,35 +66,37 @@ impl IdPool {
             free: Vec::new(),
             quarantined: BTreeMap::new(),
             epoch: 0,
+            ids: PhantomData,
         }
     }
 
     /// A free id, or `None` when every id is in use or quarantined.
-    pub fn allocate(&mut self) -> Option<u32> {
+    pub fn allocate(&mut self) -> Option<I> {
         if let Some(id) = self.free.pop() {
-            return Some(id);
+            return I::from_index(id);
         }
-        (self.next < self.capacity).then(|| {
-            self.next += 1;
-            self.next - 1
-        })
+        if self.next >= self.capacity {
+            return None;
+        }
+        self.next += 1;
+        I::from_index(self.next - 1)
     }
 
     /// Gives back an id the datapath never saw (a write that failed).
-    pub fn unallocate(&mut self, id: u32) {
-        self.free.push(id);
+    pub fn unallocate(&mut self, id: I) {
+        self.free.push(id.index());
     }
 
     /// Releases an id the datapath may still have flows under: it waits in
     /// quarantine for a sweep.
-    pub fn release(&mut self, id: u32) {
-        self.quarantined.insert(id, self.epoch);
+    pub fn release(&mut self, id: I) {
+        self.quarantined.insert(id.index(), self.epoch);
     }
 
     /// Takes a quarantined id back (its backend returned before a sweep
     /// freed it). Returns whether it was quarantined.
-    pub fn reclaim(&mut self, id: u32) -> bool {
-        self.quarantined.remove(&id).is_some()
+    pub fn reclaim(&mut self, id: I) -> bool {
+        self.quarantined.remove(&id.index()).is_some()
     }
 
     /// Starts a sweep: ids released before this call are the ones its
@@ -72,7 +108,8 @@ impl IdPool {
 
     /// Frees the ids released before sweep `epoch` began that its live
     /// flows do not name. Returns how many were freed.
-    pub fn end_sweep(&mut self, epoch: u64, named: &HashSet<u32>) -> usize {
+    pub fn end_sweep(&mut self, epoch: u64, named: &HashSet<I>) -> usize {
+        let named: HashSet<u32> = named.iter().map(|id| id.index()).collect();
         let freed: Vec<u32> = self
             .quarantined
             .iter()
@@ -88,7 +125,9 @@ impl IdPool {
 
     /// Rebuilds the pool from what the maps hold after a restart: `used`
     /// ids are installed, and ids that only flows `named` stay quarantined.
-    pub fn adopt(&mut self, used: &HashSet<u32>, named: &HashSet<u32>) {
+    pub fn adopt(&mut self, used: &HashSet<I>, named: &HashSet<I>) {
+        let index = |ids: &HashSet<I>| ids.iter().map(|id| id.index()).collect::<HashSet<u32>>();
+        let (used, named) = (&index(used), &index(named));
         let top = used
             .iter()
             .chain(named)
@@ -113,8 +152,8 @@ impl IdPool {
 
     /// Whether `id` waits for a sweep.
     #[must_use]
-    pub fn is_quarantined(&self, id: u32) -> bool {
-        self.quarantined.contains_key(&id)
+    pub fn is_quarantined(&self, id: I) -> bool {
+        self.quarantined.contains_key(&id.index())
     }
 }
 
@@ -122,15 +161,19 @@ impl IdPool {
 mod tests {
     use super::*;
 
+    fn backend(index: u32) -> BackendId {
+        BackendId::new(index).expect("not 0")
+    }
+
     #[test]
     fn a_released_id_comes_back_only_after_a_later_sweep_finds_no_flow() {
-        let mut pool = IdPool::new(1, 4);
+        let mut pool = IdPool::<BackendId>::new(1, 4);
         let (a, b, c) = (
             pool.allocate().expect("1"),
             pool.allocate().expect("2"),
             pool.allocate().expect("3"),
         );
-        assert_eq!((a, b, c), (1, 2, 3));
+        assert_eq!((a, b, c), (backend(1), backend(2), backend(3)));
         assert_eq!(pool.allocate(), None, "capacity 4 holds ids 1..4");
         pool.release(a);
         pool.release(b);
@@ -151,7 +194,7 @@ mod tests {
 
     #[test]
     fn a_returning_backend_reclaims_its_quarantined_id() {
-        let mut pool = IdPool::new(1, 10);
+        let mut pool = IdPool::<BackendId>::new(1, 10);
         let id = pool.allocate().expect("an id");
         pool.release(id);
         assert!(pool.reclaim(id));
@@ -162,17 +205,25 @@ mod tests {
 
     #[test]
     fn adoption_keeps_ids_that_only_flows_name_in_quarantine() {
-        let mut pool = IdPool::new(0, 100);
-        pool.adopt(&HashSet::from([0, 3]), &HashSet::from([3, 5, 500]));
-        assert!(pool.is_quarantined(5), "only a flow names 5");
-        assert!(!pool.is_quarantined(3), "3 is installed");
+        let id = FrontendId::new;
+        let mut pool = IdPool::<FrontendId>::new(0, 100);
+        pool.adopt(
+            &HashSet::from([id(0), id(3)]),
+            &HashSet::from([id(3), id(5), id(500)]),
+        );
+        assert!(pool.is_quarantined(id(5)), "only a flow names 5");
+        assert!(!pool.is_quarantined(id(3)), "3 is installed");
         let mut handed = vec![
             pool.allocate().expect("id"),
             pool.allocate().expect("id"),
             pool.allocate().expect("id"),
         ];
         handed.sort_unstable();
-        assert_eq!(handed, [1, 2, 4], "free below the highest, then 6");
-        assert_eq!(pool.allocate(), Some(6));
+        assert_eq!(
+            handed,
+            [id(1), id(2), id(4)],
+            "free below the highest, then 6"
+        );
+        assert_eq!(pool.allocate(), Some(id(6)));
     }
 }

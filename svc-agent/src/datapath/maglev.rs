@@ -9,7 +9,6 @@ use std::{
 };
 
 use aya::maps::MapData;
-use svc_common::lb::BackendId;
 
 use super::{Error, Result};
 
@@ -155,8 +154,8 @@ impl SlotAllocator {
 }
 
 /// The kernel stores array elements 8-byte aligned: in the mapping, slot
-/// `i` is the `BackendId` at byte `8 * i`.
-const ELEMENT_STRIDE: usize = size_of::<BackendId>().next_multiple_of(8);
+/// `i` is the slot (a backend id, `u32`) at byte `8 * i`.
+const ELEMENT_STRIDE: usize = size_of::<u32>().next_multiple_of(8);
 
 /// `MAGLEV_MAP` (a `BPF_F_MMAPABLE` array) written through memory
 /// mappings: a table is a memory write per slot, not a syscall per slot.
@@ -215,7 +214,7 @@ impl Window {
     }
 
     /// The `i`th slot of the block.
-    fn slot(&self, i: usize) -> *mut BackendId {
+    fn slot(&self, i: usize) -> *mut u32 {
         debug_assert!(self.skew + (i + 1) * ELEMENT_STRIDE <= self.len);
         // SAFETY: within the mapping (the window covers the whole block).
         unsafe {
@@ -261,7 +260,8 @@ impl MaglevArea {
     ///
     /// If the table does not fit the block or the block lies outside the
     /// map; the allocator never hands out such blocks.
-    pub fn write(&mut self, block: Block, table: &[BackendId]) -> Result<()> {
+    /// `table` holds backend ids as the slots do (`u32`, never 0).
+    pub fn write(&mut self, block: Block, table: &[u32]) -> Result<()> {
         assert!(
             table.len() <= block.len as usize,
             "table larger than its block"
@@ -280,7 +280,7 @@ impl MaglevArea {
     }
 
     /// Reads the slots of `block` (adopting tables, inspection).
-    pub fn read(&self, block: Block) -> Result<Vec<BackendId>> {
+    pub fn read(&self, block: Block) -> Result<Vec<u32>> {
         self.check(block);
         if block.len == 0 {
             return Ok(Vec::new());
@@ -294,7 +294,7 @@ impl MaglevArea {
 
     /// Reads one slot, for tests and inspection.
     #[must_use]
-    pub fn slot(&self, index: u32) -> Option<BackendId> {
+    pub fn slot(&self, index: u32) -> Option<u32> {
         if index >= self.slots {
             return None;
         }

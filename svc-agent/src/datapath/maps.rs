@@ -23,6 +23,7 @@ use svc_common::{
     },
     maglev,
     stats::CounterValue,
+    wire::FrontendId,
 };
 
 use super::{
@@ -35,12 +36,12 @@ use super::{
 
 /// The source-range trie's key for a CIDR of frontend `service_id`: the
 /// id always matches whole, then the CIDR's prefix.
-fn range_key(range: Ipv4Cidr, service_id: u32) -> LpmKey<SourceRangeKey> {
+fn range_key(range: Ipv4Cidr, service_id: FrontendId) -> LpmKey<SourceRangeKey> {
     LpmKey::new(
         32 + u32::from(range.prefix()),
         SourceRangeKey {
             service_id,
-            addr: u32::from_ne_bytes(range.addr().octets()),
+            addr: range.addr().into(),
         },
     )
 }
@@ -57,11 +58,11 @@ struct Installed {
 /// What an update of a frontend wrote before switching its entry, undone
 /// if the switch fails ([`Maps::unstage`]).
 struct Staged {
-    id: u32,
+    id: FrontendId,
     /// The new table's block.
     block: Option<Block>,
     /// The id, if allocated for this update.
-    new_id: Option<u32>,
+    new_id: Option<FrontendId>,
     /// The record of ranges before the update, once replaced.
     ranges_had: Option<Vec<Ipv4Cidr>>,
     ranges_added: Vec<Ipv4Cidr>,
@@ -71,7 +72,7 @@ struct Staged {
 }
 
 /// Records `items` under `id`; an empty list is no record.
-fn record<T>(records: &mut StdHashMap<u32, Vec<T>>, id: u32, items: Vec<T>) {
+fn record<T>(records: &mut StdHashMap<FrontendId, Vec<T>>, id: FrontendId, items: Vec<T>) {
     if items.is_empty() {
         records.remove(&id);
     } else {
@@ -91,17 +92,17 @@ pub struct Maps {
     backend_stats: PerCpuArray<MapData, CounterValue>,
     source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
     /// Each frontend id's source ranges, sorted.
-    ranges_by_id: StdHashMap<u32, Vec<Ipv4Cidr>>,
+    ranges_by_id: StdHashMap<FrontendId, Vec<Ipv4Cidr>>,
     member_map: HashMap<MapData, MemberKey, u32>,
     /// Each affinity frontend id's members (its table's backends).
-    members: StdHashMap<u32, Vec<BackendId>>,
+    members: StdHashMap<FrontendId, Vec<BackendId>>,
     maglev: MaglevArea,
     slots: SlotAllocator,
     slots_per_backend: u32,
     installed: StdHashMap<ServiceKey, Installed>,
     backend_values: StdHashMap<BackendId, Backend>,
     /// Frontend ids (index the per-frontend counters).
-    ids: IdPool,
+    ids: IdPool<FrontendId>,
     /// Handles for sweeps of connection tracking on another thread.
     sweep: SweepMaps,
     /// Backend ids that live flows named when the maps were adopted.
@@ -189,13 +190,17 @@ impl Maps {
     /// tracking, and this run carries on from them. `named` are the
     /// (frontend, backend) ids live flows name: ids only they name stay
     /// reserved until a sweep finds them unnamed.
-    pub(super) fn adopt(&mut self, named: (HashSet<u32>, HashSet<BackendId>)) -> Result<()> {
+    pub(super) fn adopt(&mut self, named: (HashSet<FrontendId>, HashSet<BackendId>)) -> Result<()> {
         self.addrs.adopt()?;
-        for (id, backend) in self.backends.iter().enumerate() {
+        for (index, backend) in self.backends.iter().enumerate() {
             let backend = backend.map_err(map_error(BACKENDS_MAP))?;
-            if backend.addr != 0 {
-                let id = BackendId::try_from(id).unwrap_or(BackendId::MAX);
-                self.backend_values.insert(id, backend);
+            let id = u32::try_from(index).ok().and_then(BackendId::new);
+            match id {
+                Some(id) if !backend.addr.is_unspecified() => {
+                    self.backend_values.insert(id, backend);
+                }
+                // Index 0 is never a backend; whatever it holds is unused.
+                _ => {}
             }
         }
         let entries: Vec<(ServiceKey, ServiceValue)> = self
@@ -209,7 +214,7 @@ impl Maps {
             let prefix = key.prefix_len().saturating_sub(32);
             let range = u8::try_from(prefix)
                 .ok()
-                .and_then(|prefix| Ipv4Cidr::new(Ipv4Addr::from(data.addr.to_ne_bytes()), prefix));
+                .and_then(|prefix| Ipv4Cidr::new(data.addr.into(), prefix));
             if let Some(range) = range {
                 self.ranges_by_id
                     .entry(data.service_id)
@@ -222,16 +227,19 @@ impl Maps {
         }
         for entry in self.member_map.keys() {
             let key = entry.map_err(map_error(MEMBERS_MAP))?;
-            self.members
-                .entry(key.service_id)
-                .or_default()
-                .push(key.backend_id);
+            // A member 0 names no backend: nothing to keep of it.
+            if let Some(backend_id) = BackendId::new(key.backend_id) {
+                self.members
+                    .entry(key.service_id)
+                    .or_default()
+                    .push(backend_id);
+            }
         }
         let mut used_ids = HashSet::new();
         for (key, value) in entries {
             // Pinned values come from another run, perhaps another version:
             // checked before any arithmetic trusts them.
-            if value.id >= self.service_stats.len() || !used_ids.insert(value.id) {
+            if value.id.get() >= self.service_stats.len() || !used_ids.insert(value.id) {
                 return Err(Error::Adopt(format!(
                     "frontend {key:?}: its id {} is out of range or another frontend's",
                     value.id
@@ -256,9 +264,18 @@ impl Maps {
                     "frontend {key:?}: its Maglev block {block:?} overlaps another or lies outside the map"
                 )));
             }
-            let mut backends: Vec<BackendId> = match block {
+            let slots = match block {
                 Some(block) => self.maglev.read(block)?,
                 None => Vec::new(),
+            };
+            let Some(mut backends) = slots
+                .into_iter()
+                .map(BackendId::new)
+                .collect::<Option<Vec<BackendId>>>()
+            else {
+                return Err(Error::Adopt(format!(
+                    "frontend {key:?}: its Maglev table names backend 0 (no backend)"
+                )));
             };
             backends.sort_unstable();
             backends.dedup();
@@ -289,7 +306,7 @@ impl Maps {
     }
 
     /// The frontend ids, for sweeps.
-    pub fn frontend_ids(&mut self) -> &mut IdPool {
+    pub fn frontend_ids(&mut self) -> &mut IdPool<FrontendId> {
         &mut self.ids
     }
 
@@ -343,7 +360,7 @@ impl Maps {
     /// flags for the same address. An id never moves to another address
     /// while installed: flows name it.
     pub fn set_backend(&mut self, id: BackendId, spec: &BackendSpec) -> Result<()> {
-        if id == 0 || id >= self.backends.len() {
+        if id.get() >= self.backends.len() {
             return Err(Error::BackendIdOutOfRange {
                 id,
                 capacity: self.backends.len(),
@@ -364,10 +381,10 @@ impl Maps {
             });
         }
         self.backends
-            .set(id, value, 0)
+            .set(id.get(), value, 0)
             .map_err(map_error(BACKENDS_MAP))?;
         if old.is_none() {
-            self.reset_counters(BACKEND_STATS_MAP, id)?;
+            self.reset_counters(BACKEND_STATS_MAP, id.get())?;
         }
         self.backend_values.insert(id, value);
         Ok(())
@@ -388,13 +405,13 @@ impl Maps {
             .iter()
             .find_map(|(key, installed)| installed.backends.contains(&id).then_some(*key))
         {
-            if let Ok(value) = self.backends.get(&id, 0) {
+            if let Ok(value) = self.backends.get(&id.get(), 0) {
                 self.backend_values.insert(id, value);
             }
             return Err(Error::BackendInUse { id, service: key });
         }
         self.backends
-            .set(id, Backend::default(), 0)
+            .set(id.get(), Backend::default(), 0)
             .map_err(map_error(BACKENDS_MAP))
     }
 
@@ -408,7 +425,7 @@ impl Maps {
         frontend: &Frontend,
         policy: &ServicePolicy,
         backends: &[BackendId],
-    ) -> Result<u32> {
+    ) -> Result<FrontendId> {
         let key = frontend.key();
         // Maglev keys by address and port, so that every node builds the
         // same table whatever ids it gave the backends.
@@ -517,7 +534,7 @@ impl Maps {
         staged: &mut Staged,
     ) -> Result<(Vec<Ipv4Cidr>, Vec<BackendId>)> {
         if staged.new_id.is_some() {
-            self.reset_counters(SERVICE_STATS_MAP, value.id)?;
+            self.reset_counters(SERVICE_STATS_MAP, value.id.get())?;
         }
         let stale = self.add_ranges(ranges, staged)?;
         let gone = self.add_members(members, staged)?;
@@ -557,7 +574,7 @@ impl Maps {
         for &backend_id in wanted.iter().filter(|member| !had.contains(member)) {
             let key = MemberKey {
                 service_id: id,
-                backend_id,
+                backend_id: backend_id.get(),
             };
             self.member_map
                 .insert(key, 0, 0)
@@ -575,12 +592,12 @@ impl Maps {
     }
 
     /// Deletes `members` of frontend `id` from the map and the record.
-    fn remove_members(&mut self, id: u32, members: &[BackendId]) {
+    fn remove_members(&mut self, id: FrontendId, members: &[BackendId]) {
         for &backend_id in members {
             // Already gone is fine: the goal is its absence.
             let _ = self.member_map.remove(&MemberKey {
                 service_id: id,
-                backend_id,
+                backend_id: backend_id.get(),
             });
         }
         if let Some(record) = self.members.get_mut(&id) {
@@ -591,7 +608,7 @@ impl Maps {
         }
     }
 
-    fn ranges(&self, id: u32) -> &[Ipv4Cidr] {
+    fn ranges(&self, id: FrontendId) -> &[Ipv4Cidr] {
         self.ranges_by_id.get(&id).map_or(&[], Vec::as_slice)
     }
 
@@ -617,7 +634,7 @@ impl Maps {
         Ok(stale)
     }
 
-    fn remove_ranges(&mut self, id: u32, ranges: &[Ipv4Cidr]) {
+    fn remove_ranges(&mut self, id: FrontendId, ranges: &[Ipv4Cidr]) {
         for range in ranges {
             // Already gone is fine: the goal is its absence.
             let _ = self.source_ranges.remove(&range_key(*range, id));
@@ -648,7 +665,7 @@ impl Maps {
         if let Some(members) = self.members.remove(&installed.value.id) {
             self.remove_members(installed.value.id, &members);
         }
-        self.reset_counters(SERVICE_STATS_MAP, installed.value.id)?;
+        self.reset_counters(SERVICE_STATS_MAP, installed.value.id.get())?;
         self.ids.release(installed.value.id);
         Ok(())
     }
@@ -664,7 +681,7 @@ impl Maps {
     /// The backend a Maglev table slot names.
     #[must_use]
     pub fn maglev_slot(&self, index: u32) -> Option<BackendId> {
-        self.maglev.slot(index)
+        self.maglev.slot(index).and_then(BackendId::new)
     }
 
     /// How full the maps the agent writes are: (map, used, capacity).
@@ -722,13 +739,13 @@ impl Maps {
     }
 
     /// Packets and bytes of a frontend id, summed over CPUs.
-    pub fn service_counters(&self, id: u32) -> Result<CounterValue> {
-        sum_counters(&self.service_stats, SERVICE_STATS_MAP, id)
+    pub fn service_counters(&self, id: FrontendId) -> Result<CounterValue> {
+        sum_counters(&self.service_stats, SERVICE_STATS_MAP, id.get())
     }
 
     /// Packets and bytes sent to a backend, summed over CPUs.
     pub fn backend_counters(&self, id: BackendId) -> Result<CounterValue> {
-        sum_counters(&self.backend_stats, BACKEND_STATS_MAP, id)
+        sum_counters(&self.backend_stats, BACKEND_STATS_MAP, id.get())
     }
 
     /// Builds the Maglev table of `members` (Maglev key, id; sorted by
@@ -748,7 +765,7 @@ impl Maps {
         let mut next = vec![0u32; keys.len()];
         maglev::populate(&keys, &mut table, &mut next);
         for slot in &mut table {
-            *slot = members[*slot as usize].1;
+            *slot = members[*slot as usize].1.get();
         }
         if let Err(err) = self.maglev.write(block, &table) {
             self.slots.free(block);

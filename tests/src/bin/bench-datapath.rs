@@ -23,7 +23,9 @@ use svc_agent::datapath::{
     BackendSpec, Capacities, Datapath, FROM_POD_PROGRAM, FROM_UPLINK_PROGRAM, Frontend,
     LoadOptions, Maps, Masquerade, Protocol, ServicePolicy,
 };
-use svc_common::{config::DatapathConfig, hash::flow_hash, lb::BackendId, proto, stats::Counter};
+use svc_common::{
+    config::DatapathConfig, hash::flow_hash, lb::BackendId, proto, stats::Counter, wire::WirePort,
+};
 use tests::packet::{self, TcpFlags};
 
 const SERVICE_COUNTS: &[u32] = &[1, 1_000, 10_000, 100_000];
@@ -113,9 +115,9 @@ fn install(services: u32, config: DatapathConfig) -> Datapath {
     // The measured service: ports 80 and 81 on the ClusterIP, each the
     // other's first backend; node ports 30001/30002 whose backends are
     // the other node port on ten node addresses.
-    let mut next_id: BackendId = 1;
+    let mut next_id = 1;
     let mut backend = |maps: &mut Maps, addr: SocketAddrV4, local: bool| -> BackendId {
-        let id = next_id;
+        let id = tests::backend(next_id);
         next_id += 1;
         maps.set_backend(
             id,
@@ -178,16 +180,19 @@ fn cycling_client_port(maps: &Maps) -> u16 {
             .service(&Frontend::tcp(HOT, port))
             .expect("hot service");
         let hash = flow_hash(
-            u32::from_ne_bytes(CLIENT.octets()),
-            u32::from_ne_bytes(HOT.octets()),
-            src_port.to_be(),
-            port.to_be(),
+            CLIENT.into(),
+            HOT.into(),
+            WirePort::from_host(src_port),
+            WirePort::from_host(port),
             proto::TCP,
         );
         maps.maglev_slot(service.maglev_offset + hash % service.maglev_size)
     };
     // Ids 4001 and 4002 are 81 and 80 as backends (see `install`).
-    let (to_81, to_80) = (BACKEND_POOL + 1, BACKEND_POOL + 2);
+    let (to_81, to_80) = (
+        tests::backend(BACKEND_POOL + 1),
+        tests::backend(BACKEND_POOL + 2),
+    );
     (20_000..60_000)
         .find(|&p| pick(p, 80) == Some(to_81) && pick(p, 81) == Some(to_80))
         .expect("some client port cycles between the two ports")
@@ -345,7 +350,7 @@ fn main() {
         let fresh = install(
             services,
             DatapathConfig {
-                masq_addr: u32::from_ne_bytes(node_addr(0).octets()),
+                masq_addr: node_addr(0).into(),
                 ct_timeout_tcp_syn_ns: 0,
                 ct_timeout_tcp_established_ns: 0,
                 ct_timeout_tcp_closing_ns: 0,
