@@ -269,4 +269,23 @@ fn adoption_refuses_a_pinned_entry_it_cannot_have_written() {
         .services(&dirs.state)
         .expect_err("inspection refuses it too");
     assert!(err.to_string().contains("Maglev table"), "{err}");
+
+    // A block inside the map whose slots (never written: zero) name
+    // backend 0, which is no backend.
+    let zeroed = ServiceValue {
+        maglev_offset: 0,
+        ..value
+    };
+    services.insert(key, zeroed, 0).expect("insert");
+    let err = Datapath::load(&options)
+        .err()
+        .expect("a table naming backend 0 is refused");
+    assert!(
+        err.to_string().contains("backend 0"),
+        "the message says what is wrong: {err}"
+    );
+    PinnedMaps::open(&dirs.pin)
+        .expect("the pins open")
+        .services(&dirs.state)
+        .expect_err("inspection refuses it too");
 }
