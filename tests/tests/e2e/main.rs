@@ -1,0 +1,117 @@
+//! End to end against an upstream control plane (etcd, kube-apiserver,
+//! kube-controller-manager; see `tests::k8s`): the real EndpointSlice
+//! controllers write the slices, the `svc-agent` binary on each node of the
+//! two-node namespace cluster reads them as a least-privileged service
+//! account, and traffic between the namespaces shows the result. Scenarios
+//! after the sig-network Service e2e tests, each a test of its own over one
+//! shared control plane (starting it is the slow part): a scenario makes
+//! the services and pods it needs beyond the shared `client`, `web-1` and
+//! `web-2`, and removes its services, so any one runs alone
+//! (`cargo xtask e2e -- <name>`) or after any other.
+
+mod harness;
+mod policies;
+mod resilience;
+mod services;
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use harness::E2e;
+
+/// A scenario, run on the shared control plane.
+type Scenario = fn(&mut E2e);
+
+/// The scenarios, in the order they run: the thousand services last, as
+/// they stay (deleting 5,000 pods would take longer than the rest).
+const SCENARIOS: &[(&str, Scenario)] = &[
+    (
+        "selector_service_reaches_the_selected_pods",
+        services::selector_service_reaches_the_selected_pods,
+    ),
+    (
+        "scaling_and_readiness_are_followed",
+        services::scaling_and_readiness_are_followed,
+    ),
+    (
+        "connections_outlive_deleted_pods",
+        services::connections_outlive_deleted_pods,
+    ),
+    (
+        "cluster_ips_refuse_unknown_ports_and_the_service_range_drops_the_rest",
+        services::cluster_ips_refuse_unknown_ports_and_the_service_range_drops_the_rest,
+    ),
+    (
+        "type_changes_install_and_remove_frontends",
+        services::type_changes_install_and_remove_frontends,
+    ),
+    (
+        "affinity_and_traffic_policies",
+        policies::affinity_and_traffic_policies,
+    ),
+    (
+        "traffic_distribution_keeps_traffic_in_the_zone",
+        policies::traffic_distribution_keeps_traffic_in_the_zone,
+    ),
+    (
+        "health_check_node_ports_follow_local_endpoints",
+        policies::health_check_node_ports_follow_local_endpoints,
+    ),
+    (
+        "load_balancer_source_ranges_admit_only_their_sources",
+        policies::load_balancer_source_ranges_admit_only_their_sources,
+    ),
+    (
+        "local_load_balancer_ips_serve_in_cluster_clients_from_every_endpoint",
+        policies::local_load_balancer_ips_serve_in_cluster_clients_from_every_endpoint,
+    ),
+    (
+        "selectorless_services_with_slices_and_mirrored_endpoints",
+        services::selectorless_services_with_slices_and_mirrored_endpoints,
+    ),
+    (
+        "no_endpoints_is_refused_and_deletion_removes_everything",
+        services::no_endpoints_is_refused_and_deletion_removes_everything,
+    ),
+    (
+        "agent_and_api_server_restarts",
+        resilience::agent_and_api_server_restarts,
+    ),
+    ("a_thousand_services", resilience::a_thousand_services),
+];
+
+/// The shared control plane: started by the first scenario that runs.
+enum Shared {
+    NotStarted,
+    Running(Box<E2e>),
+    /// Starting it panicked (the first scenario to run says why).
+    Failed,
+}
+
+fn main() -> std::process::ExitCode {
+    let mut args = libtest_mimic::Arguments::from_args();
+    // One control plane: one scenario at a time.
+    args.test_threads = Some(1);
+    let shared = Arc::new(Mutex::new(Shared::NotStarted));
+    let trials = SCENARIOS
+        .iter()
+        .map(|&(name, scenario)| {
+            let shared = Arc::clone(&shared);
+            libtest_mimic::Trial::test(name, move || {
+                let mut shared = shared.lock().unwrap_or_else(PoisonError::into_inner);
+                if matches!(*shared, Shared::NotStarted) {
+                    *shared = Shared::Failed;
+                    *shared = Shared::Running(Box::new(E2e::start()));
+                }
+                let Shared::Running(e2e) = &mut *shared else {
+                    return Err("the control plane did not start; see the first scenario".into());
+                };
+                scenario(e2e);
+                Ok(())
+            })
+        })
+        .collect();
+    let conclusion = libtest_mimic::run(&args, trials);
+    // The agents, the namespaces and the control plane stop here.
+    *shared.lock().unwrap_or_else(PoisonError::into_inner) = Shared::NotStarted;
+    conclusion.exit_code()
+}
