@@ -159,7 +159,7 @@ impl Reconciler {
     pub fn reconcile(&mut self, source: &impl Source, batch: Batch) -> Option<Round> {
         let Batch { started, dirty } = batch;
         for failure in &dirty.failures {
-            warn!(what = failure.what, error = %failure.error, "watch failed; retrying and relisting");
+            warn!(what = failure.what, error = %failure.error, "watch failed (it retries and relists) or is unavailable");
         }
         // A new zone or address changes what topology hints and source
         // ranges keep: everything again.
