@@ -5,6 +5,7 @@
 
 mod bench;
 mod cmd;
+mod image;
 mod k8s;
 mod run;
 mod setup;
@@ -21,7 +22,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Install what is missing: rust-src, bpf-linker, Debian packages.
+    /// Install what is missing: rust-src, the musl target, bpf-linker,
+    /// Debian packages.
     Setup,
     /// Build the eBPF object and the agent that embeds it.
     Build {
@@ -54,6 +56,17 @@ enum Command {
     /// datapath attached, services from examples/sandbox) and run the agent
     /// in it until Ctrl-C.
     Run,
+    /// The agent's OCI image as an archive, without a container engine:
+    /// target/image/svc-agent-<version>.oci.tar (reproducible).
+    Image {
+        /// Directory to write the archive to.
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+        /// Build twice and check the archives are identical, read back and
+        /// runnable (what `cargo xtask test` does).
+        #[arg(long, conflicts_with = "out")]
+        check: bool,
+    },
     /// Benchmarks; results under target/bench/.
     Bench {
         #[command(subcommand)]
@@ -89,6 +102,12 @@ fn main() -> Result<()> {
         Command::E2e { args } => e2e(&args),
         Command::ControlPlane => control_plane(),
         Command::Run => run::run(),
+        Command::Image { check: true, .. } => image::check_reproducible(),
+        Command::Image { out, .. } => {
+            let built = image::build(out.as_deref())?;
+            println!("{} {}", built.archive.display(), built.digest);
+            Ok(())
+        }
         Command::Bench {
             bench: Bench::Datapath { repeat, services },
         } => bench::datapath(repeat, &services),
@@ -114,8 +133,11 @@ fn test(args: &[String]) -> Result<()> {
     test.env(k8s::BIN_DIR_ENV, bin_dir);
     if !args.is_empty() {
         test.arg("--").args(args);
+        return cmd::run(&mut test);
     }
-    cmd::run(&mut test)
+    cmd::run(&mut test)?;
+    // The image builds twice to the same bytes, and holds what it should.
+    image::check_reproducible()
 }
 
 fn control_plane() -> Result<()> {

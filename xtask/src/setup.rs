@@ -26,7 +26,34 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[("ip", "iproute2"), ("curl", "curl")]
 pub fn ensure() -> Result<()> {
     ensure_rust_src()?;
     ensure_bpf_linker()?;
-    ensure_debian_packages()?;
+    ensure_debian_packages(DEBIAN_PACKAGES)?;
+    ensure_image_tools()?;
+    Ok(())
+}
+
+/// What `cargo xtask image` needs: Rust's musl target (the agent is linked
+/// statically) and musl's compiler wrapper (for ring's C parts).
+pub fn ensure_image_tools() -> Result<()> {
+    ensure_rust_target(crate::image::MUSL_TARGET)?;
+    ensure_debian_packages(&[("musl-gcc", "musl-tools")])
+}
+
+fn ensure_rust_target(target: &str) -> Result<()> {
+    let std = sysroot()?.join("lib/rustlib").join(target).join("lib");
+    if std.is_dir() {
+        return Ok(());
+    }
+    eprintln!("setup: Rust's {target} target is missing; installing it");
+    let mut add = Command::new("rustup");
+    add.args(["target", "add", target]);
+    if let Some(toolchain) = env::var_os("RUSTUP_TOOLCHAIN") {
+        add.arg("--toolchain").arg(toolchain);
+    }
+    cmd::run(&mut add)?;
+    if !std.is_dir() {
+        bail!("{target} installed but {} is still missing", std.display());
+    }
+    eprintln!("setup: installed the {target} target");
     Ok(())
 }
 
@@ -165,8 +192,10 @@ fn on_path(binary: &str) -> bool {
             .any(|dir| Path::new(dir).join(binary).is_file())
 }
 
-fn ensure_debian_packages() -> Result<()> {
-    let missing: Vec<&str> = DEBIAN_PACKAGES
+/// Installs the packages of `packages` (binary, package) whose binary is
+/// missing.
+fn ensure_debian_packages(packages: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .filter(|(binary, _)| !on_path(binary))
         .map(|&(_, package)| package)

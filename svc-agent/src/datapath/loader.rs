@@ -628,7 +628,8 @@ fn remove_stale_pins(dir: &Path) {
 
 /// Where bpffs lives.
 const BPFFS: &str = "/sys/fs/bpf";
-const BPF_FS_MAGIC: libc::c_long = 0xcafe_4a11;
+/// `statfs`'s `f_type` of bpffs (signed with glibc, unsigned with musl).
+const BPF_FS_MAGIC: i128 = 0xcafe_4a11;
 
 /// Mounts bpffs at `/sys/fs/bpf` unless it is there already (a fresh
 /// machine may not have it mounted).
@@ -647,7 +648,7 @@ fn ensure_bpffs() -> Result<()> {
     if unsafe { libc::statfs(path.as_ptr(), &raw mut stat) } != 0 {
         return Err(pin_error(std::io::Error::last_os_error()));
     }
-    if stat.f_type == BPF_FS_MAGIC {
+    if i128::from(stat.f_type) == BPF_FS_MAGIC {
         return Ok(());
     }
     // SAFETY: NUL-terminated strings that outlive the call; no data.
