@@ -191,5 +191,22 @@ pub(super) fn endpoints_for(
             });
         }
     }
+    one_per_address(&mut candidates);
     categorize(&candidates, node)
+}
+
+/// Keeps one candidate per address and port, as kube-proxy keeps one
+/// endpoint per `ip:port` when slices overlap (a slice being replaced, two
+/// controllers). kube-proxy keeps the first it meets unless a later one is
+/// local; here the local one, then the ready one, then the serving one
+/// wins, so the choice does not depend on the order of the slices (and an
+/// endpoint listed twice is not rewritten at every sync).
+fn one_per_address(candidates: &mut Vec<Candidate>) {
+    candidates.sort_by(|a, b| {
+        a.endpoint.addr.cmp(&b.endpoint.addr).then_with(|| {
+            let rank = |c: &Candidate| (c.endpoint.local, c.ready, c.serving);
+            rank(b).cmp(&rank(a))
+        })
+    });
+    candidates.dedup_by(|later, first| later.endpoint.addr == first.endpoint.addr);
 }

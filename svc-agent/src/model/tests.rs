@@ -466,6 +466,28 @@ fn terminating_endpoints_serve_only_when_nothing_is_ready() {
 }
 
 #[test]
+fn an_endpoint_in_two_slices_counts_once_whatever_their_order() {
+    let second = |endpoints_yaml: &str| slice(endpoints_yaml).replace("name: s-1", "name: s-2");
+    // The same address, once said to run here and once elsewhere (a slice
+    // being replaced); and once not ready.
+    let here = "  - {addresses: [10.1.0.1], nodeName: node-1, conditions: {ready: true}}\n";
+    let elsewhere = "  - {addresses: [10.1.0.1], nodeName: node-2, conditions: {ready: true}}\n";
+    let not_ready = "  - {addresses: [10.1.0.1], nodeName: node-2, conditions: {ready: false}}\n";
+    let expected = endpoints(&[ep([10, 1, 0, 1], 8080, true)]);
+    for (first, then) in [
+        (slice(here), second(&format!("{elsewhere}{not_ready}"))),
+        (slice(&format!("{not_ready}{elsewhere}")), second(here)),
+    ] {
+        let t = run(&[SERVICE, &first, &then]);
+        assert_eq!(
+            spec(&t, tcp([10, 96, 0, 50], 80)).endpoints,
+            expected,
+            "one endpoint per address, the local listing (as kube-proxy)"
+        );
+    }
+}
+
+#[test]
 fn local_policy_falls_back_to_local_terminating_endpoints() {
     let service = SERVICE.replace(
         "type: NodePort",
