@@ -48,6 +48,12 @@ impl WireAddr {
         self.0 == 0
     }
 
+    /// The number of leading one bits: a mask's prefix length.
+    #[must_use]
+    pub const fn prefix_len(self) -> u32 {
+        u32::from_be(self.0).leading_ones()
+    }
+
     /// A mask of `prefix` leading one bits (at most 32).
     #[must_use]
     pub const fn mask(prefix: u8) -> Self {
@@ -57,14 +63,6 @@ impl WireAddr {
             None => 0,
         };
         Self(bits.to_be())
-    }
-}
-
-impl WireAddr {
-    /// The number of leading one bits: a mask's prefix length.
-    #[must_use]
-    pub const fn prefix_len(self) -> u32 {
-        u32::from_be(self.0).leading_ones()
     }
 }
 

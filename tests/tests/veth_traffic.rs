@@ -17,16 +17,23 @@ const UDP_PAYLOAD: &[u8] = b"ping from left";
 const UDP_OVERHEAD: u64 = 14 + 20 + 8;
 const TIMEOUT: Duration = Duration::from_secs(5);
 
-#[test]
-fn attached_to_a_veth_it_counts_real_packets_and_passes_them() {
+/// A veth pair in `10.<subnet>.0.0/24` with the pod program attached at
+/// the right side's ingress.
+fn attached_pair(subnet: u8) -> (VethPair, Datapath) {
     require_root();
-    let pair = VethPair::new(231);
+    let pair = VethPair::new(subnet);
     let mut datapath = Datapath::load(&LoadOptions::default()).expect("the datapath must load");
     pair.right.run(|| {
         datapath
             .attach_pod(pair.iface)
             .expect("attaching at tcx ingress must work");
     });
+    (pair, datapath)
+}
+
+#[test]
+fn attached_to_a_veth_it_counts_real_packets_and_passes_them() {
+    let (pair, datapath) = attached_pair(231);
     let before = datapath.stats().expect("counters must be readable");
 
     // Servers on the right, where the program sees packets arrive.
@@ -146,14 +153,7 @@ fn send_raw(iface: &str, frame: &[u8]) -> std::io::Result<()> {
 /// and lets it be.
 #[test]
 fn a_frame_ending_inside_its_ipv4_header_is_counted_on_a_real_hook() {
-    require_root();
-    let pair = VethPair::new(232);
-    let mut datapath = Datapath::load(&LoadOptions::default()).expect("the datapath must load");
-    pair.right.run(|| {
-        datapath
-            .attach_pod(pair.iface)
-            .expect("attaching at tcx ingress must work");
-    });
+    let (pair, datapath) = attached_pair(232);
     let before = datapath.stats().expect("counters must be readable");
     // Broadcast, EtherType IPv4, then ten bytes of an IPv4 header.
     let mut frame = vec![0xff; 6];

@@ -12,7 +12,7 @@
 //! path, so another place gives another digest.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     fs,
     io::{Read as _, Write as _},
     path::{Path, PathBuf},
@@ -327,24 +327,15 @@ fn header(path: &str, mode: u32, size: u64, mtime: u64, directory: bool) -> Resu
 
 /// The layer: `files` and their parent directories, as an uncompressed tar.
 fn layer_tar(files: &[LayerFile], mtime: u64) -> Result<Vec<u8>> {
-    let mut dirs: Vec<String> = Vec::new();
-    for file in files {
-        let mut prefix = String::new();
-        for part in file
-            .path
-            .split('/')
-            .collect::<Vec<_>>()
-            .split_last()
-            .map_or(&[][..], |(_, rest)| rest)
-        {
-            prefix.push_str(part);
-            prefix.push('/');
-            if !dirs.contains(&prefix) {
-                dirs.push(prefix.clone());
-            }
-        }
-    }
-    dirs.sort();
+    // Every parent directory of every file, each once, in order.
+    let dirs: BTreeSet<&str> = files
+        .iter()
+        .flat_map(|file| {
+            file.path
+                .match_indices('/')
+                .map(|(at, _)| &file.path[..=at])
+        })
+        .collect();
     let mut tar = tar::Builder::new(Vec::new());
     for dir in &dirs {
         tar.append(&header(dir, 0o755, 0, mtime, true)?, std::io::empty())?;

@@ -194,13 +194,11 @@ impl Maps {
         self.addrs.adopt()?;
         for (index, backend) in self.backends.iter().enumerate() {
             let backend = backend.map_err(map_error(BACKENDS_MAP))?;
-            let id = u32::try_from(index).ok().and_then(BackendId::new);
-            match id {
-                Some(id) if !backend.addr.is_unspecified() => {
-                    self.backend_values.insert(id, backend);
-                }
-                // Index 0 is never a backend; whatever it holds is unused.
-                _ => {}
+            // Index 0 is never a backend; whatever it holds is unused.
+            if let Some(id) = u32::try_from(index).ok().and_then(BackendId::new)
+                && !backend.addr.is_unspecified()
+            {
+                self.backend_values.insert(id, backend);
             }
         }
         let entries: Vec<(ServiceKey, ServiceValue)> = self

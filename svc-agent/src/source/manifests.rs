@@ -698,15 +698,24 @@ impl<T: Inputs> Inputs for &T {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_file_caught_half_written_keeps_its_objects_until_it_is_removed() {
-        let dir = std::env::temp_dir().join(format!("svc-watch-half-{}", std::process::id()));
+    /// A Service at 10.96.0.10:80.
+    const WEB: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\n\
+                       spec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}\n";
+
+    /// A fresh directory named after `name` holding `web.yaml` ([`WEB`]).
+    fn directory_with_web(name: &str) -> (PathBuf, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).expect("temp dir");
         let file = dir.join("web.yaml");
-        let good = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\n\
-                    spec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}\n";
-        fs::write(&file, good).expect("write");
+        fs::write(&file, WEB).expect("write");
+        (dir, file)
+    }
+
+    #[test]
+    fn a_file_caught_half_written_keeps_its_objects_until_it_is_removed() {
+        let (dir, file) = directory_with_web("svc-watch-half");
+        let good = WEB;
         let mut watch = Watch::new(&dir);
         assert!(watch.poll().expect("readable"));
         let names = |watch: &Watch| -> Vec<String> {
@@ -807,13 +816,7 @@ mod tests {
             model::{NodeInfo, Settings, Translator},
             reconcile::{Fixed, Reconciler},
         };
-        let dir = std::env::temp_dir().join(format!("svc-source-round-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).expect("temp dir");
-        let file = dir.join("web.yaml");
-        let good = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\n\
-                    spec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}\n";
-        fs::write(&file, good).expect("write");
+        let (dir, file) = directory_with_web("svc-source-round");
         let mut source = ManifestSource::new(&dir);
         let mut reconciler = Reconciler::new(
             Translator::new(NodeInfo::default(), Settings::default()),
