@@ -65,11 +65,43 @@ pub enum Command {
     },
     /// Remove everything the agent pinned: maps, connection tracking and
     /// the links that keep the programs attached.
+    ///
+    /// Also takes `svc-cni` out of the node's CNI configuration and bin
+    /// directory, first, so no new pod asks for a datapath that is gone.
     Cleanup {
         /// The bpffs directory `run` pinned under.
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
+        #[command(flatten)]
+        cni: CniDirs,
     },
+    /// Install the `svc-cni` plugin on this node: copy its binary into the
+    /// CNI bin directory and chain it at the end of the active conflist
+    /// (idempotent; the rest of the file is kept). The DaemonSet's init
+    /// container runs this.
+    InstallCni {
+        /// The plugin binary to install; `svc-cni` beside this program when
+        /// not given.
+        #[arg(long)]
+        plugin: Option<PathBuf>,
+        /// The bpffs directory `run` pins under, written into the plugin's
+        /// configuration.
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        #[command(flatten)]
+        cni: CniDirs,
+    },
+}
+
+/// Where the node keeps its CNI plugins and configuration.
+#[derive(Args)]
+pub struct CniDirs {
+    /// The CNI plugin binaries' directory.
+    #[arg(long, default_value = "/opt/cni/bin")]
+    pub cni_bin_dir: PathBuf,
+    /// The CNI network configuration directory.
+    #[arg(long, default_value = "/etc/cni/net.d")]
+    pub cni_conf_dir: PathBuf,
 }
 
 /// `--detect-local-mode`.

@@ -3,6 +3,7 @@
 //! drive the same library.
 
 pub mod agent;
+pub mod cni;
 pub mod datapath;
 pub mod health;
 pub mod http;

@@ -13,6 +13,7 @@ use clap::Parser as _;
 use k8s_openapi::api::core::v1::Node;
 use svc_agent::{
     agent::{self, Agent, AttachPatterns},
+    cni,
     datapath::{Capacities, Datapath, LoadOptions, current_netns_cookie, ports},
     http::{self, Page},
     model::{LocalDetect, NodeInfo, Settings, Translator},
@@ -48,10 +49,37 @@ fn main() -> Result<()> {
             inspect_cmd::conntrack(filter.as_deref(), &inspect)
         }
         Command::Maglev { frontend, inspect } => inspect_cmd::maglev(&frontend, &inspect),
-        Command::Cleanup { pin_dir } => {
+        Command::Cleanup { pin_dir, cni } => {
+            for path in cni::install::uninstall(&cni.cni_bin_dir, &cni.cni_conf_dir)
+                .context("taking svc-cni out of the CNI configuration")?
+            {
+                info!(file = %path.display(), "svc-cni removed");
+            }
             Datapath::cleanup(&pin_dir)
                 .with_context(|| format!("removing {}", pin_dir.display()))?;
             info!(dir = %pin_dir.display(), "removed the pinned datapath");
+            Ok(())
+        }
+        Command::InstallCni {
+            plugin,
+            pin_dir,
+            cni,
+        } => {
+            let plugin = match plugin {
+                Some(plugin) => plugin,
+                None => std::env::current_exe()
+                    .context("finding this program's path")?
+                    .with_file_name(cni::PLUGIN_TYPE),
+            };
+            let installed =
+                cni::install::install(&plugin, &cni.cni_bin_dir, &cni.cni_conf_dir, &pin_dir)
+                    .context("installing svc-cni")?;
+            info!(
+                conflist = %installed.conflist.display(),
+                binary_written = installed.binary_written,
+                conflist_written = installed.conflist_written,
+                "svc-cni installed"
+            );
             Ok(())
         }
     }

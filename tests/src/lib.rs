@@ -10,6 +10,7 @@
 )]
 
 use std::{
+    path::PathBuf,
     thread,
     time::{Duration, Instant},
 };
@@ -31,6 +32,25 @@ pub fn require_root() {
         "this test needs root (it loads eBPF programs and creates network namespaces); \
          run `cargo xtask test` as root"
     );
+}
+
+/// A workspace binary cargo built beside this test (`svc-agent`,
+/// `svc-cni`): `cargo test --workspace` builds them.
+#[must_use]
+pub fn built_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test's own path");
+    // target/<profile>/deps/<test>-<hash> → target/<profile>/<name>
+    let path = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("the target directory")
+        .join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: build the workspace (`cargo xtask test` does)",
+        path.display()
+    );
+    path
 }
 
 /// Bounded polling: `check` every 50 ms until it holds or `timeout`

@@ -382,8 +382,18 @@ impl Node {
         Ipv4Cidr::new(Ipv4Addr::new(10, 244, self.index, 0), 24).expect("a CIDR")
     }
 
-    /// Adds a pod with address `10.244.<node>.<host>`.
+    /// Adds a pod with address `10.244.<node>.<host>`, its veth attached
+    /// by the running agent.
     pub fn add_pod(&mut self, name: &str, host: u8) -> &mut Pod {
+        self.add_pod_as(name, host, true)
+    }
+
+    /// Adds a pod that no agent attaches: what the CNI plugin is for.
+    pub fn add_pod_unattached(&mut self, name: &str, host: u8) -> &mut Pod {
+        self.add_pod_as(name, host, false)
+    }
+
+    fn add_pod_as(&mut self, name: &str, host: u8, attach: bool) -> &mut Pod {
         let ns = NetNs::new(name);
         let addr = Ipv4Addr::new(10, 244, self.index, host);
         let gateway = Ipv4Addr::new(10, 244, self.index, 1);
@@ -404,7 +414,7 @@ impl Node {
         }
         ns.ip(&["route", "add", "default", "via", &gateway.to_string()]);
         // The agent binary attaches new pod veths itself.
-        if let Some(datapath) = self.datapath.as_mut() {
+        if attach && let Some(datapath) = self.datapath.as_mut() {
             self.ns.run(|| {
                 datapath
                     .attach_pod(&host_iface)

@@ -1,8 +1,10 @@
 //! `cargo xtask image`: the agent's OCI image, without a container engine.
 //! The agent is linked statically (musl; its eBPF object is embedded) and
-//! put alone into one layer at `/usr/local/bin/svc-agent`, the path
-//! `deploy/Containerfile` uses; no shell, no CA bundle (the agent trusts
-//! only the cluster CA its kubeconfig or service account names).
+//! put into one layer at `/usr/local/bin/svc-agent` with the CNI plugin
+//! beside it at `/usr/local/bin/svc-cni` (which `svc-agent install-cni`
+//! copies to the node), the paths `deploy/Containerfile` uses; no shell,
+//! no CA bundle (the agent trusts only the cluster CA its kubeconfig or
+//! service account names).
 //!
 //! The archive is reproducible: layer entries in a fixed order with the
 //! commit's time, owner 0, no user or group names; gzip without a time or
@@ -35,6 +37,8 @@ use crate::{cmd, setup};
 pub const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
 /// Where the agent lives in the image (and in `deploy/Containerfile`).
 pub const AGENT_PATH: &str = "usr/local/bin/svc-agent";
+/// Where the CNI plugin lives in the image, beside the agent.
+pub const CNI_PLUGIN_PATH: &str = "usr/local/bin/svc-cni";
 
 /// A file of the layer.
 pub struct LayerFile {
@@ -66,18 +70,24 @@ pub struct Built {
 pub fn build(out: Option<&Path>) -> Result<Built> {
     setup::ensure_image_tools()?;
     let root = cmd::workspace_root();
-    let agent = build_static_agent()?;
-    let bytes = fs::read(&agent).with_context(|| format!("reading {}", agent.display()))?;
-    ensure_static(&bytes).with_context(|| format!("{} is not a static binary", agent.display()))?;
+    let release_dir = build_static_binaries()?;
+    let mut files = Vec::new();
+    for path in [AGENT_PATH, CNI_PLUGIN_PATH] {
+        let name = path.rsplit('/').next().unwrap_or(path);
+        let binary = release_dir.join(name);
+        let bytes = fs::read(&binary).with_context(|| format!("reading {}", binary.display()))?;
+        ensure_static(&bytes)
+            .with_context(|| format!("{} is not a static binary", binary.display()))?;
+        files.push(LayerFile {
+            path,
+            mode: 0o755,
+            bytes,
+        });
+    }
     let meta = Metadata::of_checkout(&root)?;
     let dir = out.map_or_else(|| root.join("target/image"), Path::to_path_buf);
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let archive = dir.join(format!("svc-agent-{}.oci.tar", meta.version));
-    let files = [LayerFile {
-        path: AGENT_PATH,
-        mode: 0o755,
-        bytes,
-    }];
     let digest = write_archive(&files, &meta, &archive)?;
     Ok(Built { archive, digest })
 }
@@ -104,17 +114,24 @@ pub fn check_reproducible() -> Result<()> {
         image.digest,
         first.digest
     );
-    let agent = image
-        .files
-        .get(AGENT_PATH)
-        .with_context(|| format!("the layer has no {AGENT_PATH}"))?;
-    ensure!(
-        agent.0 & 0o777 == 0o755,
-        "{AGENT_PATH} has mode {:o}",
-        agent.0
-    );
-    ensure_static(&agent.1)?;
-    run_extracted(&agent.1, &root.join("target/image/check-run"))?;
+    let run_dir = root.join("target/image/check-run");
+    for (path, args, env, says) in [
+        (AGENT_PATH, &["--help"][..], None, "Usage"),
+        (
+            CNI_PLUGIN_PATH,
+            &[][..],
+            Some(("CNI_COMMAND", "VERSION")),
+            "supportedVersions",
+        ),
+    ] {
+        let (mode, bytes) = image
+            .files
+            .get(path)
+            .with_context(|| format!("the layer has no {path}"))?;
+        ensure!(mode & 0o777 == 0o755, "{path} has mode {mode:o}");
+        ensure_static(bytes).with_context(|| format!("{path} is not static"))?;
+        run_extracted(bytes, &run_dir, args, env, says)?;
+    }
     let entrypoint = image
         .config
         .config()
@@ -132,9 +149,10 @@ pub fn check_reproducible() -> Result<()> {
     Ok(())
 }
 
-/// Builds the static agent in a target directory under the cache, so that
-/// a fresh checkout rebuilds only this workspace's crates for musl.
-fn build_static_agent() -> Result<PathBuf> {
+/// Builds the static agent and CNI plugin in a target directory under the
+/// cache, so that a fresh checkout rebuilds only this workspace's crates
+/// for musl; returns the directory holding them.
+fn build_static_binaries() -> Result<PathBuf> {
     let target_dir = setup::cache_dir()?.join("image-target");
     let mut build = cmd::cargo([
         "build",
@@ -143,6 +161,8 @@ fn build_static_agent() -> Result<PathBuf> {
         "svc-agent",
         "--bin",
         "svc-agent",
+        "--bin",
+        "svc-cni",
         "--target",
         MUSL_TARGET,
     ]);
@@ -156,25 +176,35 @@ fn build_static_agent() -> Result<PathBuf> {
             "-C strip=symbols -C target-feature=+crt-static",
         );
     cmd::run(&mut build)?;
-    Ok(target_dir.join(format!("{MUSL_TARGET}/release/svc-agent")))
+    Ok(target_dir.join(format!("{MUSL_TARGET}/release")))
 }
 
-/// Runs the image's agent as the image would (`--help`): it must start
-/// without anything else from the machine.
-fn run_extracted(bytes: &[u8], dir: &Path) -> Result<()> {
+/// Runs one of the image's binaries as the image would, with nothing from
+/// the machine's environment: it must start and print `says`.
+fn run_extracted(
+    bytes: &[u8],
+    dir: &Path,
+    args: &[&str],
+    env: Option<(&str, &str)>,
+    says: &str,
+) -> Result<()> {
     use std::os::unix::fs::PermissionsExt as _;
     fs::create_dir_all(dir)?;
-    let binary = dir.join("svc-agent");
+    let binary = dir.join("binary");
     fs::write(&binary, bytes)?;
     fs::set_permissions(&binary, fs::Permissions::from_mode(0o755))?;
-    let out = Command::new(&binary)
-        .arg("--help")
-        .env_clear()
+    let mut command = Command::new(&binary);
+    command.args(args).env_clear();
+    if let Some((key, value)) = env {
+        command.env(key, value);
+    }
+    let out = command
         .output()
         .with_context(|| format!("running {}", binary.display()))?;
     ensure!(
-        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("Usage"),
-        "the image's agent did not run: {}",
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains(says),
+        "the image's binary did not run: {}{}",
+        String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
     Ok(())

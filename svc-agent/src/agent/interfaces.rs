@@ -77,14 +77,18 @@ impl Interfaces {
     }
 
     /// Attaches the programs to every present interface the patterns name
-    /// that is not yet attached (a new one under an old name included),
-    /// and lets go of the attachments of interfaces that went.
+    /// (or with a pinned pod link) that is not yet attached (a new one
+    /// under an old name included), and lets go of the attachments of
+    /// interfaces that went.
     pub fn rescan(&self, datapath: &mut Datapath) {
         let present = ifaces::interfaces();
         for (index, name) in &present {
             let is = |patterns: &[String]| patterns.iter().any(|p| ifaces::matches(p, name));
             let uplink = is(&self.patterns.uplinks);
-            if !(uplink || is(&self.patterns.pod_ifaces)) || datapath.is_attached(*index, name) {
+            // A pod veth the CNI plugin attached is taken over (and kept
+            // on this datapath's program) whatever its name.
+            let pod = is(&self.patterns.pod_ifaces) || datapath.has_pod_link_pin(*index, name);
+            if !(uplink || pod) || datapath.is_attached(*index, name) {
                 continue;
             }
             let (kind, result) = if uplink {

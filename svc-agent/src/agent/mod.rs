@@ -64,6 +64,8 @@ struct Looping {
     sweeper: Sweeper,
     /// The counters as last logged.
     logged: StatsSnapshot,
+    /// Whether the pod program is pinned for the CNI plugin.
+    published: bool,
 }
 
 impl Agent {
@@ -81,6 +83,7 @@ impl Agent {
             names: Vec::new(),
             sweeper: Sweeper::new(self.options.sweep_every),
             logged: StatsSnapshot::default(),
+            published: false,
         };
         let mut render_every = time::interval(RENDER_EVERY);
         let mut sweep_every = time::interval(Duration::from_secs(1));
@@ -123,6 +126,16 @@ impl Agent {
             }
         }
         let report = self.applier.apply(self.datapath.maps_mut(), desired);
+        // Only a datapath that serves the services is handed to the CNI
+        // plugin: until then, it fails new pods (the kubelet retries).
+        if !state.published {
+            match self.datapath.publish_pod_program() {
+                Ok(()) => state.published = true,
+                Err(err) => {
+                    warn!(error = %err, "pinning the pod program for the CNI plugin failed");
+                }
+            }
+        }
         state.health.sync(&desired.health_checks);
         if let Err(err) = inspect::write_state(&self.options.state_file, desired) {
             warn!(error = %err, "recording frontend names for the inspection commands failed");

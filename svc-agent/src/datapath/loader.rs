@@ -9,10 +9,8 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader, include_bytes_aligned,
     programs::{
-        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, TestRun as _,
-        TestRunOptions,
-        links::{FdLink, PinnedLink},
-        tc::SchedClassifierLink,
+        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TestRun as _, TestRunOptions,
+        links::PinnedLink,
     },
 };
 use aya_log::EbpfLogger;
@@ -309,79 +307,40 @@ impl Datapath {
         if self.tc_links.has(index, iface) {
             return Ok(());
         }
-        // Without an Ethernet header (WireGuard, tun, IP-in-IP) the
-        // programs would read the IP header as one and could mistranslate.
-        let link_layer = super::netlink::link_layer(iface).map_err(|source| Error::Link {
-            iface: iface.to_owned(),
-            source,
-        })?;
-        if link_layer != netlink_packet_route::link::LinkLayerType::Ether {
-            return Err(Error::NotEthernet {
-                iface: iface.to_owned(),
-                link_layer: link_layer.to_string(),
-            });
-        }
-        // Translated packets may carry a node address as their source
-        // (masquerade, hairpin), or a source the reverse path does not
-        // lead back through: the kernel must accept them on ingress, also
-        // where a bridge is the device they enter the stack by. It ORs
-        // `all` with the device's own `accept_local`, and takes the larger
-        // of the two `rp_filter`s: `all` goes to 0 (many distributions
-        // set it to 1), which leaves every other device its own setting.
-        set_iface_sysctl(iface, "accept_local", "1")?;
-        set_iface_sysctl("all", "accept_local", "1")?;
-        set_iface_sysctl("all", "rp_filter", "0")?;
-        set_iface_sysctl(iface, "rp_filter", "0")?;
-        let bridge = super::netlink::controller_of(iface).map_err(|source| Error::Link {
-            iface: iface.to_owned(),
-            source,
-        })?;
-        if let Some(bridge) = bridge {
-            set_iface_sysctl(&bridge, "rp_filter", "0")?;
-        }
-        let attach_error = |source| Error::Attach {
-            program,
-            iface: iface.to_owned(),
-            source,
-        };
+        tc_links::prepare_iface(iface)?;
         let classifier = classifier_mut(&mut self.ebpf, program)?;
-        let Some(dir) = &self.pin_dir else {
-            let id = classifier
-                .attach(iface, TcAttachType::Ingress)
-                .map_err(attach_error)?;
-            let link = classifier.take_link(id).map_err(attach_error)?;
-            self.tc_links
-                .insert(index, iface, None, tc_links::Handle::Held(link));
+        let (pin, handle) = match &self.pin_dir {
+            Some(dir) => {
+                let (path, handle) =
+                    tc_links::attach_pinned(classifier, program, dir, iface, index)?;
+                (Some(path), handle)
+            }
+            None => (None, tc_links::attach_held(classifier, program, iface)?),
+        };
+        self.tc_links.insert(index, iface, pin, handle);
+        Ok(())
+    }
+
+    /// Whether a tc link running the pod program (the CNI plugin's, or an
+    /// earlier run's) is pinned for interface `index` named `iface`: the
+    /// agent takes it over whatever the name patterns say.
+    #[must_use]
+    pub fn has_pod_link_pin(&self, index: u32, iface: &str) -> bool {
+        self.pin_dir.as_deref().is_some_and(|dir| {
+            tc_links::pinned_link_program(&tc_links::pin_path(dir, iface, index)).as_deref()
+                == Some(FROM_POD_PROGRAM)
+        })
+    }
+
+    /// Pins the pod program where the CNI plugin finds it
+    /// (`<pin dir>/progs/`), replacing an earlier run's in one step: from
+    /// then on new pods get this datapath before their first packet.
+    pub fn publish_pod_program(&mut self) -> Result<()> {
+        let Some(dir) = self.pin_dir.clone() else {
             return Ok(());
         };
-        let path = tc_links::pin_path(dir, iface, index);
-        let adopted = if path.exists() {
-            // An earlier run's link on this very interface: swap our
-            // program in, atomically, so not one packet goes untranslated.
-            let taken = PinnedLink::from_pin(&path)
-                .map(FdLink::from)
-                .and_then(SchedClassifierLink::try_from);
-            if let Ok(Ok(id)) = taken.map(|link| classifier.attach_to_link(link)) {
-                Some(classifier.take_link(id).map_err(attach_error)?)
-            } else {
-                // Its interface went away and came back: the link is dead.
-                let _ = fs::remove_file(&path);
-                None
-            }
-        } else {
-            None
-        };
-        let handle = if let Some(link) = adopted {
-            tc_links::Handle::Held(link)
-        } else {
-            let id = classifier
-                .attach(iface, TcAttachType::Ingress)
-                .map_err(attach_error)?;
-            let link = classifier.take_link(id).map_err(attach_error)?;
-            tc_links::Handle::Pinned(pin_link(link, &path)?)
-        };
-        self.tc_links.insert(index, iface, Some(path), handle);
-        Ok(())
+        let classifier = classifier_mut(&mut self.ebpf, FROM_POD_PROGRAM)?;
+        tc_links::publish_program(classifier, &dir, FROM_POD_PROGRAM)
     }
 
     /// Whether interface `index` named `iface` is attached.
@@ -445,7 +404,7 @@ impl Datapath {
                 .map_err(attach_error)?;
             if let Some(pin) = pin {
                 let link = program.take_link(id).map_err(attach_error)?;
-                self.pinned_links.push(pin_link(link, &pin)?);
+                self.pinned_links.push(tc_links::pin_link(link, &pin)?);
             }
         }
         Ok(root)
@@ -583,26 +542,6 @@ fn sock_program_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mu
     program
         .try_into()
         .map_err(|source| Error::Program { name, source })
-}
-
-fn set_iface_sysctl(iface: &str, key: &str, value: &str) -> Result<()> {
-    let path = Path::new("/proc/sys/net/ipv4/conf").join(iface).join(key);
-    fs::write(&path, value).map_err(|source| Error::Sysctl { path, source })
-}
-
-/// Pins an attachment's link at `path`, so it outlives this process.
-fn pin_link<L>(link: L, path: &Path) -> Result<PinnedLink>
-where
-    FdLink: TryFrom<L, Error = aya::programs::links::LinkError>,
-{
-    let pin_error = |err: String| Error::Pin {
-        path: path.to_owned(),
-        source: std::io::Error::other(err),
-    };
-    FdLink::try_from(link)
-        .map_err(|err| pin_error(err.to_string()))?
-        .pin(path)
-        .map_err(|err| pin_error(err.to_string()))
 }
 
 /// Removes pinned maps this object no longer has: a map whose layout

@@ -12,6 +12,7 @@ mod loader;
 mod maglev;
 mod maps;
 pub mod netlink;
+pub mod pod_links;
 pub mod ports;
 mod stats;
 mod sys;

@@ -7,7 +7,7 @@ use std::io;
 use netlink_packet_core::{NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload};
 use netlink_packet_route::{
     RouteNetlinkMessage,
-    link::{LinkAttribute, LinkLayerType, LinkMessage},
+    link::{InfoKind, LinkAttribute, LinkInfo, LinkLayerType, LinkMessage},
 };
 use netlink_sys::{
     AsyncSocket as _, AsyncSocketExt as _, Socket, SocketAddr, TokioSocket,
@@ -76,6 +76,18 @@ pub fn link_layer(iface: &str) -> io::Result<LinkLayerType> {
     Ok(get_link(by_name)?.header.link_layer_type)
 }
 
+/// Whether `iface` is one end of a veth pair.
+pub fn is_veth(iface: &str) -> io::Result<bool> {
+    let mut by_name = LinkMessage::default();
+    by_name
+        .attributes
+        .push(LinkAttribute::IfName(iface.to_owned()));
+    Ok(get_link(by_name)?.attributes.iter().any(|attr| {
+        matches!(attr, LinkAttribute::LinkInfo(infos)
+            if infos.iter().any(|info| matches!(info, LinkInfo::Kind(InfoKind::Veth))))
+    }))
+}
+
 /// One `RTM_GETLINK` request and its answer.
 fn get_link(request: LinkMessage) -> io::Result<LinkMessage> {
     let mut socket = Socket::new(NETLINK_ROUTE)?;
@@ -117,5 +129,6 @@ mod tests {
             link_layer("lo").expect("lo exists"),
             LinkLayerType::Loopback
         );
+        assert!(!is_veth("lo").expect("lo exists"), "lo is no veth");
     }
 }

@@ -1,6 +1,7 @@
 //! The few `bpf(2)` commands aya 0.14 does not offer: batched map reads
 //! (one system call per thousands of connection-tracking entries instead
-//! of two per entry), and `BPF_LINK_UPDATE` on a pinned link.
+//! of two per entry), `BPF_LINK_UPDATE` on a pinned link, and
+//! `BPF_LINK_DETACH`.
 
 use std::{
     ffi::CString,
@@ -15,6 +16,7 @@ const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_LINK_UPDATE: libc::c_long = 29;
+const BPF_LINK_DETACH: libc::c_long = 34;
 
 /// `bpf(cmd, attr, sizeof attr)`.
 fn bpf<A>(cmd: libc::c_long, attr: &mut A) -> io::Result<libc::c_long> {
@@ -156,19 +158,48 @@ pub fn dump<K: bytemuck::Pod, V: bytemuck::Pod>(map: BorrowedFd<'_>) -> io::Resu
 /// (`BPF_LINK_UPDATE`, atomic).
 pub fn link_update(pin: &Path, prog_fd: BorrowedFd<'_>) -> io::Result<()> {
     #[repr(C)]
+    struct LinkUpdate {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+    let link = obj_get(pin)?;
+    let mut update = LinkUpdate {
+        link_fd: u32::try_from(link.as_raw_fd()).unwrap_or(u32::MAX),
+        new_prog_fd: fd_u32(prog_fd),
+        flags: 0,
+        old_prog_fd: 0,
+    };
+    bpf(BPF_LINK_UPDATE, &mut update)?;
+    Ok(())
+}
+
+/// Detaches the link pinned at `pin` from its hook (`BPF_LINK_DETACH`):
+/// the program stops running there at once, whoever else still holds the
+/// link.
+pub fn link_detach(pin: &Path) -> io::Result<()> {
+    #[repr(C)]
+    struct LinkDetach {
+        link_fd: u32,
+    }
+    let link = obj_get(pin)?;
+    let mut detach = LinkDetach {
+        link_fd: u32::try_from(link.as_raw_fd()).unwrap_or(u32::MAX),
+    };
+    bpf(BPF_LINK_DETACH, &mut detach)?;
+    Ok(())
+}
+
+/// A descriptor of the object pinned at `pin` (`BPF_OBJ_GET`).
+fn obj_get(pin: &Path) -> io::Result<OwnedFd> {
+    #[repr(C)]
     struct ObjGet {
         pathname: u64,
         bpf_fd: u32,
         file_flags: u32,
         path_fd: i32,
         _pad: u32,
-    }
-    #[repr(C)]
-    struct LinkUpdate {
-        link_fd: u32,
-        new_prog_fd: u32,
-        flags: u32,
-        old_prog_fd: u32,
     }
     let path = CString::new(pin.as_os_str().as_encoded_bytes())
         .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
@@ -180,15 +211,7 @@ pub fn link_update(pin: &Path, prog_fd: BorrowedFd<'_>) -> io::Result<()> {
         _pad: 0,
     };
     let fd = bpf(BPF_OBJ_GET, &mut get)?;
-    let link_fd = i32::try_from(fd).map_err(|_| io::Error::from(io::ErrorKind::InvalidData))?;
+    let fd = i32::try_from(fd).map_err(|_| io::Error::from(io::ErrorKind::InvalidData))?;
     // SAFETY: a fresh descriptor we own.
-    let link = unsafe { OwnedFd::from_raw_fd(link_fd) };
-    let mut update = LinkUpdate {
-        link_fd: u32::try_from(link.as_raw_fd()).unwrap_or(u32::MAX),
-        new_prog_fd: fd_u32(prog_fd),
-        flags: 0,
-        old_prog_fd: 0,
-    };
-    bpf(BPF_LINK_UPDATE, &mut update)?;
-    Ok(())
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }

@@ -36,19 +36,7 @@ pub(crate) const WEB_PORT: u16 = 8080;
 
 /// The `svc-agent` binary cargo built next to this test.
 pub(crate) fn agent_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("the test's own path");
-    // target/<profile>/deps/e2e-<hash> → target/<profile>/svc-agent
-    let path = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("the target directory")
-        .join("svc-agent");
-    assert!(
-        path.is_file(),
-        "{} is missing: build the workspace (`cargo xtask e2e` does)",
-        path.display()
-    );
-    path
+    tests::built_binary("svc-agent")
 }
 
 /// One node's agent process.
