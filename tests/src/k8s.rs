@@ -85,7 +85,7 @@ struct Pki {
 }
 
 impl Pki {
-    fn generate(dir: &Path) -> Self {
+    fn generate(dir: &Path, bind: Ipv4Addr) -> Self {
         let files = dir.join("pki");
         fs::create_dir_all(&files).expect("pki directory");
         let write = |name: &str, text: &str| {
@@ -116,6 +116,7 @@ impl Pki {
             "apiserver",
             vec![
                 "127.0.0.1".into(),
+                bind.to_string(),
                 "localhost".into(),
                 "10.96.0.1".into(),
                 "kubernetes.default.svc".into(),
@@ -140,6 +141,16 @@ impl Pki {
             Some("system:masters"),
             false,
         );
+        // The full cluster's other clients: kubelets, the scheduler, and
+        // the API server towards kubelets (exec, logs), each with full
+        // rights; node authorization is not what these tests are about.
+        for (file, cn) in [
+            ("kubelet", "system:node:svc-cluster"),
+            ("scheduler", "system:kube-scheduler"),
+            ("apiserver-kubelet-client", "kube-apiserver-kubelet-client"),
+        ] {
+            leaf(file, Vec::new(), cn, Some("system:masters"), false);
+        }
         let sa = KeyPair::generate().expect("service-account key");
         write("sa.key", &sa.serialize_pem());
         write("sa.pub", &sa.public_key_pem());
@@ -182,35 +193,42 @@ fn base64(bytes: &[u8]) -> String {
     out
 }
 
-/// A kubeconfig for `server` authenticating with `user` (YAML fields).
-fn kubeconfig(ca: &str, port: u16, user: &str) -> String {
+/// A kubeconfig for the API server at `addr` authenticating with `user`
+/// (YAML fields).
+fn kubeconfig(ca: &str, addr: SocketAddrV4, user: &str) -> String {
     format!(
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: e2e\n  cluster:\n    server: https://127.0.0.1:{port}\n    certificate-authority-data: {}\n\
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: e2e\n  cluster:\n    server: https://{addr}\n    certificate-authority-data: {}\n\
          users:\n- name: e2e\n  user:\n{user}\ncontexts:\n- name: e2e\n  context:\n    cluster: e2e\n    user: e2e\ncurrent-context: e2e\n",
         base64(ca.as_bytes())
     )
 }
 
-/// One control-plane process and its log.
-struct Process {
+/// One long-running process and its log (`<logs>/<name>.log`).
+pub struct Process {
     name: &'static str,
     child: Child,
 }
 
 impl Process {
-    fn spawn(name: &'static str, binary: &Path, args: &[String], logs: &Path) -> Self {
+    #[must_use]
+    pub fn spawn(name: &'static str, binary: &Path, args: &[String], logs: &Path) -> Self {
+        Self::spawn_command(name, Command::new(binary).args(args), logs)
+    }
+
+    /// Starts `command` (its environment and arguments set) as `name`.
+    pub fn spawn_command(name: &'static str, command: &mut Command, logs: &Path) -> Self {
         let log = fs::File::create(logs.join(format!("{name}.log"))).expect("log file");
-        let child = Command::new(binary)
-            .args(args)
+        let child = command
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log file"))
             .stderr(log)
             .spawn()
-            .unwrap_or_else(|err| panic!("starting {}: {err}", binary.display()));
+            .unwrap_or_else(|err| panic!("starting {name}: {err}"));
         Self { name, child }
     }
 
-    fn stop(&mut self) {
+    /// Stops it: SIGTERM, then SIGKILL after ten seconds.
+    pub fn stop(&mut self) {
         // SAFETY: kill(2) on our own child; the result does not matter.
         unsafe {
             libc::kill(
@@ -229,35 +247,72 @@ impl Process {
         let _ = self.child.wait();
     }
 
-    fn assert_running(&mut self) {
+    pub fn assert_running(&mut self) {
         if let Ok(Some(status)) = self.child.try_wait() {
             panic!("{} exited: {status} (see its log)", self.name);
         }
     }
 }
 
-/// etcd, kube-apiserver and kube-controller-manager on loopback.
+/// How a control plane runs.
+#[derive(Clone, Copy, Debug)]
+pub struct PlaneOptions {
+    /// The API server's address: loopback for the e2e tests, a bridge
+    /// address that kubelets in node namespaces reach for a whole cluster.
+    pub bind: Ipv4Addr,
+    /// A whole cluster's control plane: every controller, kube-scheduler,
+    /// service-account tokens for pods, the `kubernetes` service's
+    /// endpoints kept by the API server, client certificates towards
+    /// kubelets.
+    pub full: bool,
+}
+
+impl Default for PlaneOptions {
+    fn default() -> Self {
+        Self {
+            bind: Ipv4Addr::LOCALHOST,
+            full: false,
+        }
+    }
+}
+
+/// etcd, kube-apiserver and kube-controller-manager (and, full,
+/// kube-scheduler).
 pub struct ControlPlane {
     dir: PathBuf,
     bin: PathBuf,
     pki: Pki,
+    options: PlaneOptions,
     pub etcd_port: u16,
     pub api_port: u16,
     etcd: Process,
     apiserver: Option<Process>,
     controller_manager: Process,
+    scheduler: Option<Process>,
     runtime: tokio::runtime::Runtime,
     client: Client,
 }
 
 impl ControlPlane {
-    /// Starts the three and waits until the API server is ready.
+    /// Starts the three on loopback and waits until the API server is
+    /// ready.
     ///
     /// # Panics
     ///
     /// When the binaries are missing or a component does not come up.
     #[must_use]
     pub fn start() -> Self {
+        Self::start_with(PlaneOptions::default())
+    }
+
+    /// Starts a control plane as `options` say and waits until the API
+    /// server is ready.
+    ///
+    /// # Panics
+    ///
+    /// When the binaries are missing or a component does not come up.
+    #[must_use]
+    pub fn start_with(options: PlaneOptions) -> Self {
         crate::require_root();
         let bin = PathBuf::from(std::env::var_os(BIN_DIR_ENV).unwrap_or_else(|| {
             panic!(
@@ -268,8 +323,9 @@ impl ControlPlane {
         let dir = std::env::temp_dir().join(format!("svc-e2e-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(dir.join("logs")).expect("e2e directory");
-        let pki = Pki::generate(&dir);
+        let pki = Pki::generate(&dir, options.bind);
         let (etcd_port, peer_port, api_port) = (free_port(), free_port(), free_port());
+        let api_addr = SocketAddrV4::new(options.bind, api_port);
 
         let etcd_url = |port: u16| format!("http://127.0.0.1:{port}");
         let etcd = Process::spawn(
@@ -296,7 +352,7 @@ impl ControlPlane {
 
         let admin = kubeconfig(
             &pki.ca,
-            api_port,
+            api_addr,
             &format!(
                 "    client-certificate: {}\n    client-key: {}",
                 pki.path("admin.crt"),
@@ -306,7 +362,7 @@ impl ControlPlane {
         fs::write(dir.join("admin.kubeconfig"), &admin).expect("admin kubeconfig");
         let cm = kubeconfig(
             &pki.ca,
-            api_port,
+            api_addr,
             &format!(
                 "    client-certificate: {}\n    client-key: {}",
                 pki.path("controller-manager.crt"),
@@ -327,51 +383,87 @@ impl ControlPlane {
                 .expect("admin client config");
             Client::try_from(config).expect("admin client")
         });
+        let cm_args = controller_manager_args(&dir, &pki, options);
         let controller_manager = Process::spawn(
             "kube-controller-manager",
             &bin.join("kube-controller-manager"),
-            &[
-                format!(
-                    "--kubeconfig={}",
-                    dir.join("controller-manager.kubeconfig").display()
-                ),
-                "--controllers=endpointslice-controller,endpointslice-mirroring-controller".into(),
-                "--leader-elect=false".into(),
-                "--bind-address=127.0.0.1".into(),
-                format!("--secure-port={}", free_port()),
-                "--concurrent-service-endpoint-syncs=10".into(),
-                "--kube-api-qps=200".into(),
-                "--kube-api-burst=400".into(),
-                "--v=1".into(),
-            ],
+            &cm_args,
             &dir.join("logs"),
         );
         let mut plane = Self {
             dir,
             bin,
             pki,
+            options,
             etcd_port,
             api_port,
             etcd,
             apiserver: None,
             controller_manager,
+            scheduler: None,
             runtime,
             client,
         };
         plane.start_apiserver();
+        if options.full {
+            plane.start_scheduler();
+        }
         plane
+    }
+
+    fn start_scheduler(&mut self) {
+        let kubeconfig = self.kubeconfig_for("scheduler");
+        self.scheduler = Some(Process::spawn(
+            "kube-scheduler",
+            &self.bin.join("kube-scheduler"),
+            &[
+                format!("--kubeconfig={}", kubeconfig.display()),
+                "--leader-elect=false".into(),
+                "--bind-address=127.0.0.1".into(),
+                format!("--secure-port={}", free_port()),
+                "--v=1".into(),
+            ],
+            &self.dir.join("logs"),
+        ));
+    }
+
+    /// The API server's address.
+    #[must_use]
+    pub fn api_addr(&self) -> SocketAddrV4 {
+        SocketAddrV4::new(self.options.bind, self.api_port)
+    }
+
+    /// A file of the control plane's PKI (`ca.crt`, `kubelet.key`, ...).
+    #[must_use]
+    pub fn pki_path(&self, name: &str) -> PathBuf {
+        self.pki.files.join(name)
+    }
+
+    /// A kubeconfig (written once) for the client certificate `leaf` of
+    /// the PKI (`admin`, `kubelet`, `scheduler`).
+    #[must_use]
+    pub fn kubeconfig_for(&self, leaf: &str) -> PathBuf {
+        let path = self.dir.join(format!("{leaf}.kubeconfig"));
+        let text = kubeconfig(
+            &self.pki.ca,
+            self.api_addr(),
+            &format!(
+                "    client-certificate: {}\n    client-key: {}",
+                self.pki.path(&format!("{leaf}.crt")),
+                self.pki.path(&format!("{leaf}.key"))
+            ),
+        );
+        fs::write(&path, text).unwrap_or_else(|err| panic!("{}: {err}", path.display()));
+        path
     }
 
     fn start_apiserver(&mut self) {
         let pki = &self.pki;
-        let args = vec![
+        let bind = self.options.bind;
+        let mut args = vec![
             format!("--etcd-servers=http://127.0.0.1:{}", self.etcd_port),
-            "--bind-address=127.0.0.1".into(),
+            format!("--bind-address={bind}"),
             format!("--secure-port={}", self.api_port),
-            // Nothing routes to it: the `kubernetes` service's endpoints are
-            // not what these tests read.
-            "--advertise-address=192.0.2.1".into(),
-            "--endpoint-reconciler-type=none".into(),
             format!("--tls-cert-file={}", pki.path("apiserver.crt")),
             format!("--tls-private-key-file={}", pki.path("apiserver.key")),
             format!("--client-ca-file={}", pki.path("ca.crt")),
@@ -383,10 +475,33 @@ impl ControlPlane {
             format!("--service-account-key-file={}", pki.path("sa.pub")),
             format!("--service-account-signing-key-file={}", pki.path("sa.key")),
             "--service-account-issuer=https://kubernetes.default.svc".into(),
-            // No kubelet mounts tokens: pods need no service account.
-            "--disable-admission-plugins=ServiceAccount".into(),
             "--v=1".into(),
         ];
+        if self.options.full {
+            args.extend([
+                // The `kubernetes` service leads to this API server.
+                format!("--advertise-address={bind}"),
+                "--endpoint-reconciler-type=lease".into(),
+                format!(
+                    "--kubelet-client-certificate={}",
+                    pki.path("apiserver-kubelet-client.crt")
+                ),
+                format!(
+                    "--kubelet-client-key={}",
+                    pki.path("apiserver-kubelet-client.key")
+                ),
+                "--kubelet-preferred-address-types=InternalIP".into(),
+            ]);
+        } else {
+            args.extend([
+                // Nothing routes to it: the `kubernetes` service's
+                // endpoints are not what these tests read.
+                "--advertise-address=192.0.2.1".into(),
+                "--endpoint-reconciler-type=none".into(),
+                // No kubelet mounts tokens: pods need no service account.
+                "--disable-admission-plugins=ServiceAccount".into(),
+            ]);
+        }
         self.apiserver = Some(Process::spawn(
             "kube-apiserver",
             &self.bin.join("kube-apiserver"),
@@ -539,14 +654,49 @@ impl ControlPlane {
                 .expect("a token")
         });
         let path = self.dir.join("agent.kubeconfig");
-        let text = kubeconfig(&self.pki.ca, self.api_port, &format!("    token: {token}"));
+        let text = kubeconfig(
+            &self.pki.ca,
+            self.api_addr(),
+            &format!("    token: {token}"),
+        );
         fs::write(&path, text).expect("agent kubeconfig");
         path
     }
 }
 
+/// kube-controller-manager's flags: the EndpointSlice controllers, or
+/// (full) every controller with what service-account tokens need.
+fn controller_manager_args(dir: &Path, pki: &Pki, options: PlaneOptions) -> Vec<String> {
+    let mut args = vec![
+        format!(
+            "--kubeconfig={}",
+            dir.join("controller-manager.kubeconfig").display()
+        ),
+        "--leader-elect=false".into(),
+        "--bind-address=127.0.0.1".into(),
+        format!("--secure-port={}", free_port()),
+        "--concurrent-service-endpoint-syncs=10".into(),
+        "--kube-api-qps=200".into(),
+        "--kube-api-burst=400".into(),
+        "--v=1".into(),
+    ];
+    if options.full {
+        args.extend([
+            "--controllers=*".into(),
+            format!("--service-account-private-key-file={}", pki.path("sa.key")),
+            format!("--root-ca-file={}", pki.path("ca.crt")),
+        ]);
+    } else {
+        args.push(
+            "--controllers=endpointslice-controller,endpointslice-mirroring-controller".into(),
+        );
+    }
+    args
+}
+
 /// The documents of `deploy/<file>`.
-fn deploy_documents(file: &str) -> Vec<serde_json::Value> {
+#[must_use]
+pub fn deploy_documents(file: &str) -> Vec<serde_json::Value> {
     use k8s_openapi::serde::Deserialize as _;
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../deploy")
@@ -584,6 +734,9 @@ where
 
 impl Drop for ControlPlane {
     fn drop(&mut self) {
+        if let Some(mut scheduler) = self.scheduler.take() {
+            scheduler.stop();
+        }
         self.controller_manager.stop();
         if let Some(mut apiserver) = self.apiserver.take() {
             apiserver.stop();

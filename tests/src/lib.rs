@@ -16,6 +16,7 @@ use std::{
 };
 
 pub mod agents;
+pub mod cluster;
 pub mod k8s;
 pub mod netns;
 pub mod packet;

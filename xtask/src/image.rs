@@ -58,6 +58,31 @@ pub struct Metadata {
     pub epoch: u64,
 }
 
+/// What an image is called and how it starts.
+pub struct Spec {
+    pub title: String,
+    pub description: String,
+    pub entrypoint: Vec<String>,
+    pub cmd: Vec<String>,
+    /// The index's `org.opencontainers.image.ref.name`: the tag a runtime
+    /// imports the archive under.
+    pub tag: String,
+}
+
+impl Spec {
+    /// The agent's image.
+    #[must_use]
+    pub fn agent(meta: &Metadata) -> Self {
+        Self {
+            title: "svc-agent".to_owned(),
+            description: "svc-proxy's node agent: an eBPF replacement for kube-proxy".to_owned(),
+            entrypoint: vec![format!("/{AGENT_PATH}")],
+            cmd: Vec::new(),
+            tag: meta.version.clone(),
+        }
+    }
+}
+
 /// A written archive.
 pub struct Built {
     pub archive: PathBuf,
@@ -88,7 +113,7 @@ pub fn build(out: Option<&Path>) -> Result<Built> {
     let dir = out.map_or_else(|| root.join("target/image"), Path::to_path_buf);
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let archive = dir.join(format!("svc-agent-{}.oci.tar", meta.version));
-    let digest = write_archive(&files, &meta, &archive)?;
+    let digest = write_archive(&files, &meta, &Spec::agent(&meta), &archive)?;
     Ok(Built { archive, digest })
 }
 
@@ -212,7 +237,7 @@ fn run_extracted(
 
 /// Fails unless `elf` is an ELF executable without an interpreter (a
 /// dynamic loader), so that it runs in an image with nothing else.
-fn ensure_static(elf: &[u8]) -> Result<()> {
+pub fn ensure_static(elf: &[u8]) -> Result<()> {
     const PT_INTERP: u32 = 3;
     ensure!(
         elf.starts_with(b"\x7fELF\x02\x01"),
@@ -239,7 +264,7 @@ fn ensure_static(elf: &[u8]) -> Result<()> {
 impl Metadata {
     /// The workspace version and the checkout's commit and commit time;
     /// `SOURCE_DATE_EPOCH` overrides the time.
-    fn of_checkout(root: &Path) -> Result<Self> {
+    pub fn of_checkout(root: &Path) -> Result<Self> {
         let git = |args: &[&str]| {
             Command::new("git")
                 .arg("-C")
@@ -393,16 +418,21 @@ fn gzip(bytes: &[u8]) -> Result<Vec<u8>> {
 
 /// Writes the OCI archive of an image of `files` to `path`; returns the
 /// manifest's digest.
-pub fn write_archive(files: &[LayerFile], meta: &Metadata, path: &Path) -> Result<String> {
+pub fn write_archive(
+    files: &[LayerFile],
+    meta: &Metadata,
+    spec: &Spec,
+    path: &Path,
+) -> Result<String> {
     let layer = layer_tar(files, meta.epoch)?;
     let diff_id = format!("sha256:{}", sha256(&layer));
     let layer = Blob::new(MediaType::ImageLayerGzip, gzip(&layer)?)?;
 
     let labels: HashMap<String, String> = [
-        ("org.opencontainers.image.title", "svc-agent"),
+        ("org.opencontainers.image.title", spec.title.as_str()),
         (
             "org.opencontainers.image.description",
-            "svc-proxy's node agent: an eBPF replacement for kube-proxy",
+            spec.description.as_str(),
         ),
         ("org.opencontainers.image.version", meta.version.as_str()),
         ("org.opencontainers.image.revision", meta.revision.as_str()),
@@ -415,12 +445,17 @@ pub fn write_archive(files: &[LayerFile], meta: &Metadata, path: &Path) -> Resul
         .created(meta.created())
         .architecture(Arch::Amd64)
         .os(Os::Linux)
-        .config(
-            ConfigBuilder::default()
-                .entrypoint(vec![format!("/{AGENT_PATH}")])
-                .labels(labels.clone())
-                .build()?,
-        )
+        .config({
+            let config = ConfigBuilder::default()
+                .entrypoint(spec.entrypoint.clone())
+                .labels(labels.clone());
+            if spec.cmd.is_empty() {
+                config
+            } else {
+                config.cmd(spec.cmd.clone())
+            }
+            .build()?
+        })
         .rootfs(
             RootFsBuilder::default()
                 .typ("layers")
@@ -446,7 +481,7 @@ pub fn write_archive(files: &[LayerFile], meta: &Metadata, path: &Path) -> Resul
     let mut named = manifest.descriptor.clone();
     named.set_annotations(Some(HashMap::from([(
         "org.opencontainers.image.ref.name".to_owned(),
-        meta.version.clone(),
+        spec.tag.clone(),
     )])));
     let index: ImageIndex = ImageIndexBuilder::default()
         .schema_version(SCHEMA_VERSION)
@@ -577,15 +612,18 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("svc-image-test-{}", std::process::id()));
         fs::create_dir_all(&dir).expect("temp dir");
         let (a, b, c) = (dir.join("a.tar"), dir.join("b.tar"), dir.join("c.tar"));
-        let first = write_archive(&files(b"agent"), &meta(), &a).expect("first");
-        let second = write_archive(&files(b"agent"), &meta(), &b).expect("second");
+        let first =
+            write_archive(&files(b"agent"), &meta(), &Spec::agent(&meta()), &a).expect("first");
+        let second =
+            write_archive(&files(b"agent"), &meta(), &Spec::agent(&meta()), &b).expect("second");
         assert_eq!(first, second, "the same digest");
         assert_eq!(
             fs::read(&a).expect("a"),
             fs::read(&b).expect("b"),
             "the same bytes (labels live in hash maps: their order must not leak)"
         );
-        let other = write_archive(&files(b"agent2"), &meta(), &c).expect("third");
+        let other =
+            write_archive(&files(b"agent2"), &meta(), &Spec::agent(&meta()), &c).expect("third");
         assert_ne!(first, other, "another binary, another digest");
 
         let image = read_archive(&a).expect("reads back");

@@ -4,11 +4,12 @@
 //! `cargo xtask <cmd>`.
 
 mod bench;
+mod cluster;
 mod cmd;
 mod image;
-mod k8s;
 mod run;
 mod setup;
+mod upstream;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -51,6 +52,15 @@ enum Command {
     /// kube-controller-manager on loopback, a Node for this machine) until
     /// Ctrl-C, printing a KUBECONFIG for the agent.
     ControlPlane,
+    /// A Kubernetes cluster on this machine until Ctrl-C: the control plane
+    /// with kube-scheduler and CoreDNS, and nodes in network namespaces,
+    /// each with containerd, runc and a kubelet (built from the pins),
+    /// svc-proxy deployed as its DaemonSet from its image. No kube-proxy.
+    Cluster {
+        /// How many nodes (1 or 2).
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=2))]
+        nodes: u8,
+    },
     /// Run the agent against the cluster of `KUBECONFIG` (or ~/.kube/config)
     /// when it answers; otherwise start a sandbox (pod namespaces with the
     /// datapath attached, services from examples/sandbox) and run the agent
@@ -102,6 +112,7 @@ fn main() -> Result<()> {
         Command::E2e { args } => e2e(&args),
         Command::ControlPlane => control_plane(),
         Command::Run => run::run(),
+        Command::Cluster { nodes } => cluster::run(nodes),
         Command::Image { check: true, .. } => image::check_reproducible(),
         Command::Image { out, .. } => {
             let built = image::build(out.as_deref())?;
@@ -128,9 +139,9 @@ fn build(release: bool) -> Result<()> {
 fn test(args: &[String]) -> Result<()> {
     // The root-only tests create network namespaces and load programs; they
     // fail with a clear message when not root, never skip.
-    let bin_dir = k8s::binaries()?;
+    let bin_dir = upstream::binaries()?;
     let mut test = cmd::cargo(["test", "--workspace"]);
-    test.env(k8s::BIN_DIR_ENV, bin_dir);
+    test.env(upstream::BIN_DIR_ENV, bin_dir);
     if !args.is_empty() {
         test.arg("--").args(args);
         return cmd::run(&mut test);
@@ -141,19 +152,19 @@ fn test(args: &[String]) -> Result<()> {
 }
 
 fn control_plane() -> Result<()> {
-    let bin_dir = k8s::binaries()?;
+    let bin_dir = upstream::binaries()?;
     let mut run = cmd::cargo(["run", "--package", "tests", "--bin", "control-plane"]);
-    run.env(k8s::BIN_DIR_ENV, bin_dir);
+    run.env(upstream::BIN_DIR_ENV, bin_dir);
     cmd::run(&mut run)
 }
 
 fn e2e(args: &[String]) -> Result<()> {
-    let bin_dir = k8s::binaries()?;
+    let bin_dir = upstream::binaries()?;
     // The scenarios run the agent binary, which `cargo test --package
     // tests` alone would not rebuild.
     build(false)?;
     let mut test = cmd::cargo(["test", "--package", "tests", "--test", "e2e"]);
-    test.env(k8s::BIN_DIR_ENV, bin_dir);
+    test.env(upstream::BIN_DIR_ENV, bin_dir);
     if !args.is_empty() {
         test.arg("--").args(args);
     }

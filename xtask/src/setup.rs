@@ -23,12 +23,27 @@ const TOOLCHAIN_LLVM_PREFIX: &str = "libLLVM.so.22.1-rust-";
 /// shows it is installed.
 const DEBIAN_PACKAGES: &[(&str, &str)] = &[("ip", "iproute2"), ("curl", "curl")];
 
+/// What the test cluster's nodes need besides what is built from the pins:
+/// the pod network's CNI plugins (ptp, host-local, loopback), and
+/// libseccomp with pkg-config for runc's cgo build.
+const CLUSTER_PACKAGES: &[(&str, &str)] = &[
+    ("/usr/lib/cni/ptp", "containernetworking-plugins"),
+    ("pkg-config", "pkg-config"),
+    ("/usr/include/seccomp.h", "libseccomp-dev"),
+];
+
 pub fn ensure() -> Result<()> {
     ensure_rust_src()?;
     ensure_bpf_linker()?;
     ensure_debian_packages(DEBIAN_PACKAGES)?;
     ensure_image_tools()?;
+    ensure_cluster_packages()?;
     Ok(())
+}
+
+/// What the test cluster needs from Debian.
+pub fn ensure_cluster_packages() -> Result<()> {
+    ensure_debian_packages(CLUSTER_PACKAGES)
 }
 
 /// What `cargo xtask image` needs: Rust's musl target (the agent is linked
@@ -184,7 +199,12 @@ fn llvm_prefix() -> Result<PathBuf> {
     Ok(prefix)
 }
 
+/// Whether `binary` is on `PATH` (or in `/sbin`), or, given as an absolute
+/// path (a library's header, a plugin), exists.
 fn on_path(binary: &str) -> bool {
+    if binary.starts_with('/') {
+        return Path::new(binary).exists();
+    }
     env::var_os("PATH")
         .is_some_and(|path| env::split_paths(&path).any(|dir| dir.join(binary).is_file()))
         || ["/usr/sbin", "/sbin"]
@@ -192,8 +212,8 @@ fn on_path(binary: &str) -> bool {
             .any(|dir| Path::new(dir).join(binary).is_file())
 }
 
-/// Installs the packages of `packages` (binary, package) whose binary is
-/// missing.
+/// Installs the packages of `packages` (binary or file, package) whose
+/// binary or file is missing.
 fn ensure_debian_packages(packages: &[(&str, &str)]) -> Result<()> {
     let missing: Vec<&str> = packages
         .iter()
