@@ -60,7 +60,19 @@ fn free_port() -> u16 {
 /// A plain HTTP/1.0 exchange with a loopback server: (status, body).
 #[must_use]
 pub fn http(port: u16, method: &str, path: &str, body: &str) -> Option<(u16, String)> {
-    let mut stream = TcpStream::connect((Ipv4Addr::LOCALHOST, port)).ok()?;
+    http_at(
+        SocketAddrV4::new(Ipv4Addr::LOCALHOST, port),
+        method,
+        path,
+        body,
+    )
+}
+
+/// A plain HTTP/1.0 exchange with the server at `addr` (connect and read
+/// bounded by five seconds each): (status, body).
+#[must_use]
+pub fn http_at(addr: SocketAddrV4, method: &str, path: &str, body: &str) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr.into(), Duration::from_secs(5)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     write!(
         stream,

@@ -140,8 +140,11 @@ fn test(args: &[String]) -> Result<()> {
     // The root-only tests create network namespaces and load programs; they
     // fail with a clear message when not root, never skip.
     let bin_dir = upstream::binaries()?;
+    // The cluster tests import the agent's image and the test images.
+    let images = cluster::images(&bin_dir)?;
     let mut test = cmd::cargo(["test", "--workspace"]);
-    test.env(upstream::BIN_DIR_ENV, bin_dir);
+    test.env(upstream::BIN_DIR_ENV, bin_dir)
+        .env(cluster::IMAGES_DIR_ENV, images);
     if !args.is_empty() {
         test.arg("--").args(args);
         return cmd::run(&mut test);

@@ -1,0 +1,67 @@
+//! A real cluster (see `tests::cluster`): two nodes with containerd, runc
+//! and kubelet in network namespaces, pods created by the kubelet on
+//! Debian's ptp CNI plugin, svc-proxy deployed as its DaemonSet from its
+//! own image with svc-cni chained, no kube-proxy. Scenarios run in order
+//! over one shared cluster (starting it is the slow part); the uninstall
+//! comes last. `cargo xtask test` builds the binaries and images first.
+
+mod harness;
+mod scenarios;
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use harness::Harness;
+
+type Scenario = fn(&mut Harness);
+
+const SCENARIOS: &[(&str, Scenario)] = &[
+    (
+        "the_agent_runs_from_its_image_on_every_node",
+        scenarios::the_agent_runs_from_its_image_on_every_node,
+    ),
+    (
+        "services_reach_pods_by_address_and_name",
+        scenarios::services_reach_pods_by_address_and_name,
+    ),
+    (
+        "new_pods_reach_a_cluster_ip_on_their_first_attempt",
+        scenarios::new_pods_reach_a_cluster_ip_on_their_first_attempt,
+    ),
+    (
+        "uninstall_leaves_nothing_behind",
+        scenarios::uninstall_leaves_nothing_behind,
+    ),
+];
+
+enum Shared {
+    NotStarted,
+    Running(Box<Harness>),
+    Failed,
+}
+
+fn main() -> std::process::ExitCode {
+    let mut args = libtest_mimic::Arguments::from_args();
+    args.test_threads = Some(1);
+    let shared = Arc::new(Mutex::new(Shared::NotStarted));
+    let trials = SCENARIOS
+        .iter()
+        .map(|&(name, scenario)| {
+            let shared = Arc::clone(&shared);
+            libtest_mimic::Trial::test(name, move || {
+                let mut shared = shared.lock().unwrap_or_else(PoisonError::into_inner);
+                if matches!(*shared, Shared::NotStarted) {
+                    *shared = Shared::Failed;
+                    *shared = Shared::Running(Box::new(Harness::start()));
+                }
+                let Shared::Running(harness) = &mut *shared else {
+                    return Err("the cluster did not start; see the first scenario".into());
+                };
+                scenario(harness);
+                Ok(())
+            })
+        })
+        .collect();
+    let conclusion = libtest_mimic::run(&args, trials);
+    *shared.lock().unwrap_or_else(PoisonError::into_inner) = Shared::NotStarted;
+    conclusion.exit_code()
+}

@@ -1,0 +1,421 @@
+//! The scenarios, each over the shared cluster.
+
+use std::{
+    net::SocketAddrV4,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use aya::programs::{SchedClassifier, TcAttachType};
+use tests::{cluster::deploy::PIN_ROOT, eventually, k8s::http_at};
+
+use crate::harness::{AGNHOST, Harness, answered_by, dial};
+
+/// The agent is Ready on both nodes (its `/readyz` is the readiness
+/// probe), started without any proxy (the `kubernetes` ClusterIP served
+/// nothing; it read the API server's address from the ConfigMap), answers
+/// `/metrics`, and `kubectl exec` into it runs `svc-agent services`.
+pub fn the_agent_runs_from_its_image_on_every_node(h: &mut Harness) {
+    let pods = h.pods("kube-system", "app.kubernetes.io/name=svc-agent");
+    assert_eq!(pods.len(), 2, "one agent per node: {pods:?}");
+    for (name, ip) in &pods {
+        let (status, body) = http_at(SocketAddrV4::new(*ip, 9464), "GET", "/metrics", "")
+            .unwrap_or_else(|| panic!("{name}: /metrics does not answer"));
+        assert_eq!(status, 200, "{name}: /metrics");
+        assert!(body.contains("svc_frontends"), "{name}: {body}");
+        let (status, _) = http_at(SocketAddrV4::new(*ip, 9464), "GET", "/readyz", "")
+            .unwrap_or_else(|| panic!("{name}: /readyz does not answer"));
+        assert_eq!(status, 200, "{name}: /readyz");
+        let node = h.field("kube-system", &format!("pod/{name}"), "{.spec.nodeName}");
+        let services = h.kubectl(&[
+            "-n",
+            "kube-system",
+            "exec",
+            name,
+            "-c",
+            "agent",
+            "--",
+            "svc-agent",
+            "services",
+            "--pin-dir",
+            &format!("{PIN_ROOT}/{node}"),
+        ]);
+        for frontend in ["default/kubernetes:https", "kube-system/kube-dns:dns"] {
+            assert!(services.contains(frontend), "{name}: {services}");
+        }
+    }
+}
+
+const WEB: &str = r"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web, labels: {app: web}}
+spec:
+  replicas: 4
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      topologySpreadConstraints:
+      - {maxSkew: 1, topologyKey: kubernetes.io/hostname, whenUnsatisfiable: DoNotSchedule,
+         labelSelector: {matchLabels: {app: web}}}
+      containers:
+      - name: web
+        image: AGNHOST
+        imagePullPolicy: Never
+        args: [netexec, --http-port=8080, --udp-port=8081]
+        readinessProbe: {httpGet: {path: /healthz, port: 8080}, periodSeconds: 1}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web-np}
+spec:
+  type: NodePort
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web-headless}
+spec:
+  clusterIP: None
+  selector: {app: web}
+  ports: [{name: http, port: 8080}]
+";
+
+/// A client pod on each node: agnhost `netexec`, whose `/dial` the tests
+/// use to connect from inside the cluster.
+fn client_pods(node: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: client-{node}, labels: {{app: client}}}}\n\
+         spec:\n  nodeName: {node}\n  containers:\n  - name: c\n    image: {AGNHOST}\n    \
+         imagePullPolicy: Never\n    args: [netexec, --http-port=8080]\n    \
+         readinessProbe: {{httpGet: {{path: /healthz, port: 8080}}, periodSeconds: 1}}\n"
+    )
+}
+
+/// Pods on both nodes reach a ClusterIP service by address and by name
+/// (CoreDNS through the `kube-dns` ClusterIP), spread over the backends of
+/// both nodes; a NodePort answers on both nodes from outside the cluster
+/// and from a node; a headless service's name leads to a pod; a
+/// selector-less service reaches the address its hand-written
+/// EndpointSlice names.
+pub fn services_reach_pods_by_address_and_name(h: &mut Harness) {
+    h.apply(&WEB.replace("AGNHOST", AGNHOST));
+    h.apply(&format!(
+        "{}---\n{}",
+        client_pods("node1"),
+        client_pods("node2")
+    ));
+    h.wait_ready("default", "app=web");
+    h.wait_ready("default", "app=client");
+    let web = h.pods("default", "app=web");
+    let web_names: Vec<&str> = web.iter().map(|(name, _)| name.as_str()).collect();
+    let clients = h.pods("default", "app=client");
+    let cluster_ip = h.field("default", "service/web", "{.spec.clusterIP}");
+
+    let mut seen: Vec<String> = Vec::new();
+    for (client, client_ip) in &clients {
+        for host in [cluster_ip.as_str(), "web", "web.default.svc.cluster.local"] {
+            // A name is looked up anew on each dial: DNS goes through the
+            // proxy every time.
+            for name in answered_by(*client_ip, host, 80, 12) {
+                assert!(
+                    web_names.contains(&name.as_str()),
+                    "{client} → {host}: {name}"
+                );
+                seen.push(name);
+            }
+        }
+    }
+    seen.sort();
+    seen.dedup();
+    let nodes_seen: Vec<String> = seen
+        .iter()
+        .map(|name| h.field("default", &format!("pod/{name}"), "{.spec.nodeName}"))
+        .collect();
+    for node in ["node1", "node2"] {
+        assert!(
+            nodes_seen.iter().any(|seen| seen == node),
+            "backends on {node} answered too: {seen:?} on {nodes_seen:?}"
+        );
+    }
+
+    // NodePort, on every node, from outside and from a node.
+    let node_port: u16 = h
+        .field("default", "service/web-np", "{.spec.ports[0].nodePort}")
+        .parse()
+        .expect("a node port");
+    for node in &h.cluster.nodes {
+        let addr = SocketAddrV4::new(node.addr.parse().expect("node address"), node_port);
+        let from_outside = h
+            .cluster
+            .external
+            .run(|| http_at(addr, "GET", "/hostname", ""))
+            .unwrap_or_else(|| panic!("NodePort {addr} from outside"));
+        assert!(
+            web_names.contains(&from_outside.1.trim()),
+            "{addr}: {from_outside:?}"
+        );
+        let from_node1 = h.cluster.nodes[0]
+            .ns
+            .run(|| http_at(addr, "GET", "/hostname", ""))
+            .unwrap_or_else(|| panic!("NodePort {addr} from node1"));
+        assert!(
+            web_names.contains(&from_node1.1.trim()),
+            "{addr}: {from_node1:?}"
+        );
+    }
+
+    // Headless: the name resolves to the pods themselves.
+    let (_, client_ip) = &clients[0];
+    let by_name = dial(*client_ip, "web-headless", 8080).expect("dial web-headless");
+    assert!(web_names.contains(&by_name.as_str()), "{by_name}");
+    assert_eq!(
+        h.field("default", "service/web-headless", "{.spec.clusterIP}"),
+        "None"
+    );
+
+    // Selector-less: a slice written by hand.
+    let (chosen, chosen_ip) = &web[0];
+    h.apply(&format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: manual}}\n\
+         spec:\n  ports: [{{name: http, port: 80, targetPort: 8080}}]\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {{name: manual-1, labels: {{kubernetes.io/service-name: manual}}}}\n\
+         addressType: IPv4\nendpoints: [{{addresses: ['{chosen_ip}'], conditions: {{ready: true}}}}]\n\
+         ports: [{{name: http, port: 8080, protocol: TCP}}]\n"
+    ));
+    let answered = eventually(Duration::from_secs(20), || {
+        dial(*client_ip, "manual", 80).is_ok_and(|name| name == *chosen)
+    });
+    assert!(answered, "the selector-less service reaches {chosen}");
+    assert_eq!(
+        answered_by(*client_ip, "manual", 80, 5),
+        std::slice::from_ref(chosen)
+    );
+}
+
+/// Fifty new pods, spread over both nodes, whose only action is one
+/// connection to a ClusterIP (agnhost `connect`, no retry): every one
+/// succeeds. Then ten more on a node whose agent is gone (the DaemonSet
+/// narrowed to the other node): svc-cni attaches them from the pinned
+/// datapath, so they succeed too (without it, nothing would attach their
+/// veths: checked by hand, all ten fail).
+pub fn new_pods_reach_a_cluster_ip_on_their_first_attempt(h: &mut Harness) {
+    let cluster_ip = h.field("default", "service/web", "{.spec.clusterIP}");
+    assert!(
+        !cluster_ip.is_empty(),
+        "the web service (an earlier scenario) is there"
+    );
+    first_connections(h, "first", 50, &["node1", "node2"], &cluster_ip);
+
+    let agents_on = |node: &str| {
+        h.kubectl(&[
+            "-n",
+            "kube-system",
+            "get",
+            "pods",
+            "-l",
+            "app.kubernetes.io/name=svc-agent",
+            &format!("--field-selector=spec.nodeName={node}"),
+            "-o",
+            "name",
+        ])
+        .lines()
+        .count()
+    };
+    h.kubectl(&[
+        "-n",
+        "kube-system",
+        "patch",
+        "daemonset",
+        "svc-agent",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"template":{"spec":{"nodeSelector":{"kubernetes.io/hostname":"node1"}}}}}"#,
+    ]);
+    assert!(
+        eventually(Duration::from_mins(1), || agents_on("node2") == 0),
+        "node2's agent went"
+    );
+    first_connections(h, "agentless", 10, &["node2"], &cluster_ip);
+    h.kubectl(&[
+        "-n",
+        "kube-system",
+        "patch",
+        "daemonset",
+        "svc-agent",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"template":{"spec":{"nodeSelector":null}}}}"#,
+    ]);
+    tests::cluster::deploy::wait_agents_ready(&h.cluster, Duration::from_mins(2));
+}
+
+/// Creates `count` pods labelled `app=<label>` over `nodes`, each making
+/// one connection to `cluster_ip:80`; panics unless all succeed.
+fn first_connections(h: &Harness, label: &str, count: usize, nodes: &[&str], cluster_ip: &str) {
+    let manifests: Vec<String> = (0..count)
+        .map(|i| {
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {label}-{i}, labels: {{app: {label}}}}}\n\
+                 spec:\n  nodeName: {}\n  restartPolicy: Never\n  containers:\n  - name: c\n    \
+                 image: {AGNHOST}\n    imagePullPolicy: Never\n    \
+                 args: [connect, '{cluster_ip}:80', --timeout=5s]\n",
+                nodes[i % nodes.len()]
+            )
+        })
+        .collect();
+    let started = Instant::now();
+    h.apply(&manifests.join("---\n"));
+    let selector = format!("app={label}");
+    let mut phases = Vec::new();
+    let done = eventually(Duration::from_mins(4), || {
+        let text = h.kubectl(&[
+            "get",
+            "pods",
+            "-l",
+            &selector,
+            "-o",
+            "jsonpath={.items[*].status.phase}",
+        ]);
+        phases = text.split_whitespace().map(str::to_owned).collect();
+        phases.len() == count && phases.iter().all(|p| p == "Succeeded" || p == "Failed")
+    });
+    let failed: Vec<String> = h
+        .kubectl(&[
+            "get",
+            "pods",
+            "-l",
+            &selector,
+            "--field-selector=status.phase=Failed",
+            "-o",
+            "name",
+        ])
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    eprintln!(
+        "first connections of {label} pods on {nodes:?}: {} of {count} succeeded, {} failed, all done after {:?}",
+        phases.iter().filter(|p| *p == "Succeeded").count(),
+        failed.len(),
+        started.elapsed()
+    );
+    assert!(done, "the {label} pods did not all finish: {phases:?}");
+    assert!(
+        failed.is_empty(),
+        "pods whose first connection failed: {failed:?}"
+    );
+    h.kubectl(&["delete", "pods", "-l", &selector, "--wait=false"]);
+}
+
+/// Deleting the DaemonSet and running `svc-agent cleanup` on each node
+/// leaves nothing: no pins, no tc programs on any interface, no socket
+/// hooks, no svc-cni in the CNI configuration or bin directory, and no
+/// svc-proxy program loaded at all.
+pub fn uninstall_leaves_nothing_behind(h: &mut Harness) {
+    // The programs the agents' links run (tc and socket hooks), to check
+    // they are unloaded in the end.
+    let mut ours = Vec::new();
+    for node in &h.cluster.nodes {
+        let links = Path::new(PIN_ROOT).join(&node.name).join("links");
+        for entry in std::fs::read_dir(&links)
+            .expect("the agent's link pins")
+            .flatten()
+        {
+            let link = aya::programs::links::PinnedLink::from_pin(entry.path())
+                .map(aya::programs::links::FdLink::from)
+                .expect("a pinned link");
+            ours.push(link.info().expect("link info").program_id());
+        }
+    }
+    assert!(ours.len() >= 6, "uplink, pods and socket hooks: {ours:?}");
+    h.kubectl(&[
+        "-n",
+        "kube-system",
+        "delete",
+        "daemonset",
+        "svc-agent",
+        "--wait=true",
+        "--timeout=60s",
+    ]);
+    let gone = eventually(Duration::from_mins(1), || {
+        h.pods("kube-system", "app.kubernetes.io/name=svc-agent")
+            .is_empty()
+    });
+    assert!(gone, "the agent pods went");
+    let agent = tests::built_binary("svc-agent");
+    for node in &h.cluster.nodes {
+        let (net_d, cni_bin) = node.cni_dirs();
+        let pins = Path::new(PIN_ROOT).join(&node.name);
+        let out = std::process::Command::new(&agent)
+            .arg("cleanup")
+            .arg("--pin-dir")
+            .arg(&pins)
+            .arg("--cni-conf-dir")
+            .arg(&net_d)
+            .arg("--cni-bin-dir")
+            .arg(&cni_bin)
+            .output()
+            .expect("running svc-agent cleanup");
+        assert!(
+            out.status.success(),
+            "{}: cleanup: {}",
+            node.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!pins.exists(), "{}: {} is gone", node.name, pins.display());
+        assert!(
+            !cni_bin.join("svc-cni").exists(),
+            "{}: the plugin is gone",
+            node.name
+        );
+        let conflist = std::fs::read_to_string(net_d.join("10-podnet.conflist"))
+            .expect("the pod network's conflist stays");
+        assert!(!conflist.contains("svc-cni"), "{}: {conflist}", node.name);
+        assert!(
+            conflist.contains("\"ptp\""),
+            "{}: the rest is kept",
+            node.name
+        );
+        let attached: Vec<String> = node.ns.run(|| {
+            svc_agent::datapath::ifaces::interfaces()
+                .into_iter()
+                .filter(|(_, name)| {
+                    SchedClassifier::query_tcx(name, TcAttachType::Ingress)
+                        .is_ok_and(|(_, programs)| !programs.is_empty())
+                })
+                .map(|(_, name)| name)
+                .collect()
+        });
+        assert!(
+            attached.is_empty(),
+            "{}: tc programs remain on {attached:?}",
+            node.name
+        );
+    }
+    let unloaded = eventually(Duration::from_secs(20), || {
+        aya::programs::loaded_programs()
+            .flatten()
+            .all(|program| !ours.contains(&program.id()))
+    });
+    assert!(
+        unloaded,
+        "none of the agents' programs stays loaded (socket hooks included)"
+    );
+    // Pods still run, untranslated: the pod network is untouched.
+    let clients = h.pods("default", "app=client");
+    let web = h.pods("default", "app=web");
+    let (_, client_ip) = clients[0];
+    let (name, web_ip) = &web[0];
+    let direct = dial(client_ip, &web_ip.to_string(), 8080).expect("pod to pod");
+    assert_eq!(&direct, name);
+}
