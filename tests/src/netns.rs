@@ -93,6 +93,28 @@ impl NetNs {
     }
 }
 
+impl NetNs {
+    /// Runs `f` on a new thread that has entered this namespace, in the
+    /// background.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> thread::JoinHandle<T> {
+        let path = format!("/run/netns/{}", self.name);
+        thread::spawn(move || {
+            let file = File::open(&path).unwrap_or_else(|err| panic!("cannot open {path}: {err}"));
+            // SAFETY: a valid namespace fd; setns only changes this thread.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert!(
+                rc == 0,
+                "setns({path}) failed: {}",
+                std::io::Error::last_os_error()
+            );
+            f()
+        })
+    }
+}
+
 impl Drop for NetNs {
     fn drop(&mut self) {
         // Best effort: a failed delete must not hide the test's own failure.

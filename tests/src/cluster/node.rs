@@ -342,6 +342,31 @@ state = "{run}/containerd"
         );
     }
 
+    /// Tags image `from` as `to` in its containerd (a second tag of the
+    /// agent's image, to roll the DaemonSet to).
+    pub fn tag_image(&self, from: &str, to: &str) {
+        let out = Command::new(self.bin.join("ctr"))
+            .arg("--address")
+            .arg(self.containerd_socket())
+            .args([
+                "--namespace",
+                "k8s.io",
+                "images",
+                "tag",
+                "--force",
+                from,
+                to,
+            ])
+            .output()
+            .expect("running ctr");
+        assert!(
+            out.status.success(),
+            "{}: tagging {from} as {to}: {}",
+            self.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// Everything a run leaves: its processes (pods included, found by
     /// their cgroup; the runc shims by their socket), the pods' network
     /// namespaces, its mounts and directories.

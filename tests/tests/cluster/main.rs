@@ -6,6 +6,7 @@
 //! comes last. `cargo xtask test` builds the binaries and images first.
 
 mod harness;
+mod load;
 mod scenarios;
 
 use std::sync::{Arc, Mutex, PoisonError};
@@ -26,6 +27,14 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     (
         "new_pods_reach_a_cluster_ip_on_their_first_attempt",
         scenarios::new_pods_reach_a_cluster_ip_on_their_first_attempt,
+    ),
+    (
+        "operations_under_load_lose_nothing",
+        scenarios::operations_under_load_lose_nothing,
+    ),
+    (
+        "the_installed_plugin_answers_bad_input_with_cni_errors",
+        scenarios::the_installed_plugin_answers_bad_input_with_cni_errors,
     ),
     (
         "uninstall_leaves_nothing_behind",

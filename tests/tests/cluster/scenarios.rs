@@ -419,3 +419,184 @@ pub fn uninstall_leaves_nothing_behind(h: &mut Harness) {
     let direct = dial(client_ip, &web_ip.to_string(), 8080).expect("pod to pod");
     assert_eq!(&direct, name);
 }
+
+/// Under continuous load from outside through a NodePort on node1 (see
+/// `load.rs`), three operations, each awaited until the agents are Ready
+/// again: a rolling update of the DaemonSet to a second tag of the image,
+/// deleting node1's agent pod, and restarting node1's kubelet. Not one
+/// request may fail and not one long-lived connection break.
+pub fn operations_under_load_lose_nothing(h: &mut Harness) {
+    let (tcp, udp) = load_service(h);
+    for node in &h.cluster.nodes {
+        node.tag_image(
+            tests::cluster::deploy::AGENT_IMAGE,
+            "ghcr.io/svc-proxy/svc-agent:0.1.0-next",
+        );
+    }
+    let load = crate::load::Load::start(&h.cluster.external, tcp, udp);
+    std::thread::sleep(Duration::from_secs(3));
+    let timeline = |what: &str, load: &crate::load::Load| {
+        eprintln!("  {what}: {:?}", load.counts().snapshot());
+    };
+    timeline("before", &load);
+
+    // 1. A rolling update to another tag.
+    h.kubectl(&[
+        "-n",
+        "kube-system",
+        "set",
+        "image",
+        "daemonset/svc-agent",
+        "agent=ghcr.io/svc-proxy/svc-agent:0.1.0-next",
+    ]);
+    h.kubectl(&[
+        "-n",
+        "kube-system",
+        "rollout",
+        "status",
+        "daemonset/svc-agent",
+        "--timeout=180s",
+    ]);
+    tests::cluster::deploy::wait_agents_ready(&h.cluster, Duration::from_mins(2));
+    std::thread::sleep(Duration::from_secs(2));
+    timeline("after the rolling update", &load);
+
+    // 2. An agent pod deleted.
+    let on_node1 = h.kubectl(&[
+        "-n",
+        "kube-system",
+        "get",
+        "pods",
+        "-l",
+        "app.kubernetes.io/name=svc-agent",
+        "--field-selector=spec.nodeName=node1",
+        "-o",
+        "name",
+    ]);
+    let pod = on_node1.trim();
+    assert!(!pod.is_empty(), "node1 has an agent");
+    h.kubectl(&[
+        "-n",
+        "kube-system",
+        "delete",
+        pod,
+        "--wait=true",
+        "--timeout=60s",
+    ]);
+    tests::cluster::deploy::wait_agents_ready(&h.cluster, Duration::from_mins(2));
+    std::thread::sleep(Duration::from_secs(2));
+    timeline("after deleting node1's agent", &load);
+
+    // 3. node1's kubelet restarted.
+    h.cluster.nodes[0].stop_kubelet();
+    std::thread::sleep(Duration::from_secs(3));
+    h.cluster.nodes[0].start_kubelet();
+    std::thread::sleep(Duration::from_secs(10));
+    tests::cluster::deploy::wait_agents_ready(&h.cluster, Duration::from_mins(2));
+    std::thread::sleep(Duration::from_secs(2));
+    let counts = load.stop();
+    let totals = counts.snapshot();
+    eprintln!("  after restarting node1's kubelet (final): {totals:?}");
+    let value = |name: &str| {
+        totals
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map_or(0, |(_, v)| *v)
+    };
+    assert!(
+        value("long-lived requests") > 100,
+        "the load ran: {totals:?}"
+    );
+    assert!(value("short requests") > 100, "the load ran: {totals:?}");
+    assert!(value("UDP answers") > 100, "the load ran: {totals:?}");
+    for failure in [
+        "long-lived connections broken",
+        "short requests failed",
+        "UDP requests unanswered",
+    ] {
+        assert_eq!(value(failure), 0, "{failure}: {totals:?}");
+    }
+}
+
+/// A NodePort service over the web pods, TCP and UDP; returns node1's
+/// TCP and UDP node port addresses once the TCP one answers.
+fn load_service(h: &Harness) -> (SocketAddrV4, SocketAddrV4) {
+    h.apply(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: load}\nspec:\n  type: NodePort\n  \
+         selector: {app: web}\n  ports:\n  - {name: http, port: 80, targetPort: 8080, protocol: TCP}\n  \
+         - {name: udp, port: 81, targetPort: 8081, protocol: UDP}\n",
+    );
+    let port = |index: usize| -> u16 {
+        h.field(
+            "default",
+            "service/load",
+            &format!("{{.spec.ports[{index}].nodePort}}"),
+        )
+        .parse()
+        .expect("a node port")
+    };
+    let node1: std::net::Ipv4Addr = h.cluster.nodes[0].addr.parse().expect("node1's address");
+    let tcp = SocketAddrV4::new(node1, port(0));
+    let udp = SocketAddrV4::new(node1, port(1));
+    let ready = eventually(Duration::from_secs(20), || {
+        h.cluster
+            .external
+            .run(|| http_at(tcp, "GET", "/hostname", ""))
+            .is_some()
+    });
+    assert!(ready, "the NodePort {tcp} answers before the load starts");
+    (tcp, udp)
+}
+
+/// The plugin the init container installed (from the image) answers bad
+/// input with the documented CNI errors on a real node.
+pub fn the_installed_plugin_answers_bad_input_with_cni_errors(h: &mut Harness) {
+    let node = &h.cluster.nodes[0];
+    let (_, cni_bin) = node.cni_dirs();
+    let plugin = cni_bin.join("svc-cni");
+    assert!(plugin.is_file(), "{} installed", plugin.display());
+    let run = |stdin: &str| -> serde_json::Value {
+        let stdin = stdin.to_owned();
+        let plugin = plugin.clone();
+        node.ns.run(move || {
+            let mut child = std::process::Command::new(&plugin)
+                .env_clear()
+                .env("CNI_COMMAND", "ADD")
+                .env("CNI_CONTAINERID", "bad-input")
+                .env("CNI_NETNS", "/var/run/netns/none")
+                .env("CNI_IFNAME", "eth0")
+                .env("CNI_PATH", "/usr/lib/cni")
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .expect("running the installed svc-cni");
+            std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), stdin.as_bytes())
+                .expect("config");
+            let out = child.wait_with_output().expect("svc-cni ends");
+            assert!(!out.status.success(), "{stdin}: an error exits non-zero");
+            serde_json::from_slice(&out.stdout).expect("a CNI error object")
+        })
+    };
+    let malformed = run("{\"cniVersion\": ");
+    assert_eq!(malformed["code"], 6, "{malformed}");
+    let no_prev = run(r#"{"cniVersion":"1.0.0","name":"podnet","type":"svc-cni"}"#);
+    assert_eq!(no_prev["code"], 7, "{no_prev}");
+    let veth = node
+        .ns
+        .run(svc_agent::datapath::ifaces::interfaces)
+        .into_iter()
+        .map(|(_, name)| name)
+        .find(|name| name.starts_with("veth"))
+        .expect("a pod veth on node1");
+    let not_loaded = run(&format!(
+        r#"{{"cniVersion":"1.0.0","name":"podnet","type":"svc-cni","pinDir":"/sys/fs/bpf/svc-cluster/no-such-node",
+            "prevResult":{{"interfaces":[{{"name":"{veth}"}}]}}}}"#
+    ));
+    assert_eq!(not_loaded["code"], 11, "{not_loaded}");
+    assert!(
+        not_loaded["msg"]
+            .as_str()
+            .is_some_and(|msg| msg.contains("svc-proxy's datapath is not loaded on this node")),
+        "{not_loaded}"
+    );
+}
