@@ -172,7 +172,7 @@ fn long_lived(i: usize, to: SocketAddrV4, stop: &AtomicBool, counts: &Counts) {
 }
 
 /// One HTTP/1.1 response's body (by its `Content-Length`).
-fn read_body(reader: &mut BufReader<TcpStream>) -> Option<String> {
+pub fn read_body(reader: &mut BufReader<TcpStream>) -> Option<String> {
     let mut length = 0usize;
     let mut status = String::new();
     reader.read_line(&mut status).ok()?;

@@ -7,6 +7,7 @@
 
 mod harness;
 mod load;
+mod rollout;
 mod scenarios;
 
 use std::sync::{Arc, Mutex, PoisonError};
@@ -27,6 +28,10 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     (
         "new_pods_reach_a_cluster_ip_on_their_first_attempt",
         scenarios::new_pods_reach_a_cluster_ip_on_their_first_attempt,
+    ),
+    (
+        "backend_rollout_keeps_old_connections_and_sends_new_ones_to_ready_pods",
+        rollout::backend_rollout_keeps_old_connections_and_sends_new_ones_to_ready_pods,
     ),
     (
         "operations_under_load_lose_nothing",
