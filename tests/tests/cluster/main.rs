@@ -26,6 +26,10 @@ const SCENARIOS: &[(&str, Scenario)] = &[
         scenarios::services_reach_pods_by_address_and_name,
     ),
     (
+        "each_node_s_socket_hooks_act_for_that_node_only",
+        scenarios::each_node_s_socket_hooks_act_for_that_node_only,
+    ),
+    (
         "new_pods_reach_a_cluster_ip_on_their_first_attempt",
         scenarios::new_pods_reach_a_cluster_ip_on_their_first_attempt,
     ),

@@ -600,3 +600,50 @@ pub fn the_installed_plugin_answers_bad_input_with_cni_errors(h: &mut Harness) {
         "{not_loaded}"
     );
 }
+
+/// Both agents hang their socket hooks off the one cgroup v2 root; each
+/// acts only for its own node's network namespace. A service with
+/// `internalTrafficPolicy: Local` whose only pod is on node2 serves node2's
+/// own processes and not node1's (were node2's hook to act for node1's
+/// sockets too, node1 would reach node2's pod); node1's processes reach an
+/// ordinary ClusterIP, through node1's hook.
+pub fn each_node_s_socket_hooks_act_for_that_node_only(h: &mut Harness) {
+    h.apply(&format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: only2, labels: {{app: only2}}}}\n\
+         spec:\n  nodeName: node2\n  containers:\n  - name: c\n    image: {AGNHOST}\n    \
+         imagePullPolicy: Never\n    args: [netexec, --http-port=8080]\n    \
+         readinessProbe: {{httpGet: {{path: /healthz, port: 8080}}, periodSeconds: 1}}\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {{name: local-only}}\n\
+         spec:\n  internalTrafficPolicy: Local\n  selector: {{app: only2}}\n  \
+         ports: [{{name: http, port: 80, targetPort: 8080}}]\n"
+    ));
+    h.wait_ready("default", "app=only2");
+    let local_only: std::net::Ipv4Addr = h
+        .field("default", "service/local-only", "{.spec.clusterIP}")
+        .parse()
+        .expect("a ClusterIP");
+    let web: std::net::Ipv4Addr = h
+        .field("default", "service/web", "{.spec.clusterIP}")
+        .parse()
+        .expect("the web ClusterIP");
+    let ask = |node: usize, ip: std::net::Ipv4Addr| {
+        h.cluster.nodes[node]
+            .ns
+            .run(|| http_at(SocketAddrV4::new(ip, 80), "GET", "/hostname", ""))
+            .map(|(_, body)| body.trim().to_owned())
+    };
+    let served = eventually(Duration::from_secs(20), || {
+        ask(1, local_only).as_deref() == Some("only2")
+    });
+    assert!(served, "node2's own processes reach its local pod");
+    assert_eq!(
+        ask(0, local_only),
+        None,
+        "node1 has no local endpoint: its processes must not be served by node2's hook"
+    );
+    assert!(
+        ask(0, web).is_some(),
+        "node1's own hook serves node1's processes"
+    );
+    h.kubectl(&["delete", "pod/only2", "service/local-only", "--wait=false"]);
+}
