@@ -20,6 +20,7 @@ pub mod cluster;
 pub mod k8s;
 pub mod netns;
 pub mod packet;
+pub mod scenarios;
 pub mod servers;
 pub mod topology;
 

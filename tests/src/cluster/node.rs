@@ -319,50 +319,31 @@ state = "{run}/containerd"
     /// index names).
     pub fn import(&self, archive: &Path, name: &str) {
         let base = name.rsplit_once(':').map_or(name, |(base, _)| base);
-        let out = Command::new(self.bin.join("ctr"))
-            .arg("--address")
-            .arg(self.containerd_socket())
-            .args([
-                "--namespace",
-                "k8s.io",
-                "images",
-                "import",
-                "--base-name",
-                base,
-            ])
-            .arg(archive)
-            .output()
-            .expect("running ctr");
-        assert!(
-            out.status.success(),
-            "{}: importing {}: {}",
-            self.name,
-            archive.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let archive = archive.to_string_lossy();
+        self.ctr(&["images", "import", "--base-name", base, &archive]);
     }
 
     /// Tags image `from` as `to` in its containerd (a second tag of the
     /// agent's image, to roll the DaemonSet to).
     pub fn tag_image(&self, from: &str, to: &str) {
+        self.ctr(&["images", "tag", "--force", from, to]);
+    }
+
+    /// Runs `ctr` against its containerd's `k8s.io` namespace; panics
+    /// with its output unless it succeeds.
+    fn ctr(&self, args: &[&str]) {
         let out = Command::new(self.bin.join("ctr"))
             .arg("--address")
             .arg(self.containerd_socket())
-            .args([
-                "--namespace",
-                "k8s.io",
-                "images",
-                "tag",
-                "--force",
-                from,
-                to,
-            ])
+            .args(["--namespace", "k8s.io"])
+            .args(args)
             .output()
             .expect("running ctr");
         assert!(
             out.status.success(),
-            "{}: tagging {from} as {to}: {}",
+            "{}: ctr {}: {}",
             self.name,
+            args.join(" "),
             String::from_utf8_lossy(&out.stderr)
         );
     }

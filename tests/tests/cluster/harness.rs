@@ -120,6 +120,38 @@ impl Harness {
             .collect()
     }
 
+    /// The agent pods on `node` (`pod/<name>`).
+    pub fn agent_pods_on(&self, node: &str) -> Vec<String> {
+        self.kubectl(&[
+            "-n",
+            "kube-system",
+            "get",
+            "pods",
+            "-l",
+            "app.kubernetes.io/name=svc-agent",
+            &format!("--field-selector=spec.nodeName={node}"),
+            "-o",
+            "name",
+        ])
+        .lines()
+        .map(str::to_owned)
+        .collect()
+    }
+
+    /// Merge-patches the agents' DaemonSet.
+    pub fn patch_agents(&self, patch: &str) {
+        self.kubectl(&[
+            "-n",
+            "kube-system",
+            "patch",
+            "daemonset",
+            "svc-agent",
+            "--type=merge",
+            "-p",
+            patch,
+        ]);
+    }
+
     /// A field of a namespaced object (`jsonpath`).
     pub fn field(&self, namespace: &str, object: &str, jsonpath: &str) -> String {
         self.kubectl(&[

@@ -10,13 +10,9 @@ mod load;
 mod rollout;
 mod scenarios;
 
-use std::sync::{Arc, Mutex, PoisonError};
-
 use harness::Harness;
 
-type Scenario = fn(&mut Harness);
-
-const SCENARIOS: &[(&str, Scenario)] = &[
+const SCENARIOS: &[(&str, tests::scenarios::Scenario<Harness>)] = &[
     (
         "the_agent_runs_from_its_image_on_every_node",
         scenarios::the_agent_runs_from_its_image_on_every_node,
@@ -51,35 +47,6 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     ),
 ];
 
-enum Shared {
-    NotStarted,
-    Running(Box<Harness>),
-    Failed,
-}
-
 fn main() -> std::process::ExitCode {
-    let mut args = libtest_mimic::Arguments::from_args();
-    args.test_threads = Some(1);
-    let shared = Arc::new(Mutex::new(Shared::NotStarted));
-    let trials = SCENARIOS
-        .iter()
-        .map(|&(name, scenario)| {
-            let shared = Arc::clone(&shared);
-            libtest_mimic::Trial::test(name, move || {
-                let mut shared = shared.lock().unwrap_or_else(PoisonError::into_inner);
-                if matches!(*shared, Shared::NotStarted) {
-                    *shared = Shared::Failed;
-                    *shared = Shared::Running(Box::new(Harness::start()));
-                }
-                let Shared::Running(harness) = &mut *shared else {
-                    return Err("the cluster did not start; see the first scenario".into());
-                };
-                scenario(harness);
-                Ok(())
-            })
-        })
-        .collect();
-    let conclusion = libtest_mimic::run(&args, trials);
-    *shared.lock().unwrap_or_else(PoisonError::into_inner) = Shared::NotStarted;
-    conclusion.exit_code()
+    tests::scenarios::run(SCENARIOS, Harness::start)
 }

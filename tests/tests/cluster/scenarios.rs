@@ -217,46 +217,17 @@ pub fn new_pods_reach_a_cluster_ip_on_their_first_attempt(h: &mut Harness) {
     );
     first_connections(h, "first", 50, &["node1", "node2"], &cluster_ip);
 
-    let agents_on = |node: &str| {
-        h.kubectl(&[
-            "-n",
-            "kube-system",
-            "get",
-            "pods",
-            "-l",
-            "app.kubernetes.io/name=svc-agent",
-            &format!("--field-selector=spec.nodeName={node}"),
-            "-o",
-            "name",
-        ])
-        .lines()
-        .count()
-    };
-    h.kubectl(&[
-        "-n",
-        "kube-system",
-        "patch",
-        "daemonset",
-        "svc-agent",
-        "--type=merge",
-        "-p",
+    h.patch_agents(
         r#"{"spec":{"template":{"spec":{"nodeSelector":{"kubernetes.io/hostname":"node1"}}}}}"#,
-    ]);
+    );
     assert!(
-        eventually(Duration::from_mins(1), || agents_on("node2") == 0),
+        eventually(Duration::from_mins(1), || h
+            .agent_pods_on("node2")
+            .is_empty()),
         "node2's agent went"
     );
     first_connections(h, "agentless", 10, &["node2"], &cluster_ip);
-    h.kubectl(&[
-        "-n",
-        "kube-system",
-        "patch",
-        "daemonset",
-        "svc-agent",
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"template":{"spec":{"nodeSelector":null}}}}"#,
-    ]);
+    h.patch_agents(r#"{"spec":{"template":{"spec":{"nodeSelector":null}}}}"#);
     tests::cluster::deploy::wait_agents_ready(&h.cluster, Duration::from_mins(2));
 }
 
@@ -462,19 +433,8 @@ pub fn operations_under_load_lose_nothing(h: &mut Harness) {
     timeline("after the rolling update", &load);
 
     // 2. An agent pod deleted.
-    let on_node1 = h.kubectl(&[
-        "-n",
-        "kube-system",
-        "get",
-        "pods",
-        "-l",
-        "app.kubernetes.io/name=svc-agent",
-        "--field-selector=spec.nodeName=node1",
-        "-o",
-        "name",
-    ]);
-    let pod = on_node1.trim();
-    assert!(!pod.is_empty(), "node1 has an agent");
+    let on_node1 = h.agent_pods_on("node1");
+    let pod = on_node1.first().expect("node1 has an agent");
     h.kubectl(&[
         "-n",
         "kube-system",

@@ -14,16 +14,11 @@ mod policies;
 mod resilience;
 mod services;
 
-use std::sync::{Arc, Mutex, PoisonError};
-
 use harness::E2e;
-
-/// A scenario, run on the shared control plane.
-type Scenario = fn(&mut E2e);
 
 /// The scenarios, in the order they run: the thousand services last, as
 /// they stay (deleting 5,000 pods would take longer than the rest).
-const SCENARIOS: &[(&str, Scenario)] = &[
+const SCENARIOS: &[(&str, tests::scenarios::Scenario<E2e>)] = &[
     (
         "selector_service_reaches_the_selected_pods",
         services::selector_service_reaches_the_selected_pods,
@@ -79,39 +74,6 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     ("a_thousand_services", resilience::a_thousand_services),
 ];
 
-/// The shared control plane: started by the first scenario that runs.
-enum Shared {
-    NotStarted,
-    Running(Box<E2e>),
-    /// Starting it panicked (the first scenario to run says why).
-    Failed,
-}
-
 fn main() -> std::process::ExitCode {
-    let mut args = libtest_mimic::Arguments::from_args();
-    // One control plane: one scenario at a time.
-    args.test_threads = Some(1);
-    let shared = Arc::new(Mutex::new(Shared::NotStarted));
-    let trials = SCENARIOS
-        .iter()
-        .map(|&(name, scenario)| {
-            let shared = Arc::clone(&shared);
-            libtest_mimic::Trial::test(name, move || {
-                let mut shared = shared.lock().unwrap_or_else(PoisonError::into_inner);
-                if matches!(*shared, Shared::NotStarted) {
-                    *shared = Shared::Failed;
-                    *shared = Shared::Running(Box::new(E2e::start()));
-                }
-                let Shared::Running(e2e) = &mut *shared else {
-                    return Err("the control plane did not start; see the first scenario".into());
-                };
-                scenario(e2e);
-                Ok(())
-            })
-        })
-        .collect();
-    let conclusion = libtest_mimic::run(&args, trials);
-    // The agents, the namespaces and the control plane stop here.
-    *shared.lock().unwrap_or_else(PoisonError::into_inner) = Shared::NotStarted;
-    conclusion.exit_code()
+    tests::scenarios::run(SCENARIOS, E2e::start)
 }
