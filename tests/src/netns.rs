@@ -71,48 +71,48 @@ impl NetNs {
     /// Runs `f` on a thread that has entered this namespace. Sockets made
     /// there stay in the namespace when handed back.
     pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let path = format!("/run/netns/{}", self.name);
+        let path = self.path();
         thread::scope(|scope| {
             scope
                 .spawn(|| {
-                    let file =
-                        File::open(&path).unwrap_or_else(|err| panic!("cannot open {path}: {err}"));
-                    // SAFETY: a valid namespace fd; setns only changes this
-                    // thread's namespace.
-                    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-                    assert!(
-                        rc == 0,
-                        "setns({path}) failed: {}",
-                        std::io::Error::last_os_error()
-                    );
+                    enter(&path);
                     f()
                 })
                 .join()
                 .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
         })
     }
-}
 
-impl NetNs {
+    fn path(&self) -> String {
+        format!("/run/netns/{}", self.name)
+    }
+
     /// Runs `f` on a new thread that has entered this namespace, in the
     /// background.
     pub fn spawn<T: Send + 'static>(
         &self,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> thread::JoinHandle<T> {
-        let path = format!("/run/netns/{}", self.name);
+        let path = self.path();
         thread::spawn(move || {
-            let file = File::open(&path).unwrap_or_else(|err| panic!("cannot open {path}: {err}"));
-            // SAFETY: a valid namespace fd; setns only changes this thread.
-            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert!(
-                rc == 0,
-                "setns({path}) failed: {}",
-                std::io::Error::last_os_error()
-            );
+            enter(&path);
             f()
         })
     }
+}
+
+/// Moves the calling thread into the network namespace at `path`
+/// (`/run/netns/<name>`).
+pub fn enter(path: &str) {
+    let file = File::open(path).unwrap_or_else(|err| panic!("cannot open {path}: {err}"));
+    // SAFETY: a valid namespace fd; setns only changes this thread's
+    // namespace.
+    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert!(
+        rc == 0,
+        "setns({path}) failed: {}",
+        std::io::Error::last_os_error()
+    );
 }
 
 impl Drop for NetNs {

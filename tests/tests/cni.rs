@@ -50,16 +50,7 @@ impl Outcome {
 
 /// Runs `f` on this thread after entering network namespace `name`.
 fn in_netns<T>(name: &str, f: impl FnOnce() -> T) -> T {
-    let path = format!("/run/netns/{name}");
-    let file = std::fs::File::open(&path).unwrap_or_else(|err| panic!("{path}: {err}"));
-    // SAFETY: a valid namespace fd; setns changes only this thread, which
-    // the callers spawn for it.
-    let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
-    assert!(
-        rc == 0,
-        "setns({path}): {}",
-        std::io::Error::last_os_error()
-    );
+    tests::netns::enter(&format!("/run/netns/{name}"));
     f()
 }
 

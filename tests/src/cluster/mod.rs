@@ -84,37 +84,10 @@ impl KubeCluster {
         let logs = plane.dir().join("logs");
         let coredns = start_coredns(&plane, &bin, &logs);
         let external = NetNs::new("outside");
-        {
-            let host_end = "svcc-outside";
-            let _ = Command::new("ip")
-                .args(["link", "del", host_end])
-                .stderr(Stdio::null())
-                .status();
-            crate::netns::ip(&[
-                "link",
-                "add",
-                host_end,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                external.name(),
-            ]);
-            crate::netns::ip(&["link", "set", host_end, "master", BRIDGE, "up"]);
-            external.ip(&[
-                "addr",
-                "add",
-                &format!("{LAN_PREFIX}.100/24"),
-                "dev",
-                "eth0",
-            ]);
-            external.ip(&["link", "set", "eth0", "up"]);
-        }
+        plug(&external, "svcc-outside", &format!("{LAN_PREFIX}.100"));
         let nodes: Vec<KubeNode> = (1..=nodes)
             .map(|index| {
-                let node = KubeNode::start(index, BRIDGE, &plane, &bin, &logs);
+                let node = KubeNode::start(index, &plane, &bin, &logs);
                 // Replies of the API server and CoreDNS to pods.
                 crate::netns::ip(&["route", "replace", &node.pod_cidr, "via", &node.addr]);
                 node
@@ -226,6 +199,30 @@ pub fn image_archives(dir: &Path) -> Vec<(PathBuf, String)> {
         .collect();
     found.sort();
     found
+}
+
+/// Plugs `ns` into the bridge: a veth whose end in `ns` is `eth0` with
+/// `addr/24`, the other end `host_end` (a crashed run's is replaced).
+fn plug(ns: &NetNs, host_end: &str, addr: &str) {
+    let _ = Command::new("ip")
+        .args(["link", "del", host_end])
+        .stderr(Stdio::null())
+        .status();
+    crate::netns::ip(&[
+        "link",
+        "add",
+        host_end,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        ns.name(),
+    ]);
+    crate::netns::ip(&["link", "set", host_end, "master", BRIDGE, "up"]);
+    ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
+    ns.ip(&["link", "set", "eth0", "up"]);
 }
 
 /// CoreDNS on the bridge address, answering `cluster.local` from the API

@@ -49,33 +49,13 @@ pub struct KubeNode {
 }
 
 impl KubeNode {
-    /// Makes node `index` (1 or 2) on the bridge `bridge` and starts its
+    /// Makes node `index` (1 or 2) on the cluster's bridge and starts its
     /// containerd and kubelet.
-    pub fn start(index: u8, bridge: &str, plane: &ControlPlane, bin: &Path, logs: &Path) -> Self {
+    pub fn start(index: u8, plane: &ControlPlane, bin: &Path, logs: &Path) -> Self {
         let name = format!("node{index}");
         let ns = NetNs::new(&name);
         let addr = format!("{LAN_PREFIX}.{}", 10 + index);
-        let host_end = format!("svcc-{name}");
-        // A crashed run's leftover.
-        let _ = Command::new("ip")
-            .args(["link", "del", &host_end])
-            .stderr(std::process::Stdio::null())
-            .status();
-        crate::netns::ip(&[
-            "link",
-            "add",
-            &host_end,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            ns.name(),
-        ]);
-        crate::netns::ip(&["link", "set", &host_end, "master", bridge, "up"]);
-        ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
-        ns.ip(&["link", "set", "eth0", "up"]);
+        super::plug(&ns, &format!("svcc-{name}"), &addr);
         ns.ip(&["route", "add", "default", "via", &format!("{LAN_PREFIX}.1")]);
         let other = 3 - index;
         ns.ip(&[
