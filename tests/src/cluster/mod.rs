@@ -174,6 +174,9 @@ impl Drop for KubeCluster {
     fn drop(&mut self) {
         self.nodes.clear();
         self.coredns.stop();
+        // Each node removed its own pins; the directory they shared goes
+        // once empty.
+        let _ = fs::remove_dir(deploy::PIN_ROOT);
     }
 }
 
