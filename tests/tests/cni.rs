@@ -282,6 +282,26 @@ fn the_agent_and_the_plugin_attaching_at_once_make_one_link() {
             "{iface}: one link whoever came first"
         );
     }
+    // GC: the pin of a veth that went is removed, the others stay.
+    let ns_name = cluster.nodes[0].ns.name().to_owned();
+    cluster.nodes[0].ns.ip(&["link", "del", "p30"]);
+    let pins = |iface: &str| {
+        std::fs::read_dir(pin_dir.join("links"))
+            .expect("the link pins")
+            .flatten()
+            .filter(|entry| {
+                entry
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with(&format!("tc-ingress-{iface}@"))
+            })
+            .count()
+    };
+    assert_eq!(pins("p30"), 1, "the gone veth's pin is still there");
+    let gc = plugin_in(&ns_name, "GC", &config(&pin_dir, "p31"));
+    assert!(gc.ok, "GC: {:?}", gc.json);
+    assert_eq!(pins("p30"), 0, "GC removed the gone veth's pin");
+    assert_eq!(pins("p31"), 1, "GC kept a present veth's pin");
 }
 
 #[test]

@@ -83,12 +83,15 @@ impl Interfaces {
     pub fn rescan(&self, datapath: &mut Datapath) {
         let present = ifaces::interfaces();
         for (index, name) in &present {
+            if datapath.is_attached(*index, name) {
+                continue;
+            }
             let is = |patterns: &[String]| patterns.iter().any(|p| ifaces::matches(p, name));
             let uplink = is(&self.patterns.uplinks);
             // A pod veth the CNI plugin attached is taken over (and kept
             // on this datapath's program) whatever its name.
             let pod = is(&self.patterns.pod_ifaces) || datapath.has_pod_link_pin(*index, name);
-            if !(uplink || pod) || datapath.is_attached(*index, name) {
+            if !(uplink || pod) {
                 continue;
             }
             let (kind, result) = if uplink {

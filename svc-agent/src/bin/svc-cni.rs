@@ -21,18 +21,15 @@ fn main() -> ExitCode {
     let mut stdin = Vec::new();
     let read = std::io::stdin().take(MAX_STDIN + 1).read_to_end(&mut stdin);
     let outcome = match read {
-        Err(err) => Err(CniError {
-            cni_version: "1.1.0".to_owned(),
-            code: code::IO_FAILURE,
-            msg: "reading the network configuration from stdin failed".to_owned(),
-            details: err.to_string(),
-        }),
-        Ok(_) if stdin.len() as u64 > MAX_STDIN => Err(CniError {
-            cni_version: "1.1.0".to_owned(),
-            code: code::DECODE,
-            msg: format!("the network configuration on stdin is over {MAX_STDIN} bytes"),
-            details: String::new(),
-        }),
+        Err(err) => Err(CniError::new(
+            code::IO_FAILURE,
+            "reading the network configuration from stdin failed",
+        )
+        .details(err.to_string())),
+        Ok(_) if stdin.len() as u64 > MAX_STDIN => Err(CniError::new(
+            code::DECODE,
+            format!("the network configuration on stdin is over {MAX_STDIN} bytes"),
+        )),
         Ok(_) => cni::run(&stdin, &env),
     };
     let (text, status) = match &outcome {

@@ -68,19 +68,22 @@ pub fn active_config(conf_dir: &Path) -> Result<PathBuf, InstallError> {
     let mut configs: Vec<PathBuf> = entries
         .flatten()
         .map(|entry| entry.path())
-        .filter(|path| {
-            path.is_file()
-                && path
-                    .extension()
-                    .and_then(|ext| ext.to_str())
-                    .is_some_and(|ext| matches!(ext, "conf" | "conflist" | "json"))
-        })
+        .filter(|path| is_network_config(path))
         .collect();
     configs.sort();
     configs
         .into_iter()
         .next()
         .ok_or_else(|| InstallError::NoConfig(conf_dir.to_owned()))
+}
+
+/// Whether `path` is a file libcni reads as a network configuration.
+fn is_network_config(path: &Path) -> bool {
+    path.is_file()
+        && path
+            .extension()
+            .and_then(|ext| ext.to_str())
+            .is_some_and(|ext| matches!(ext, "conf" | "conflist" | "json"))
 }
 
 /// Copies `plugin` into `bin_dir` as `svc-cni` and chains it into the
@@ -120,11 +123,7 @@ pub fn uninstall(bin_dir: &Path, conf_dir: &Path) -> Result<Vec<PathBuf>, Instal
         let mut paths: Vec<PathBuf> = entries.flatten().map(|entry| entry.path()).collect();
         paths.sort();
         for path in paths {
-            let is_config = path
-                .extension()
-                .and_then(|ext| ext.to_str())
-                .is_some_and(|ext| matches!(ext, "conf" | "conflist" | "json"));
-            if !is_config || !path.is_file() {
+            if !is_network_config(&path) {
                 continue;
             }
             // Someone else's broken file is not ours to judge.

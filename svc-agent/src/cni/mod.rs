@@ -56,7 +56,10 @@ pub struct CniError {
 }
 
 impl CniError {
-    fn new(code: u32, msg: impl Into<String>) -> Self {
+    /// An error of `code` in the newest version's format (`run` sets the
+    /// configuration's version).
+    #[must_use]
+    pub fn new(code: u32, msg: impl Into<String>) -> Self {
         Self {
             cni_version: "1.1.0".to_owned(),
             code,
@@ -65,7 +68,8 @@ impl CniError {
         }
     }
 
-    fn details(mut self, details: impl Into<String>) -> Self {
+    #[must_use]
+    pub fn details(mut self, details: impl Into<String>) -> Self {
         self.details = details.into();
         self
     }
