@@ -1,9 +1,14 @@
 //! `cargo xtask cluster`: a Kubernetes cluster on this machine (see
 //! `tests/src/cluster/`), and the images its nodes import: the agent's
-//! (as `cargo xtask image` builds it), and Kubernetes' own test server
-//! `agnhost` twice, as itself and, with its `pause` subcommand, as the pod
-//! sandbox. No registry is reachable: every image is built here and
-//! imported into each node's containerd under the name the cluster uses.
+//! (as `cargo xtask image` builds it); Kubernetes' own test server
+//! `agnhost` on a Debian root file system with the shell tools the e2e
+//! specs call ([`rootfs`]); the same file system as the specs' `busybox`
+//! and `glibc-dns-testing` (they run `sh`, `nc`, `sleep`, `dig` and
+//! `getent`); agnhost's HTTP server on port 80 as their `nginx` (pods that
+//! only have to run and serve); and agnhost alone, with its `pause`
+//! subcommand, as the pod sandbox. No registry is reachable: every image is built here and
+//! imported into each node's containerd under the name `e2e.test
+//! --list-images` prints.
 
 use std::{
     fs,
@@ -14,8 +19,8 @@ use anyhow::{Context as _, Result};
 
 use crate::{
     cmd,
-    image::{self, LayerFile, Metadata, Spec},
-    upstream,
+    image::{self, Layer, LayerFile, Metadata, Spec},
+    rootfs, upstream,
 };
 
 /// Where the tests read the directory of image archives.
@@ -26,6 +31,10 @@ pub const IMAGES_DIR_ENV: &str = "SVC_CLUSTER_IMAGES";
 const AGNHOST: (&str, &str) = ("registry.k8s.io/e2e-test-images/agnhost", "2.66.1");
 /// The pause image kubeadm v1.37.2 pins (the sandbox image).
 const PAUSE: (&str, &str) = ("registry.k8s.io/pause", "3.10.2");
+/// The other images of v1.37.2's manifest the `[sig-network]` specs run.
+const BUSYBOX: (&str, &str) = ("registry.k8s.io/e2e-test-images/busybox", "1.37.0-2");
+const GLIBC_DNS: (&str, &str) = ("registry.k8s.io/e2e-test-images/glibc-dns-testing", "2.1.1");
+const NGINX: (&str, &str) = ("registry.k8s.io/e2e-test-images/nginx", "1.27.0-2");
 
 /// Builds the images into `target/cluster-images/`: `<file>.oci.tar`
 /// beside a `<file>.name` holding the name to import it under.
@@ -44,37 +53,75 @@ pub fn images(bin_dir: &Path) -> Result<PathBuf> {
     let agnhost =
         fs::read(&agnhost_path).with_context(|| format!("reading {}", agnhost_path.display()))?;
     image::ensure_static(&agnhost).context("agnhost is not a static binary")?;
-    for (file, (name, tag), entrypoint, cmd) in [
+    // The TLS pair porter serves with (the proxy specs' echo server), as
+    // upstream's image holds them.
+    let porter =
+        upstream::module_dir("tests/k8s", "k8s.io/kubernetes")?.join("test/images/agnhost/porter");
+    let mut files = vec![LayerFile {
+        path: "agnhost",
+        mode: 0o755,
+        bytes: agnhost,
+    }];
+    for name in ["localhost.crt", "localhost.key"] {
+        let path = porter.join(name);
+        files.push(LayerFile {
+            path: name,
+            mode: 0o644,
+            bytes: fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
+        });
+    }
+    let agnhost = Layer::of_files(&files, meta.epoch)?;
+    let rootfs_tar = rootfs::debian()?;
+    let rootfs = Layer::of_tar(
+        &fs::read(&rootfs_tar).with_context(|| format!("reading {}", rootfs_tar.display()))?,
+    )?;
+    let strings = |args: &[&str]| args.iter().map(|&arg| arg.to_owned()).collect::<Vec<_>>();
+    for (file, (name, tag), layers, entrypoint, cmd) in [
         (
             "agnhost",
             AGNHOST,
-            vec!["/agnhost".to_owned()],
-            vec!["pause".to_owned()],
+            vec![&rootfs, &agnhost],
+            strings(&["/agnhost"]),
+            strings(&["pause"]),
         ),
         (
             "pause",
             PAUSE,
-            vec!["/agnhost".to_owned(), "pause".to_owned()],
+            vec![&agnhost],
+            strings(&["/agnhost", "pause"]),
+            Vec::new(),
+        ),
+        (
+            "busybox",
+            BUSYBOX,
+            vec![&rootfs],
+            Vec::new(),
+            strings(&["/bin/sh"]),
+        ),
+        (
+            "glibc-dns-testing",
+            GLIBC_DNS,
+            vec![&rootfs],
+            Vec::new(),
+            strings(&["/bin/sh"]),
+        ),
+        (
+            "nginx",
+            NGINX,
+            vec![&rootfs, &agnhost],
+            strings(&["/agnhost", "netexec", "--http-port=80"]),
             Vec::new(),
         ),
     ] {
         let spec = Spec {
             title: file.to_owned(),
-            description: format!(
-                "Kubernetes' agnhost ({} pin) for the test cluster",
-                meta.version
-            ),
+            description: format!("{name} for the test cluster, built by svc-proxy's xtask"),
             entrypoint,
             cmd,
             tag: tag.to_owned(),
         };
-        let files = [LayerFile {
-            path: "agnhost",
-            mode: 0o755,
-            bytes: agnhost.clone(),
-        }];
         let archive = dir.join(format!("{file}.oci.tar"));
-        image::write_archive(&files, &meta, &spec, &archive)?;
+        image::write_layered_archive(&layers, &meta, &spec, &archive)?;
         write_name(&archive, &format!("{name}:{tag}"))?;
     }
     Ok(dir)
@@ -92,12 +139,21 @@ fn write_name(archive: &Path, name: &str) -> Result<()> {
 
 /// Builds everything and runs the cluster until Ctrl-C.
 pub fn run(nodes: u8) -> Result<()> {
+    run_bin("cluster", &["--nodes".to_owned(), nodes.to_string()])
+}
+
+/// Builds everything and runs the e2e suite with each proxy (`args` for
+/// `tests/src/bin/conformance.rs`).
+pub fn conformance(args: &[String]) -> Result<()> {
+    run_bin("conformance", args)
+}
+
+fn run_bin(bin: &str, args: &[String]) -> Result<()> {
     let bin_dir = upstream::binaries()?;
     let images = images(&bin_dir)?;
     cmd::run(&mut cmd::cargo(["build", "--package", "svc-agent"]))?;
-    let mut run = cmd::cargo(["run", "--package", "tests", "--bin", "cluster", "--"]);
-    run.arg("--nodes")
-        .arg(nodes.to_string())
+    let mut run = cmd::cargo(["run", "--package", "tests", "--bin", bin, "--"]);
+    run.args(args)
         .env(upstream::BIN_DIR_ENV, bin_dir)
         .env(IMAGES_DIR_ENV, images);
     cmd::run(&mut run)

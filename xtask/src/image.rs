@@ -416,6 +416,28 @@ fn gzip(bytes: &[u8]) -> Result<Vec<u8>> {
     Ok(encoder.finish()?)
 }
 
+/// A layer, compressed once and usable in several images.
+pub struct Layer {
+    /// The digest of the uncompressed tar (the config's `diff_ids`).
+    diff_id: String,
+    blob: Blob,
+}
+
+impl Layer {
+    /// A layer of `files` and their parent directories.
+    pub fn of_files(files: &[LayerFile], mtime: u64) -> Result<Self> {
+        Self::of_tar(&layer_tar(files, mtime)?)
+    }
+
+    /// A layer of a tar as it is (a root file system, say).
+    pub fn of_tar(tar: &[u8]) -> Result<Self> {
+        Ok(Self {
+            diff_id: format!("sha256:{}", sha256(tar)),
+            blob: Blob::new(MediaType::ImageLayerGzip, gzip(tar)?)?,
+        })
+    }
+}
+
 /// Writes the OCI archive of an image of `files` to `path`; returns the
 /// manifest's digest.
 pub fn write_archive(
@@ -424,10 +446,17 @@ pub fn write_archive(
     spec: &Spec,
     path: &Path,
 ) -> Result<String> {
-    let layer = layer_tar(files, meta.epoch)?;
-    let diff_id = format!("sha256:{}", sha256(&layer));
-    let layer = Blob::new(MediaType::ImageLayerGzip, gzip(&layer)?)?;
+    write_layered_archive(&[&Layer::of_files(files, meta.epoch)?], meta, spec, path)
+}
 
+/// Writes the OCI archive of an image of `layers` (bottom first) to
+/// `path`; returns the manifest's digest.
+pub fn write_layered_archive(
+    layers: &[&Layer],
+    meta: &Metadata,
+    spec: &Spec,
+    path: &Path,
+) -> Result<String> {
     let labels: HashMap<String, String> = [
         ("org.opencontainers.image.title", spec.title.as_str()),
         (
@@ -446,20 +475,25 @@ pub fn write_archive(
         .architecture(Arch::Amd64)
         .os(Os::Linux)
         .config({
-            let config = ConfigBuilder::default()
-                .entrypoint(spec.entrypoint.clone())
-                .labels(labels.clone());
-            if spec.cmd.is_empty() {
-                config
-            } else {
-                config.cmd(spec.cmd.clone())
+            let mut config = ConfigBuilder::default().labels(labels.clone());
+            // An empty list would still be written; absent means none.
+            if !spec.entrypoint.is_empty() {
+                config = config.entrypoint(spec.entrypoint.clone());
             }
-            .build()?
+            if !spec.cmd.is_empty() {
+                config = config.cmd(spec.cmd.clone());
+            }
+            config.build()?
         })
         .rootfs(
             RootFsBuilder::default()
                 .typ("layers")
-                .diff_ids(vec![diff_id])
+                .diff_ids(
+                    layers
+                        .iter()
+                        .map(|layer| layer.diff_id.clone())
+                        .collect::<Vec<_>>(),
+                )
                 .build()?,
         )
         .history(vec![
@@ -474,7 +508,12 @@ pub fn write_archive(
         .schema_version(SCHEMA_VERSION)
         .media_type(MediaType::ImageManifest)
         .config(config.descriptor.clone())
-        .layers(vec![layer.descriptor.clone()])
+        .layers(
+            layers
+                .iter()
+                .map(|layer| layer.blob.descriptor.clone())
+                .collect::<Vec<_>>(),
+        )
         .annotations(labels)
         .build()?;
     let manifest = Blob::new(MediaType::ImageManifest, canonical_json(&manifest)?)?;
@@ -496,7 +535,11 @@ pub fn write_archive(
         ("oci-layout".to_owned(), canonical_json(&layout)?),
         ("index.json".to_owned(), canonical_json(&index)?),
     ];
-    for blob in [&config, &layer, &manifest] {
+    for blob in layers
+        .iter()
+        .map(|layer| &layer.blob)
+        .chain([&config, &manifest])
+    {
         entries.push((blob.path(), blob.bytes.clone()));
     }
     entries.sort();

@@ -7,6 +7,7 @@ mod bench;
 mod cluster;
 mod cmd;
 mod image;
+mod rootfs;
 mod run;
 mod setup;
 mod upstream;
@@ -61,6 +62,25 @@ enum Command {
         #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=2))]
         nodes: u8,
     },
+    /// Kubernetes' e2e suite (`[sig-network]` by default) on the test
+    /// cluster, with svc-proxy and with upstream kube-proxy (nftables) as
+    /// the control run, each on a fresh cluster: JUnit reports under
+    /// target/conformance/<proxy>/, and docs/conformance.md from both.
+    Conformance {
+        /// Only this proxy (svc-proxy or kube-proxy; repeatable).
+        #[arg(long)]
+        proxy: Vec<String>,
+        /// A ginkgo regular expression of specs (not the wide focus: no
+        /// document is written).
+        #[arg(long)]
+        focus: Option<String>,
+        /// Parallel ginkgo processes.
+        #[arg(long, default_value_t = 2)]
+        procs: u8,
+        /// The limit of each proxy's run.
+        #[arg(long, default_value_t = 150)]
+        timeout_minutes: u32,
+    },
     /// Run the agent against the cluster of `KUBECONFIG` (or ~/.kube/config)
     /// when it answers; otherwise start a sandbox (pod namespaces with the
     /// datapath attached, services from examples/sandbox) and run the agent
@@ -113,6 +133,27 @@ fn main() -> Result<()> {
         Command::ControlPlane => control_plane(),
         Command::Run => run::run(),
         Command::Cluster { nodes } => cluster::run(nodes),
+        Command::Conformance {
+            proxy,
+            focus,
+            procs,
+            timeout_minutes,
+        } => {
+            let mut args = Vec::new();
+            for proxy in proxy {
+                args.extend(["--proxy".to_owned(), proxy]);
+            }
+            if let Some(focus) = focus {
+                args.extend(["--focus".to_owned(), focus]);
+            }
+            args.extend([
+                "--procs".to_owned(),
+                procs.to_string(),
+                "--timeout-minutes".to_owned(),
+                timeout_minutes.to_string(),
+            ]);
+            cluster::conformance(&args)
+        }
         Command::Image { check: true, .. } => image::check_reproducible(),
         Command::Image { out, .. } => {
             let built = image::build(out.as_deref())?;

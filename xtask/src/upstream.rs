@@ -8,9 +8,12 @@
 //! | `tests/cluster/containerd` | containerd, containerd-shim-runc-v2, ctr |
 //! | `tests/cluster/runc` | runc (cgo, seccomp) |
 //! | `tests/cluster/coredns` | coredns |
+//! | `tests/conformance` | e2e.test (Kubernetes' e2e suite), kube-proxy, ginkgo |
 //!
 //! containerd, runc and CoreDNS have pins of their own: their dependency
-//! versions clash with Kubernetes' `replace` lines. The tests get one
+//! versions clash with Kubernetes' `replace` lines. The e2e suite and
+//! kube-proxy have one because their extra dependencies would otherwise
+//! change `tests/k8s` and rebuild all of it. The tests get one
 //! directory with a link to every binary.
 
 use std::{
@@ -31,6 +34,8 @@ struct Tool {
     /// Linked with cgo (runc's nsenter is C).
     cgo: bool,
     tags: &'static str,
+    /// A package's test binary (`go test -c`), as the e2e suite ships.
+    test: bool,
 }
 
 const fn tool(name: &'static str, package: &'static str) -> Tool {
@@ -39,6 +44,7 @@ const fn tool(name: &'static str, package: &'static str) -> Tool {
         package,
         cgo: false,
         tags: "",
+        test: false,
     }
 }
 
@@ -107,6 +113,19 @@ const PINS: &[Pin] = &[
         name: "coredns",
         tools: &[tool("coredns", "github.com/coredns/coredns")],
     },
+    Pin {
+        dir: "tests/conformance",
+        name: "conformance",
+        tools: &[
+            Tool {
+                test: true,
+                ..tool("e2e.test", "k8s.io/kubernetes/test/e2e")
+            },
+            tool("kube-proxy", "k8s.io/kubernetes/cmd/kube-proxy"),
+            // Runs the suite's specs in parallel processes.
+            tool("ginkgo", "github.com/onsi/ginkgo/v2/ginkgo"),
+        ],
+    },
 ];
 
 /// Where the tests read the directory holding the binaries.
@@ -114,7 +133,7 @@ pub const BIN_DIR_ENV: &str = "SVC_E2E_K8S_BIN";
 
 /// FNV-1a: a stable key for the cache directory (std's hasher may change
 /// between Rust releases).
-fn fnv1a(bytes: &[u8]) -> u64 {
+pub fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
         (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3)
     })
@@ -139,11 +158,11 @@ fn required_version(dir: &Path, module: &str) -> Result<String> {
 }
 
 /// The `-ldflags` of a pin: stripped, and for Kubernetes its version, so
-/// components and tests that check it see the release.
-fn ldflags(pin: &Pin, dir: &Path) -> Result<String> {
+/// components and specs that check it (`SkipUnlessServerVersionGTE`) see
+/// the release rather than `v0.0.0-master`.
+fn ldflags(dir: &Path) -> Result<String> {
     let mut flags = String::from("-s -w");
-    if pin.name == "k8s" {
-        let version = required_version(dir, "k8s.io/kubernetes")?;
+    if let Ok(version) = required_version(dir, "k8s.io/kubernetes") {
         let minor = version
             .trim_start_matches('v')
             .split('.')
@@ -197,12 +216,17 @@ fn build_pin(pin: &Pin, cache: &Path) -> Result<(PathBuf, u64)> {
         dir.display()
     );
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let ldflags = ldflags(pin, &source)?;
+    let ldflags = ldflags(&source)?;
     for tool in missing {
         let partial = dir.join(format!("{}.partial", tool.name));
         let mut build = Command::new("go");
         build
-            .args(["build", "-trimpath", "-ldflags", &ldflags])
+            .args(if tool.test {
+                &["test", "-c"][..]
+            } else {
+                &["build"][..]
+            })
+            .args(["-trimpath", "-ldflags", &ldflags])
             .args(["-tags", tool.tags])
             .arg("-o")
             .arg(&partial)
@@ -216,6 +240,21 @@ fn build_pin(pin: &Pin, cache: &Path) -> Result<(PathBuf, u64)> {
             .with_context(|| format!("moving {} into place", partial.display()))?;
     }
     Ok((dir, key))
+}
+
+/// The directory of `module` as the pin at `pin_dir` (relative to the
+/// workspace) requires it, in Go's module cache (downloaded if missing).
+pub fn module_dir(pin_dir: &str, module: &str) -> Result<PathBuf> {
+    let mut list = Command::new("go");
+    list.args(["list", "-m", "-f", "{{.Dir}}", module])
+        .current_dir(cmd::workspace_root().join(pin_dir))
+        .env("GOFLAGS", "-mod=readonly");
+    let dir = cmd::output(&mut list)?;
+    let dir = PathBuf::from(dir.trim());
+    if dir.as_os_str().is_empty() || !dir.is_dir() {
+        bail!("go list found no directory for {module} in {pin_dir}");
+    }
+    Ok(dir)
 }
 
 /// Builds whatever is missing and returns one directory with every
