@@ -136,9 +136,15 @@ pub struct InspectArgs {
 
 #[derive(Args)]
 pub struct RunArgs {
-    /// Where to serve Prometheus `/metrics`, `/healthz` and `/readyz`.
-    #[arg(long, default_value = "127.0.0.1:9464")]
+    /// Where to serve Prometheus `/metrics`, `/healthz`, `/readyz` and
+    /// `/proxyMode` (kube-proxy's metrics port, 10249).
+    #[arg(long, default_value = "127.0.0.1:10249")]
     pub metrics_addr: std::net::SocketAddr,
+    /// Where to serve kube-proxy's node health (`/healthz`, `/livez`) for
+    /// load balancers' health checks (kube-proxy's 0.0.0.0:10256); `off`
+    /// serves none.
+    #[arg(long, default_value = "0.0.0.0:10256")]
+    pub healthz_addr: OptionalAddr,
     /// Run in this network namespace (a name `ip netns` knows) instead of
     /// the caller's; the mount namespace, and so bpffs, stay the caller's.
     #[arg(long, value_name = "NAME")]
@@ -259,6 +265,23 @@ pub struct RunArgs {
     pub stats_interval_secs: u64,
 }
 
+/// A listening address, or `off`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OptionalAddr(pub Option<std::net::SocketAddr>);
+
+impl std::str::FromStr for OptionalAddr {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        if text == "off" {
+            return Ok(Self(None));
+        }
+        text.parse()
+            .map(|addr| Self(Some(addr)))
+            .map_err(|err| format!("{err} (an address:port, or off)"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use clap::Parser as _;
@@ -292,5 +315,27 @@ mod tests {
         }
         assert!(run_with(&["--ct-entries", "256", "--maglev-slots", "65537"]).is_ok());
         assert!(run_with(&[]).is_ok(), "the defaults are in range");
+    }
+
+    #[test]
+    fn the_health_address_is_kube_proxy_s_or_off() {
+        let healthz = |flags: &[&str]| match run_with(flags).map(|cli| cli.command) {
+            Ok(super::Command::Run(args)) => Ok(args.healthz_addr.0),
+            Ok(_) => panic!("not run"),
+            Err(err) => Err(err.kind()),
+        };
+        assert_eq!(
+            healthz(&[]),
+            Ok(Some("0.0.0.0:10256".parse().expect("an address")))
+        );
+        assert_eq!(healthz(&["--healthz-addr", "off"]), Ok(None));
+        assert_eq!(
+            healthz(&["--healthz-addr", "127.0.0.1:1"]),
+            Ok(Some("127.0.0.1:1".parse().expect("an address")))
+        );
+        assert_eq!(
+            healthz(&["--healthz-addr", "10256"]),
+            Err(clap::error::ErrorKind::ValueValidation)
+        );
     }
 }

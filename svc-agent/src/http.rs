@@ -1,5 +1,6 @@
-//! A minimal HTTP/1.0 server for `/metrics`, `/healthz` and `/readyz`:
-//! enough for Prometheus and kubelet probes, nothing else.
+//! A minimal HTTP/1.0 server for `/metrics`, `/healthz`, `/readyz` and
+//! kube-proxy's `/proxyMode`: enough for Prometheus and kubelet probes,
+//! nothing else.
 
 use std::{
     sync::{Arc, Mutex, MutexGuard, PoisonError},
@@ -13,6 +14,8 @@ use tokio::{
 };
 use tracing::debug;
 
+use crate::proxy_health::ProxyState;
+
 /// The page the HTTP side serves, rendered by the agent's loop.
 #[derive(Debug)]
 pub struct Page {
@@ -23,6 +26,8 @@ pub struct Page {
     /// Why the agent cannot do its job any more (an essential task
     /// ended): `/healthz` fails with it, so the agent is restarted.
     pub failed: Option<String>,
+    /// What kube-proxy's health server reports ([`crate::proxy_health`]).
+    pub proxy: ProxyState,
 }
 
 impl Page {
@@ -34,6 +39,7 @@ impl Page {
             ready: false,
             refreshed: Instant::now(),
             failed: None,
+            proxy: ProxyState::default(),
         }
     }
 }
@@ -142,6 +148,8 @@ async fn respond(mut stream: TcpStream, page: &Mutex<Page>) -> std::io::Result<(
                 Ok(()) => ("200 OK", "text/plain", "ok\n".to_owned()),
                 Err(why) => ("503 Service Unavailable", "text/plain", format!("{why}\n")),
             },
+            // As kube-proxy's metrics port answers (`iptables`, `nftables`).
+            "/proxyMode" => ("200 OK", "text/plain", "ebpf".to_owned()),
             "/readyz" if page.ready => ("200 OK", "text/plain", "ready\n".to_owned()),
             "/readyz" => (
                 "503 Service Unavailable",
@@ -167,6 +175,7 @@ mod tests {
             ready: true,
             refreshed: Instant::now(),
             failed: None,
+            proxy: ProxyState::default(),
         };
         assert_eq!(health(&page), Ok(()));
         page.failed = Some("the watch of Services ended: it panicked".to_owned());

@@ -17,6 +17,7 @@ use svc_agent::{
     datapath::{Capacities, Datapath, LoadOptions, current_netns_cookie, ports},
     http::{self, Page},
     model::{LocalDetect, NodeInfo, Settings, Translator},
+    proxy_health,
     reconcile::{Fixed, Reconciler, join},
     source::{self, kube::KubeSource, manifests::ManifestSource},
     sync::Applier,
@@ -170,6 +171,13 @@ const HTTP: Task = Task {
     essential: true,
 };
 
+/// kube-proxy's node health server: load balancers lose this node without
+/// it, but its services still work.
+const PROXY_HEALTH: Task = Task {
+    name: "kube-proxy health server",
+    essential: false,
+};
+
 /// Forwards the eBPF programs' log lines to `tracing`.
 fn spawn_logger(datapath: &mut Datapath, tasks: &mut Tasks) -> Result<()> {
     let logger = datapath.logger().context("starting the eBPF logger")?;
@@ -267,6 +275,29 @@ async fn serve_http(addr: std::net::SocketAddr, tasks: &mut Tasks) -> Result<Arc
     Ok(page)
 }
 
+/// Serves kube-proxy's node health from `page`. Not essential: a port in
+/// use (kube-proxy still running, say) is said and the agent goes on.
+async fn serve_proxy_health(
+    addr: std::net::SocketAddr,
+    page: &Arc<Mutex<Page>>,
+    tasks: &mut Tasks,
+) {
+    match tokio::net::TcpListener::bind(addr).await {
+        Ok(listener) => {
+            info!(%addr, "serving kube-proxy's node health: /healthz and /livez");
+            tasks.spawn(
+                PROXY_HEALTH,
+                proxy_health::serve(listener, Arc::clone(page)),
+            );
+        }
+        Err(err) => warn!(
+            %addr,
+            error = %err,
+            "cannot serve kube-proxy's node health (--healthz-addr); load balancers that probe it will see this node down"
+        ),
+    }
+}
+
 /// The translation settings the flags give, checked: a local-detection
 /// mode needs its CIDRs.
 fn settings(args: &RunArgs) -> Result<Settings> {
@@ -350,6 +381,9 @@ async fn run(mut args: RunArgs) -> Result<()> {
     let reconciler = Reconciler::new(translator(&args, &node_name, settings), fixed);
     let applier = applier_for(&datapath, &args.pin_dir);
     let page = serve_http(args.metrics_addr, &mut tasks).await?;
+    if let Some(addr) = args.healthz_addr.0 {
+        serve_proxy_health(addr, &page, &mut tasks).await;
+    }
     let debounce = Duration::from_millis(args.debounce_ms);
     let source = client.map(|client| {
         let source = KubeSource::start(&client, &node_name, debounce, &mut tasks);

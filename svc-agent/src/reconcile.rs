@@ -54,6 +54,9 @@ pub struct NodeFacts {
     pub addrs: Vec<Ipv4Addr>,
     pub zone: Option<String>,
     pub pod_cidrs: Vec<Ipv4Cidr>,
+    /// Not being deleted nor tainted for deletion by the cluster
+    /// autoscaler: kube-proxy's node eligibility, which `/healthz` reports.
+    pub eligible: bool,
 }
 
 /// Where the objects come from: the Kubernetes API
@@ -466,6 +469,7 @@ mod tests {
                 addrs: vec![node_addr],
                 zone: Some("z1".to_owned()),
                 pod_cidrs: vec![pod_cidr],
+                eligible: true,
             }),
             ..Fake::default()
         };

@@ -15,7 +15,7 @@ use std::{
 };
 
 const AGENT: &str = env!("CARGO_BIN_EXE_svc-agent");
-const METRICS: &str = "127.0.0.1:9464";
+const METRICS: &str = "127.0.0.1:10249";
 
 fn web(ports: &[u16]) -> String {
     let mut text = String::from(

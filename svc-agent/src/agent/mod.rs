@@ -9,7 +9,7 @@ pub mod interfaces;
 use std::{
     path::PathBuf,
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use svc_common::stats::Counter;
@@ -93,9 +93,17 @@ impl Agent {
                 () = interfaces.changed() => interfaces.rescan(&mut self.datapath),
                 batch = source.changed() => {
                     state.snapshot.watch_errors += batch.dirty.failures.len() as u64;
+                    lock(&self.page).proxy.queued(batch.started);
                     if let Some(round) = self.reconciler.reconcile(&source, batch) {
                         self.apply(&round, &mut state);
+                    } else if self.reconciler.synced() {
+                        // Nothing the datapath holds changed: it is current.
+                        lock(&self.page).proxy.updated(SystemTime::now());
                     }
+                    // No Node object (a manifest directory): nothing says
+                    // the node is leaving.
+                    lock(&self.page).proxy.node_eligible =
+                        source.node().is_none_or(|node| node.eligible);
                 }
                 _ = render_every.tick() => {
                     let ready = lock(&self.page).ready;
@@ -187,6 +195,7 @@ impl Agent {
                 .sweeper
                 .start_if_due(&mut self.applier, &mut self.datapath);
         }
+        lock(&self.page).proxy.updated(SystemTime::now());
         self.publish(state, true);
     }
 

@@ -472,6 +472,7 @@ impl Source for KubeSource {
             addrs: node_addresses(&node),
             zone: node_zone(&node),
             pod_cidrs: node_pod_cidrs(&node),
+            eligible: node_eligible(&node),
         })
     }
 
@@ -648,6 +649,21 @@ pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 #[must_use]
 pub fn node_zone(node: &Node) -> Option<String> {
     node.metadata.labels.as_ref()?.get(ZONE_LABEL).cloned()
+}
+
+/// The cluster autoscaler's taint on a node it is about to delete.
+const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
+
+/// kube-proxy's node eligibility for load balancer health checks: not
+/// being deleted, not tainted for deletion.
+#[must_use]
+pub fn node_eligible(node: &Node) -> bool {
+    node.metadata.deletion_timestamp.is_none()
+        && !node
+            .spec
+            .as_ref()
+            .and_then(|spec| spec.taints.as_ref())
+            .is_some_and(|taints| taints.iter().any(|taint| taint.key == TO_BE_DELETED_TAINT))
 }
 
 /// The node's IPv4 pod CIDRs (`spec.podCIDRs`, or the older `podCIDR`).
@@ -956,6 +972,20 @@ mod tests {
             facts.pod_cidrs,
             ["10.244.1.0/24".parse::<Ipv4Cidr>().expect("a CIDR")]
         );
+    }
+
+    #[test]
+    fn a_node_being_deleted_or_tainted_for_deletion_is_not_eligible() {
+        let eligible = |text: &str| node_eligible(&yaml(text));
+        assert!(eligible(
+            "apiVersion: v1\nkind: Node\nmetadata:\n  name: n1\nspec:\n  taints: [{key: node.kubernetes.io/unschedulable, effect: NoSchedule}]\n"
+        ));
+        assert!(!eligible(
+            "apiVersion: v1\nkind: Node\nmetadata:\n  name: n1\nspec:\n  taints: [{key: ToBeDeletedByClusterAutoscaler, value: '1767225600', effect: NoSchedule}]\n"
+        ));
+        assert!(!eligible(
+            "apiVersion: v1\nkind: Node\nmetadata:\n  name: n1\n  deletionTimestamp: '2026-12-02T22:00:00Z'\n  finalizers: [example.com/hold]\n"
+        ));
     }
 
     #[test]

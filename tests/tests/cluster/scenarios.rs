@@ -19,11 +19,11 @@ pub fn the_agent_runs_from_its_image_on_every_node(h: &mut Harness) {
     let pods = h.pods("kube-system", "app.kubernetes.io/name=svc-agent");
     assert_eq!(pods.len(), 2, "one agent per node: {pods:?}");
     for (name, ip) in &pods {
-        let (status, body) = http_at(SocketAddrV4::new(*ip, 9464), "GET", "/metrics", "")
+        let (status, body) = http_at(SocketAddrV4::new(*ip, 10249), "GET", "/metrics", "")
             .unwrap_or_else(|| panic!("{name}: /metrics does not answer"));
         assert_eq!(status, 200, "{name}: /metrics");
         assert!(body.contains("svc_frontends"), "{name}: {body}");
-        let (status, _) = http_at(SocketAddrV4::new(*ip, 9464), "GET", "/readyz", "")
+        let (status, _) = http_at(SocketAddrV4::new(*ip, 10249), "GET", "/readyz", "")
             .unwrap_or_else(|| panic!("{name}: /readyz does not answer"));
         assert_eq!(status, 200, "{name}: /readyz");
         let node = h.field("kube-system", &format!("pod/{name}"), "{.spec.nodeName}");

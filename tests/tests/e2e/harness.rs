@@ -154,7 +154,7 @@ pub(crate) fn get(ns: &tests::netns::NetNs, addr: SocketAddrV4, path: &str) -> S
 }
 
 /// The agent's own HTTP address inside its node's namespace.
-pub(crate) const AGENT_HTTP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9464);
+pub(crate) const AGENT_HTTP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 10249);
 
 /// An agent's metrics page, fetched inside its node's namespace.
 pub(crate) fn metrics(ns: &tests::netns::NetNs) -> String {

@@ -52,6 +52,10 @@ const SCENARIOS: &[(&str, tests::scenarios::Scenario<E2e>)] = &[
         policies::health_check_node_ports_follow_local_endpoints,
     ),
     (
+        "node_health_answers_as_kube_proxy_and_drains_a_node_being_deleted",
+        policies::node_health_answers_as_kube_proxy_and_drains_a_node_being_deleted,
+    ),
+    (
         "load_balancer_source_ranges_admit_only_their_sources",
         policies::load_balancer_source_ranges_admit_only_their_sources,
     ),

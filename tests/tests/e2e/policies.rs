@@ -3,12 +3,18 @@
 
 use std::{collections::BTreeSet, net::SocketAddrV4, process::Command, time::Duration};
 
+use k8s_openapi::api::core::v1::Node;
+use kube::{
+    Api,
+    api::{Patch, PatchParams},
+};
 use serde_json::json;
 use svc_agent::inspect::PinnedMaps;
 use tests::{eventually, topology::EXTERNAL_ADDR};
 
 use super::harness::{
-    CONVERGE, E2e, WEB_PORT, addr, agent_binary, datapath_counter, get, node_port, refusal,
+    AGENT_HTTP, CONVERGE, E2e, WEB_PORT, addr, agent_binary, datapath_counter, get, node_port,
+    refusal,
 };
 
 /// Scenario 4.
@@ -172,6 +178,71 @@ pub(crate) fn health_check_node_ports_follow_local_endpoints(e2e: &mut E2e) {
             refusal(ext, to)
         );
     }
+}
+
+/// kube-proxy's node health on port 10256 (what cloud load balancers of
+/// `externalTrafficPolicy: Cluster` services probe): 200 with its JSON
+/// while the agent keeps up; a node tainted for deletion by the cluster
+/// autoscaler fails `/healthz` (and only it) until the taint goes. The
+/// e2e suite's `should check kube-proxy urls` asks for this.
+pub(crate) fn node_health_answers_as_kube_proxy_and_drains_a_node_being_deleted(e2e: &mut E2e) {
+    let ext = &e2e.cluster.external.ns;
+    let node1 = e2e.cluster.nodes[0].addr;
+    let probe = |path: &str| get(ext, SocketAddrV4::new(node1, 10256), path);
+    let mut last = String::new();
+    for path in ["/healthz", "/livez"] {
+        assert!(
+            eventually(CONVERGE, || {
+                last = probe(path);
+                last.starts_with("HTTP/1.0 200")
+                    && last.contains("\"healthy\":true")
+                    && last.contains("\"lastUpdated\":\"20")
+            }),
+            "{path} on node1: 200 with kube-proxy's body; got {last:?}"
+        );
+    }
+    assert!(last.contains("application/json"), "{last:?}");
+    let taint = |taints: serde_json::Value| {
+        let node_api: Api<Node> = Api::all(e2e.plane.client());
+        e2e.plane.block_on(async {
+            node_api
+                .patch(
+                    "node1",
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"spec": {"taints": taints}})),
+                )
+                .await
+                .unwrap_or_else(|err| panic!("tainting node1: {err}"));
+        });
+    };
+    taint(
+        json!([{"key": "ToBeDeletedByClusterAutoscaler", "value": "1796250000", "effect": "NoSchedule"}]),
+    );
+    assert!(
+        eventually(CONVERGE, || {
+            last = probe("/healthz");
+            last.starts_with("HTTP/1.0 503") && last.contains("\"nodeEligible\":false")
+        }),
+        "a node tainted for deletion fails /healthz; got {last:?}"
+    );
+    last = probe("/livez");
+    assert!(
+        last.starts_with("HTTP/1.0 200"),
+        "/livez ignores the taint: {last:?}"
+    );
+    taint(json!(null));
+    assert!(
+        eventually(CONVERGE, || {
+            last = probe("/healthz");
+            last.starts_with("HTTP/1.0 200") && last.contains("\"nodeEligible\":true")
+        }),
+        "the taint gone, /healthz passes again; got {last:?}"
+    );
+    let mode = get(&e2e.cluster.nodes[0].ns, AGENT_HTTP, "/proxyMode");
+    assert!(
+        mode.starts_with("HTTP/1.0 200") && mode.ends_with("\r\n\r\nebpf"),
+        "/proxyMode on the metrics port, as kube-proxy's: {mode:?}"
+    );
 }
 
 /// `loadBalancerSourceRanges`: the load balancer IP takes new connections
