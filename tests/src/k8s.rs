@@ -163,6 +163,9 @@ impl Pki {
         ] {
             leaf(file, Vec::new(), cn, Some("system:masters"), false);
         }
+        // kube-proxy (the conformance control run) with its own bootstrap
+        // role, `system:node-proxier`, as kubeadm sets it up.
+        leaf("kube-proxy", Vec::new(), "system:kube-proxy", None, false);
         let sa = KeyPair::generate().expect("service-account key");
         write("sa.key", &sa.serialize_pem());
         write("sa.pub", &sa.public_key_pem());
@@ -710,9 +713,7 @@ fn controller_manager_args(dir: &Path, pki: &Pki, options: PlaneOptions) -> Vec<
 #[must_use]
 pub fn deploy_documents(file: &str) -> Vec<serde_json::Value> {
     use k8s_openapi::serde::Deserialize as _;
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../deploy")
-        .join(file);
+    let path = crate::workspace_root().join("deploy").join(file);
     let text =
         fs::read_to_string(&path).unwrap_or_else(|err| panic!("reading {}: {err}", path.display()));
     serde_yaml_ng::Deserializer::from_str(&text)

@@ -10,13 +10,14 @@
 )]
 
 use std::{
-    path::PathBuf,
+    path::{Path, PathBuf},
     thread,
     time::{Duration, Instant},
 };
 
 pub mod agents;
 pub mod cluster;
+pub mod conformance;
 pub mod k8s;
 pub mod netns;
 pub mod packet;
@@ -34,6 +35,15 @@ pub fn require_root() {
         "this test needs root (it loads eBPF programs and creates network namespaces); \
          run `cargo xtask test` as root"
     );
+}
+
+/// The workspace's root directory.
+#[must_use]
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ lives in the workspace")
+        .to_path_buf()
 }
 
 /// A workspace binary cargo built beside this test (`svc-agent`,

@@ -14,6 +14,7 @@
 //! Ctrl-C; the cluster tests share one.
 
 pub mod deploy;
+pub mod kube_proxy;
 pub mod node;
 
 use std::{

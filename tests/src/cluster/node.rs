@@ -230,7 +230,8 @@ state = "{run}/containerd"
     }
 
     /// `nsenter --net=<this node> -- <binary>`.
-    fn in_node(&self, binary: &Path) -> Command {
+    #[must_use]
+    pub fn in_node(&self, binary: &Path) -> Command {
         let mut command = Command::new("nsenter");
         command
             .arg(format!("--net=/run/netns/{}", self.ns.name()))
@@ -394,7 +395,7 @@ impl Drop for KubeNode {
 }
 
 /// A name that lives as long as the process (process names are few).
-fn leak(name: String) -> &'static str {
+pub(super) fn leak(name: String) -> &'static str {
     Box::leak(name.into_boxed_str())
 }
 
