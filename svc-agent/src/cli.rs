@@ -263,6 +263,15 @@ pub struct RunArgs {
     /// Seconds between counter reports in the log.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub stats_interval_secs: u64,
+    /// netfilter's established TCP timeout on this node, in seconds, as
+    /// kube-proxy sets it (`--conntrack-tcp-timeout-established`); 0
+    /// leaves it.
+    #[arg(long, default_value_t = 86_400)]
+    pub conntrack_tcp_timeout_established: u32,
+    /// netfilter's `CLOSE_WAIT` TCP timeout, in seconds, as kube-proxy
+    /// sets it; 0 leaves it.
+    #[arg(long, default_value_t = 3_600)]
+    pub conntrack_tcp_timeout_close_wait: u32,
 }
 
 /// A listening address, or `off`.

@@ -10,6 +10,7 @@ pub mod http;
 pub mod inspect;
 pub mod metrics;
 pub mod model;
+pub mod netfilter;
 pub mod proxy_health;
 pub mod reconcile;
 pub mod source;

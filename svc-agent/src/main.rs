@@ -17,7 +17,7 @@ use svc_agent::{
     datapath::{Capacities, Datapath, LoadOptions, current_netns_cookie, ports},
     http::{self, Page},
     model::{LocalDetect, NodeInfo, Settings, Translator},
-    proxy_health,
+    netfilter, proxy_health,
     reconcile::{Fixed, Reconciler, join},
     source::{self, kube::KubeSource, manifests::ManifestSource},
     sync::Applier,
@@ -275,6 +275,30 @@ async fn serve_http(addr: std::net::SocketAddr, tasks: &mut Tasks) -> Result<Arc
     Ok(page)
 }
 
+/// kube-proxy's netfilter timeouts ([`netfilter`]); a failure is said, not
+/// fatal (svc-proxy's own flows do not depend on them).
+fn tune_netfilter(args: &RunArgs) {
+    for timeout in netfilter::tcp_timeouts(
+        args.conntrack_tcp_timeout_established,
+        args.conntrack_tcp_timeout_close_wait,
+    ) {
+        match netfilter::apply(timeout) {
+            Ok(netfilter::Outcome::Set { from }) => {
+                info!(
+                    sysctl = timeout.sysctl,
+                    from,
+                    to = timeout.seconds,
+                    "set as kube-proxy does"
+                );
+            }
+            Ok(netfilter::Outcome::Unchanged | netfilter::Outcome::Absent) => {}
+            Err(err) => {
+                warn!(sysctl = timeout.sysctl, error = %err, "cannot set netfilter's timeout");
+            }
+        }
+    }
+}
+
 /// Serves kube-proxy's node health from `page`. Not essential: a port in
 /// use (kube-proxy still running, say) is said and the agent goes on.
 async fn serve_proxy_health(
@@ -378,6 +402,7 @@ async fn run(mut args: RunArgs) -> Result<()> {
     let mut tasks = Tasks::new();
     let datapath = start_datapath(&args, &mut tasks)?;
     log_masquerading(&args, &settings);
+    tune_netfilter(&args);
     let reconciler = Reconciler::new(translator(&args, &node_name, settings), fixed);
     let applier = applier_for(&datapath, &args.pin_dir);
     let page = serve_http(args.metrics_addr, &mut tasks).await?;
