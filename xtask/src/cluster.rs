@@ -2,11 +2,12 @@
 //! `tests/src/cluster/`), and the images its nodes import: the agent's
 //! (as `cargo xtask image` builds it); Kubernetes' own test server
 //! `agnhost` on a Debian root file system with the shell tools the e2e
-//! specs call ([`rootfs`]); the same file system as the specs' `busybox`
-//! and `glibc-dns-testing` (they run `sh`, `nc`, `sleep`, `dig` and
-//! `getent`); agnhost's HTTP server on port 80 as their `nginx` (pods that
-//! only have to run and serve); and agnhost alone, with its `pause`
-//! subcommand, as the pod sandbox. No registry is reachable: every image is built here and
+//! specs call ([`rootfs`]); the same file system as the specs' `busybox`,
+//! `glibc-dns-testing` and `distroless-iptables` (they run `sh`, `nc`,
+//! `sleep`, `dig`, `getent` and `conntrack`); agnhost's HTTP server on port 80 as their `nginx` (pods that
+//! only have to run and serve); the conntrack spec's
+//! `regression-issue-74839` server on that file system; and agnhost alone,
+//! with its `pause` subcommand, as the pod sandbox. No registry is reachable: every image is built here and
 //! imported into each node's containerd under the name `e2e.test
 //! --list-images` prints.
 
@@ -35,6 +36,11 @@ const PAUSE: (&str, &str) = ("registry.k8s.io/pause", "3.10.2");
 const BUSYBOX: (&str, &str) = ("registry.k8s.io/e2e-test-images/busybox", "1.37.0-2");
 const GLIBC_DNS: (&str, &str) = ("registry.k8s.io/e2e-test-images/glibc-dns-testing", "2.1.1");
 const NGINX: (&str, &str) = ("registry.k8s.io/e2e-test-images/nginx", "1.27.0-2");
+const IPTABLES: (&str, &str) = ("registry.k8s.io/build-image/distroless-iptables", "v0.9.9");
+const BOOM: (&str, &str) = (
+    "registry.k8s.io/e2e-test-images/regression-issue-74839",
+    "1.5",
+);
 
 /// Builds the images into `target/cluster-images/`: `<file>.oci.tar`
 /// beside a `<file>.name` holding the name to import it under.
@@ -49,28 +55,18 @@ pub fn images(bin_dir: &Path) -> Result<PathBuf> {
         &format!("ghcr.io/svc-proxy/svc-agent:{}", meta.version),
     )?;
 
-    let agnhost_path = bin_dir.join("agnhost");
-    let agnhost =
-        fs::read(&agnhost_path).with_context(|| format!("reading {}", agnhost_path.display()))?;
-    image::ensure_static(&agnhost).context("agnhost is not a static binary")?;
-    // The TLS pair porter serves with (the proxy specs' echo server), as
-    // upstream's image holds them.
-    let porter =
-        upstream::module_dir("tests/k8s", "k8s.io/kubernetes")?.join("test/images/agnhost/porter");
-    let mut files = vec![LayerFile {
-        path: "agnhost",
-        mode: 0o755,
-        bytes: agnhost,
-    }];
-    for name in ["localhost.crt", "localhost.key"] {
-        let path = porter.join(name);
-        files.push(LayerFile {
-            path: name,
-            mode: 0o644,
-            bytes: fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
-        });
-    }
+    let files = agnhost_files(bin_dir)?;
+    // The sandbox image needs the binary alone.
+    let pause = Layer::of_files(&files[..1], meta.epoch)?;
     let agnhost = Layer::of_files(&files, meta.epoch)?;
+    let boom = Layer::of_files(
+        &[LayerFile {
+            path: "regression-issue-74839",
+            mode: 0o755,
+            bytes: static_binary(bin_dir, "regression-issue-74839")?,
+        }],
+        meta.epoch,
+    )?;
     let rootfs_tar = rootfs::debian()?;
     let rootfs = Layer::of_tar(
         &fs::read(&rootfs_tar).with_context(|| format!("reading {}", rootfs_tar.display()))?,
@@ -87,7 +83,7 @@ pub fn images(bin_dir: &Path) -> Result<PathBuf> {
         (
             "pause",
             PAUSE,
-            vec![&agnhost],
+            vec![&pause],
             strings(&["/agnhost", "pause"]),
             Vec::new(),
         ),
@@ -104,6 +100,20 @@ pub fn images(bin_dir: &Path) -> Result<PathBuf> {
             vec![&rootfs],
             Vec::new(),
             strings(&["/bin/sh"]),
+        ),
+        (
+            "distroless-iptables",
+            IPTABLES,
+            vec![&rootfs],
+            Vec::new(),
+            strings(&["/bin/sh"]),
+        ),
+        (
+            "regression-issue-74839",
+            BOOM,
+            vec![&rootfs, &boom],
+            strings(&["/regression-issue-74839"]),
+            Vec::new(),
         ),
         (
             "nginx",
@@ -125,6 +135,44 @@ pub fn images(bin_dir: &Path) -> Result<PathBuf> {
         write_name(&archive, &format!("{name}:{tag}"))?;
     }
     Ok(dir)
+}
+
+/// agnhost as upstream's image has it: the binary, CoreDNS (the DNS specs
+/// run their own server in an agnhost pod) and the TLS pair porter serves
+/// with (the proxy specs' echo server). The binary comes first.
+fn agnhost_files(bin_dir: &Path) -> Result<Vec<LayerFile>> {
+    let porter =
+        upstream::module_dir("tests/k8s", "k8s.io/kubernetes")?.join("test/images/agnhost/porter");
+    let mut files = vec![
+        LayerFile {
+            path: "agnhost",
+            mode: 0o755,
+            bytes: static_binary(bin_dir, "agnhost")?,
+        },
+        LayerFile {
+            path: "coredns",
+            mode: 0o755,
+            bytes: static_binary(bin_dir, "coredns")?,
+        },
+    ];
+    for name in ["localhost.crt", "localhost.key"] {
+        let path = porter.join(name);
+        files.push(LayerFile {
+            path: name,
+            mode: 0o644,
+            bytes: fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
+        });
+    }
+    Ok(files)
+}
+
+/// The bytes of `name` under `bin_dir`, checked to be static (it goes into
+/// images with no libraries).
+fn static_binary(bin_dir: &Path, name: &str) -> Result<Vec<u8>> {
+    let path = bin_dir.join(name);
+    let bytes = fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    image::ensure_static(&bytes).with_context(|| format!("{name} is not a static binary"))?;
+    Ok(bytes)
 }
 
 /// Writes `<file>.name` beside `<file>.oci.tar`.

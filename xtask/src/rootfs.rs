@@ -15,14 +15,17 @@ use anyhow::{Context as _, Result};
 
 use crate::{cmd, setup, upstream::fnv1a};
 
-/// What the specs run inside agnhost and dnsutils pods. `netcat-openbsd`
-/// as upstream's (`nc -v -t -w 2`, `-u`, `-z`), not busybox's.
+/// What the specs run inside agnhost and dnsutils pods (and `conntrack`
+/// in the `distroless-iptables` host pod). `netcat-openbsd` as upstream's
+/// (`nc -v -t -w 2`, `-u`, `-z`), not busybox's.
 const PACKAGES: &[&str] = &[
     "bash",
     "bind9-dnsutils",
+    "conntrack",
     "curl",
     "iperf",
     "iproute2",
+    "iptables",
     "iputils-ping",
     "netcat-openbsd",
     "procps",

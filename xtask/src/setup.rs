@@ -26,14 +26,17 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[("ip", "iproute2"), ("curl", "curl")]
 /// What the test cluster's nodes need besides what is built from the pins:
 /// the pod network's CNI plugins (ptp, host-local, loopback), libseccomp
 /// with pkg-config for runc's cgo build, mmdebstrap for the root file
-/// system of the e2e suite's images, and nft for kube-proxy's nftables
-/// mode (the conformance control run).
+/// system of the e2e suite's images, nft for kube-proxy's nftables mode
+/// (the conformance control run) and iptables for the portmap plugin
+/// (hostPort).
 const CLUSTER_PACKAGES: &[(&str, &str)] = &[
     ("/usr/lib/cni/ptp", "containernetworking-plugins"),
     ("pkg-config", "pkg-config"),
     ("/usr/include/seccomp.h", "libseccomp-dev"),
     ("mmdebstrap", "mmdebstrap"),
     ("nft", "nftables"),
+    // The portmap CNI plugin's.
+    ("iptables", "iptables"),
 ];
 
 pub fn ensure() -> Result<()> {

@@ -8,7 +8,7 @@
 //! | `tests/cluster/containerd` | containerd, containerd-shim-runc-v2, ctr |
 //! | `tests/cluster/runc` | runc (cgo, seccomp) |
 //! | `tests/cluster/coredns` | coredns |
-//! | `tests/conformance` | e2e.test (Kubernetes' e2e suite), kube-proxy, ginkgo |
+//! | `tests/conformance` | e2e.test (Kubernetes' e2e suite), kube-proxy, ginkgo, regression-issue-74839 |
 //!
 //! containerd, runc and CoreDNS have pins of their own: their dependency
 //! versions clash with Kubernetes' `replace` lines. The e2e suite and
@@ -124,6 +124,12 @@ const PINS: &[Pin] = &[
             tool("kube-proxy", "k8s.io/kubernetes/cmd/kube-proxy"),
             // Runs the suite's specs in parallel processes.
             tool("ginkgo", "github.com/onsi/ginkgo/v2/ginkgo"),
+            // The invalid-conntrack-state spec's server (sends a packet
+            // outside the TCP window).
+            tool(
+                "regression-issue-74839",
+                "k8s.io/kubernetes/test/images/regression-issue-74839",
+            ),
         ],
     },
 ];

@@ -4,7 +4,11 @@
 //! JUnit reports under `target/conformance/<proxy>/`, and
 //! `docs/conformance.md` written from both.
 
-use std::{path::PathBuf, time::Duration};
+use std::{
+    path::PathBuf,
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
+};
 
 use tests::{
     cluster::{KubeCluster, deploy, kube_proxy::KubeProxy},
@@ -17,10 +21,18 @@ use tests::{
 /// The wide focus of the issue: every `[sig-network]` spec.
 const WIDE_FOCUS: &str = r"\[sig-network\]";
 
+/// Ctrl-C reaches ginkgo too, which ends its specs and writes its report;
+/// this process then stops after that run and tears its cluster down.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn interrupted(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
 fn main() {
     let mut proxies = Vec::new();
     let mut focus = WIDE_FOCUS.to_owned();
-    let mut procs = 2;
+    let mut procs = 4;
     let mut timeout_minutes = 150;
     let root = tests::workspace_root();
     let mut out = root.join("target/conformance");
@@ -43,7 +55,17 @@ fn main() {
     if proxies.is_empty() {
         proxies = vec![Proxy::KubeProxy, Proxy::SvcProxy];
     }
+    let handler = interrupted as extern "C" fn(libc::c_int) as libc::sighandler_t;
+    // SAFETY: the handler only stores to an atomic (async-signal-safe).
+    unsafe {
+        libc::signal(libc::SIGINT, handler);
+        libc::signal(libc::SIGTERM, handler);
+    }
     for proxy in proxies {
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            eprintln!("interrupted: {} not run", proxy.name());
+            continue;
+        }
         let cluster = KubeCluster::start(2);
         deploy::dns(&cluster);
         // Held for the run; dropped (stopped) with the cluster.
@@ -66,8 +88,12 @@ fn main() {
         );
         eprintln!("{}:\n{}", proxy.name(), report.summary());
     }
-    if let Some(path) = doc_path.filter(|_| focus == WIDE_FOCUS) {
-        doc::write(&out, &focus, &path);
-        eprintln!("wrote {}", path.display());
+    if let Some(path) =
+        doc_path.filter(|_| focus == WIDE_FOCUS && !INTERRUPTED.load(Ordering::SeqCst))
+    {
+        match doc::write(&out, &focus, procs, &path) {
+            Ok(()) => eprintln!("wrote {}", path.display()),
+            Err(err) => eprintln!("{} not written: {err}", path.display()),
+        }
     }
 }

@@ -1,6 +1,6 @@
 //! One node of the cluster: a network namespace with its own containerd,
 //! runc and kubelet and their state directories, a pod CIDR served by
-//! Debian's `ptp` and `host-local` CNI plugins, and a cgroup subtree of
+//! Debian's `ptp`, `host-local` and `portmap` CNI plugins, and a cgroup subtree of
 //! its own. Processes enter the namespace with `nsenter --net` (only the
 //! network: kubelet's volume mounts must be visible to runc, and bpffs and
 //! the cgroup tree are the machine's).
@@ -129,6 +129,11 @@ impl KubeNode {
                     "ranges": [[{"subnet": self.pod_cidr}]],
                     "routes": [{"dst": "0.0.0.0/0"}],
                 },
+            }, {
+                // hostPort, as kind's network has it (iptables, and so
+                // netfilter's connection tracking, in the node).
+                "type": "portmap",
+                "capabilities": {"portMappings": true},
             }],
         });
         write(

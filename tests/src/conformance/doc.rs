@@ -49,18 +49,18 @@ const KNOWN_CAUSES: &[(&str, Option<Proxy>, &str)] = &[];
 /// The wide focus's reports under `out` (`<proxy>/junit_01.xml`) as
 /// Markdown at `doc`.
 ///
-/// # Panics
+/// # Errors
 ///
-/// When svc-proxy's report is missing or the document cannot be written.
-pub fn write(out: &Path, focus: &str, doc: &Path) {
+/// svc-proxy's report is missing or the document cannot be written.
+pub fn write(out: &Path, focus: &str, procs: u8, doc: &Path) -> Result<(), String> {
     let read = |proxy: Proxy| {
         let path = out.join(proxy.name()).join("junit_01.xml");
         read_junit(&path).map_err(|err| format!("{}: {err}", path.display()))
     };
-    let ours = read(Proxy::SvcProxy).unwrap_or_else(|err| panic!("{err}"));
+    let ours = read(Proxy::SvcProxy)?;
     let theirs = read(Proxy::KubeProxy).ok();
-    let text = render(focus, &ours, theirs.as_ref());
-    fs::write(doc, text).unwrap_or_else(|err| panic!("{}: {err}", doc.display()));
+    let text = render(focus, procs, &ours, theirs.as_ref());
+    fs::write(doc, text).map_err(|err| format!("{}: {err}", doc.display()))
 }
 
 /// What one spec did in one run.
@@ -110,7 +110,7 @@ fn compile(pattern: &str) -> Regex {
 }
 
 #[expect(clippy::too_many_lines, reason = "one document, section by section")]
-fn render(focus: &str, ours: &Junit, theirs: Option<&Junit>) -> String {
+fn render(focus: &str, procs: u8, ours: &Junit, theirs: Option<&Junit>) -> String {
     let focus_re = compile(focus);
     let skips: Vec<(Regex, &str)> = ALWAYS_SKIPPED
         .iter()
@@ -170,7 +170,7 @@ fn render(focus: &str, ours: &Junit, theirs: Option<&Junit>) -> String {
     let _ = writeln!(md, "| Machine | {} |", machine());
     let _ = writeln!(
         md,
-        "| Run | ginkgo, 2 parallel processes (`[Serial]` specs alone at the end), `KUBERNETES_CONFORMANCE_TEST=y`, `--provider=skeleton` |\n"
+        "| Run | ginkgo, {procs} parallel processes (`[Serial]` specs alone at the end), `KUBERNETES_CONFORMANCE_TEST=y`, `--provider=skeleton` |\n"
     );
 
     let _ = writeln!(md, "## Results\n");

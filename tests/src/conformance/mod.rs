@@ -136,6 +136,8 @@ pub fn skip_expression(skip: &[(&str, &str)]) -> String {
 /// result, not a panic).
 #[must_use]
 pub fn run(cluster: &KubeCluster, suite: &Suite) -> Report {
+    // An earlier run's report must not pass for this one's.
+    let _ = fs::remove_dir_all(&suite.report_dir);
     fs::create_dir_all(&suite.report_dir)
         .unwrap_or_else(|err| panic!("{}: {err}", suite.report_dir.display()));
     let log = suite.report_dir.join("e2e.log");
