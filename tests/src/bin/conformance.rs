@@ -37,6 +37,7 @@ fn main() {
     let root = tests::workspace_root();
     let mut out = root.join("target/conformance");
     let mut doc_path = Some(root.join("docs/conformance.md"));
+    let mut report_only = false;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = || args.next().unwrap_or_else(|| panic!("{arg} needs a value"));
@@ -49,10 +50,13 @@ fn main() {
             }
             "--out" => out = PathBuf::from(value()),
             "--no-doc" => doc_path = None,
+            "--doc" => doc_path = Some(PathBuf::from(value())),
+            // Only (re)write the document from the reports under --out.
+            "--report-only" => report_only = true,
             other => panic!("unknown argument {other}"),
         }
     }
-    if proxies.is_empty() {
+    if proxies.is_empty() && !report_only {
         proxies = vec![Proxy::KubeProxy, Proxy::SvcProxy];
     }
     let handler = interrupted as extern "C" fn(libc::c_int) as libc::sighandler_t;

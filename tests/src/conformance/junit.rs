@@ -53,6 +53,25 @@ struct TestCase {
 struct Message {
     #[serde(rename = "@message", default)]
     message: String,
+    /// ginkgo leaves `message` empty for failures and writes the text.
+    #[serde(rename = "$text", default)]
+    text: String,
+}
+
+impl Message {
+    /// One line: the message, or the failure's text up to its location.
+    fn line(&self) -> String {
+        let text = if self.message.trim().is_empty() {
+            self.text.split("\nIn [").next().unwrap_or_default()
+        } else {
+            self.message.lines().next().unwrap_or_default()
+        };
+        let line = text.split_whitespace().collect::<Vec<_>>().join(" ");
+        match line.char_indices().nth(300) {
+            Some((at, _)) => format!("{}...", &line[..at]),
+            None => line,
+        }
+    }
 }
 
 /// A report: the suite's wall time and its specs.
@@ -74,9 +93,7 @@ pub fn read_junit(path: &Path) -> Result<Junit, String> {
     let text = fs::read_to_string(path).map_err(|err| err.to_string())?;
     let suites: TestSuites = quick_xml::de::from_str(&text).map_err(|err| err.to_string())?;
     let time = suites.time;
-    let first_line = |message: Option<&Message>| {
-        message.map(|m| m.message.lines().next().unwrap_or_default().to_owned())
-    };
+    let first_line = |message: Option<&Message>| message.map(Message::line);
     let specs = suites
         .suites
         .into_iter()
@@ -129,7 +146,7 @@ mod tests {
     <properties><property name="SuiteSucceeded" value="false"></property></properties>
     <testcase name="[SynchronizedBeforeSuite]" classname="Kubernetes e2e suite" status="passed" time="1.2"></testcase>
     <testcase name="[It] [sig-network] Services should serve a basic endpoint from pods [Conformance]" classname="Kubernetes e2e suite" status="passed" time="12.5"><system-err>log</system-err></testcase>
-    <testcase name="[It] [sig-network] Services should be rejected when no endpoints exist" classname="Kubernetes e2e suite" status="failed" time="16.8"><failure message="[FAILED] expected REFUSED&#xA;more" type="failed">details</failure></testcase>
+    <testcase name="[It] [sig-network] Services should be rejected when no endpoints exist" classname="Kubernetes e2e suite" status="failed" time="16.8"><failure message="" type="failed">[FAILED] expected&#xA;  REFUSED&#xA;In [It] at: service.go:1 @ 12/02/26&#xA;</failure></testcase>
     <testcase name="[It] [sig-network] DNS should provide DNS for the cluster [Provider:gce]" classname="Kubernetes e2e suite" status="skipped" time="0"><skipped message="skipped - Only supported for providers [gce] (not skeleton)"></skipped></testcase>
     <testcase name="[ReportAfterSuite] Kubernetes e2e suite report" classname="Kubernetes e2e suite" status="passed" time="0"></testcase>
   </testsuite>
