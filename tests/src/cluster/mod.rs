@@ -39,7 +39,7 @@ pub const IMAGES_DIR_ENV: &str = "SVC_CLUSTER_IMAGES";
 /// The root namespace's bridge every node hangs off.
 const BRIDGE: &str = "svcc0";
 /// The ranges nothing outside the cluster may see: services, pods, and
-/// TEST-NET-3, which Kubernetes' e2e specs use as an extra ServiceCIDR
+/// TEST-NET-3, which Kubernetes' e2e specs use as an extra `ServiceCIDR`
 /// and as externalIPs.
 const BLACKHOLES: [&str; 3] = ["10.96.0.0/16", "10.244.0.0/16", "203.0.113.0/24"];
 /// How long a node has to become Ready.
