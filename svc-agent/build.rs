@@ -21,6 +21,10 @@ fn main() -> Result<()> {
         "cargo:rerun-if-changed={}",
         common_dir.join("Cargo.toml").display()
     );
+    // Set by `cargo xtask image`, whose target directory every checkout
+    // shares: the paths above are this checkout's, so another checkout's
+    // build must not count as up to date.
+    println!("cargo:rerun-if-env-changed=SVC_SOURCE_ROOT");
 
     // svc-ebpf is a workspace of its own (it targets bpfel-unknown-none, not
     // the host), so cargo must run from its directory.

@@ -92,6 +92,16 @@ pub fn other_protocol_destination(daddr: WireAddr) -> Destination {
     }
 }
 
+/// Whether `addr` is one of this node's addresses (a host-network pod's
+/// address too).
+#[inline(always)]
+pub fn is_node_addr(addr: WireAddr) -> bool {
+    // SAFETY: from a map lookup.
+    SVC_ADDRS_V1
+        .get_ptr(addr)
+        .is_some_and(|info| unsafe { (*info).flags } & ADDR_F_NODE != 0)
+}
+
 #[inline(always)]
 fn in_cidrs(set: u32, addr: WireAddr) -> bool {
     SVC_CIDRS_V1

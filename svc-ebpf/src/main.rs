@@ -34,6 +34,15 @@ pub fn svc_from_pod(ctx: TcContext) -> i32 {
     }
 }
 
+/// tc egress on the host side of a pod's veth: replies from this node's
+/// own addresses (host-network backends), which no ingress hook sees.
+#[classifier]
+pub fn svc_to_pod(ctx: TcContext) -> i32 {
+    match tc::try_to_pod(&ctx) {
+        Ok(action) | Err(action) => action,
+    }
+}
+
 /// tc ingress on a node uplink.
 #[classifier]
 pub fn svc_from_uplink(ctx: TcContext) -> i32 {

@@ -1,6 +1,7 @@
 //! The per-packet path at tc ingress of pod veths and uplinks: translate
 //! packets of tracked flows, start new flows to services, pass the rest
-//! untouched.
+//! untouched; and at tc egress of pod veths, the replies of host-network
+//! backends on this node.
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
@@ -66,6 +67,69 @@ pub fn try_tc(ctx: &TcContext, hook: Hook) -> Result<i32, i32> {
             Ok(action)
         }
     }
+}
+
+/// Packets into a pod, at tc egress of its veth's host side. Every flow was
+/// translated where its packets entered this node, except the replies of
+/// a host-network backend on this node: the node's own stack sends them
+/// straight to the client pod. Those, and ICMP errors from the node about
+/// translated flows, are reverse-translated here; everything else passes
+/// untouched and uncounted (it was counted where it entered).
+pub fn try_to_pod(ctx: &TcContext) -> Result<i32, i32> {
+    let Ok(L3::Ipv4(packet)) = parse::l3(ctx) else {
+        return Ok(TC_ACT_OK);
+    };
+    if !lb::is_node_addr(packet.saddr) {
+        return Ok(TC_ACT_OK);
+    }
+    let len = ctx.len();
+    if packet.is_later_fragment {
+        if frag::translate_later(ctx, &packet) {
+            stats::count(Counter::LbFragment, len);
+        }
+        return Ok(TC_ACT_OK);
+    }
+    match packet.protocol {
+        proto::TCP | proto::UDP => {}
+        proto::ICMP => {
+            if icmp::reverse(ctx, &packet) {
+                stats::count(Counter::LbIcmpError, len);
+            }
+            return Ok(TC_ACT_OK);
+        }
+        _ => return Ok(TC_ACT_OK),
+    }
+    let Ok(l4) = parse::l4(ctx, &packet) else {
+        return Ok(TC_ACT_OK);
+    };
+    let key = CtKey {
+        saddr: packet.saddr,
+        daddr: packet.daddr,
+        sport: l4.sport,
+        dport: l4.dport,
+        protocol: packet.protocol,
+        _pad: [0; 3],
+    };
+    let Some(entry) = ct::lookup(&key) else {
+        return Ok(TC_ACT_OK);
+    };
+    let config = config();
+    let now = ct::now_ns(config);
+    // SAFETY: from a map lookup, valid for this run; read in place, each
+    // reference dropped before `update` writes.
+    let (is_reply, live) = unsafe {
+        (
+            (*entry).flags & CT_F_REPLY != 0,
+            ct::is_live(config, &key, &*entry, l4.tcp_flags, now),
+        )
+    };
+    // Only a reply: an original entry's tuple was translated at ingress.
+    if !is_reply || !live {
+        return Ok(TC_ACT_OK);
+    }
+    ct::update(&key, entry, l4.tcp_flags, now);
+    // SAFETY: as above.
+    tracked(ctx, &packet, &l4, &key, unsafe { &*entry }, len)
 }
 
 /// A refusal of the packet's flow (ICMP port unreachable to its sender).

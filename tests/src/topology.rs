@@ -215,6 +215,8 @@ pub struct Node {
     pub ns: NetNs,
     pub addr: Ipv4Addr,
     pub pods: Vec<Pod>,
+    /// Servers in the node's own namespace: a host-network pod's.
+    servers: Vec<Server>,
     datapath: Option<Datapath>,
     options: LoadOptions,
     host_sockets: bool,
@@ -303,6 +305,7 @@ impl Node {
             ns,
             addr,
             pods: Vec::new(),
+            servers: Vec::new(),
             datapath: None,
             options,
             host_sockets,
@@ -320,6 +323,25 @@ impl Node {
                 .expect("node addresses");
         }
         node
+    }
+
+    /// Starts TCP and UDP servers on the node's own address, as a
+    /// host-network pod would; they answer with the node's name.
+    pub fn serve_host_network(&mut self, tcp_port: u16, udp_port: u16) {
+        let (tcp, udp) = (
+            SocketAddrV4::new(self.addr, tcp_port),
+            SocketAddrV4::new(self.addr, udp_port),
+        );
+        let listener = self
+            .ns
+            .run(|| TcpListener::bind(tcp))
+            .unwrap_or_else(|err| panic!("{}: bind TCP {tcp}: {err}", self.name));
+        self.servers.push(Server::tcp(self.name, listener));
+        let socket = self
+            .ns
+            .run(|| UdpSocket::bind(udp))
+            .unwrap_or_else(|err| panic!("{}: bind UDP {udp}: {err}", self.name));
+        self.servers.push(Server::udp(self.name, socket));
     }
 
     /// The running agent's datapath.
@@ -579,8 +601,18 @@ impl Cluster {
         *self.backend_ids.entry(addr).or_insert(next)
     }
 
-    /// Programs `frontends` on both nodes with `backends` (pod name, port),
-    /// as the agent would: every node gets every backend unless the
+    /// The address of a pod, or of a node (a host-network backend), by
+    /// name, and the index of the node it is on.
+    fn endpoint(&self, name: &str) -> (Ipv4Addr, usize) {
+        if let Some(index) = self.nodes.iter().position(|node| node.name == name) {
+            return (self.nodes[index].addr, index);
+        }
+        let addr = self.pod(name).addr;
+        (addr, Self::node_of(addr))
+    }
+
+    /// Programs `frontends` on both nodes with `backends` (pod or node
+    /// name, port), as the agent would: every node gets every backend unless the
     /// policy is Local, which keeps each node's own. Returns the ids.
     pub fn apply(
         &mut self,
@@ -590,9 +622,9 @@ impl Cluster {
     ) -> Vec<BackendId> {
         let resolved: Vec<(SocketAddrV4, usize)> = backends
             .iter()
-            .map(|&(pod, port)| {
-                let addr = self.pod(pod).addr;
-                (SocketAddrV4::new(addr, port), Self::node_of(addr))
+            .map(|&(name, port)| {
+                let (addr, node) = self.endpoint(name);
+                (SocketAddrV4::new(addr, port), node)
             })
             .collect();
         let ids: Vec<BackendId> = resolved

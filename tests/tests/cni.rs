@@ -132,12 +132,23 @@ fn on_netns<T: Send>(netns: &str, f: impl FnOnce() -> T + Send) -> T {
         .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
 }
 
-/// How many tcx programs run at ingress of `iface` in `netns`.
+/// How many tcx programs run at ingress of `iface` in `netns`; as many
+/// must run at its egress (the pod programs go in pairs).
 fn tcx_programs(netns: &str, iface: &str) -> usize {
     on_netns(netns, || {
-        let (_, programs) = SchedClassifier::query_tcx(iface, TcAttachType::Ingress)
-            .unwrap_or_else(|err| panic!("listing {iface}'s tcx programs: {err}"));
-        programs.len()
+        let count = |direction| {
+            SchedClassifier::query_tcx(iface, direction)
+                .unwrap_or_else(|err| panic!("listing {iface}'s tcx programs: {err}"))
+                .1
+                .len()
+        };
+        let ingress = count(TcAttachType::Ingress);
+        assert_eq!(
+            count(TcAttachType::Egress),
+            ingress,
+            "{iface}: as many programs at egress as at ingress"
+        );
+        ingress
     })
 }
 
@@ -290,18 +301,18 @@ fn the_agent_and_the_plugin_attaching_at_once_make_one_link() {
             .expect("the link pins")
             .flatten()
             .filter(|entry| {
-                entry
-                    .file_name()
-                    .to_string_lossy()
-                    .starts_with(&format!("tc-ingress-{iface}@"))
+                let name = entry.file_name().to_string_lossy().into_owned();
+                ["tc-ingress-", "tc-egress-"]
+                    .iter()
+                    .any(|prefix| name.starts_with(&format!("{prefix}{iface}@")))
             })
             .count()
     };
-    assert_eq!(pins("p30"), 1, "the gone veth's pin is still there");
+    assert_eq!(pins("p30"), 2, "the gone veth's pins are still there");
     let gc = plugin_in(&ns_name, "GC", &config(&pin_dir, "p31"));
     assert!(gc.ok, "GC: {:?}", gc.json);
-    assert_eq!(pins("p30"), 0, "GC removed the gone veth's pin");
-    assert_eq!(pins("p31"), 1, "GC kept a present veth's pin");
+    assert_eq!(pins("p30"), 0, "GC removed the gone veth's pins");
+    assert_eq!(pins("p31"), 2, "GC kept a present veth's pins");
 }
 
 #[test]

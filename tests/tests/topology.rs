@@ -115,6 +115,48 @@ fn pods_reach_a_cluster_ip_over_tcp_and_udp_spread_over_local_and_remote_backend
     );
 }
 
+/// A host-network endpoint (the node's own address): its node's stack
+/// answers a local client straight into the client's veth, so the reply
+/// is reverse-translated at the veth's egress; a remote client's reply
+/// comes back over the uplink as any remote backend's.
+#[test]
+fn a_host_network_endpoint_serves_pods_on_its_own_node_and_on_the_other() {
+    let mut cluster = cluster(Options::default());
+    cluster.nodes[1].add_pod("y", 5);
+    cluster.nodes[0].serve_host_network(8081, 5354);
+    cluster.apply(
+        &[Frontend::tcp(CLUSTER_IP, 80)],
+        &ServicePolicy::default(),
+        &[("node1", 8081)],
+    );
+    cluster.apply(
+        &[Frontend::udp(CLUSTER_IP, 53)],
+        &ServicePolicy::default(),
+        &[("node1", 5354)],
+    );
+    for client in ["z", "y"] {
+        let client = cluster.pod(client);
+        for i in 0..5 {
+            let answer = client.ask(addr(CLUSTER_IP, 80)).unwrap_or_else(|err| {
+                panic!(
+                    "{}: connection {i} to a host-network endpoint: {err}",
+                    client.name
+                )
+            });
+            assert_eq!(answer.name, "node1", "the host-network server answers");
+            assert_eq!(answer.peer_ip(), client.addr, "no SNAT for a ClusterIP");
+            let (answer, from) = ask_udp(&client.udp_socket(), addr(CLUSTER_IP, 53))
+                .unwrap_or_else(|err| panic!("{}: UDP question {i}: {err}", client.name));
+            assert_eq!(answer.name, "node1", "the host-network server answers");
+            assert_eq!(
+                from,
+                SocketAddr::from(addr(CLUSTER_IP, 53)),
+                "the reply comes from the ClusterIP"
+            );
+        }
+    }
+}
+
 #[test]
 fn service_ports_map_to_their_own_target_ports() {
     let mut cluster = cluster(Options::default());

@@ -29,7 +29,7 @@ use svc_common::{
 
 use super::{
     Error, Maps, Result, StatsSnapshot, conntrack, sys,
-    tc_links::{self, TcLinks},
+    tc_links::{self, Direction, TcLinks},
 };
 
 /// The eBPF object built by `build.rs` from `svc-ebpf`.
@@ -37,6 +37,16 @@ pub static EBPF_OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 
 /// tc ingress on the host side of pod veths.
 pub const FROM_POD_PROGRAM: &str = "svc_from_pod";
+/// tc egress on the host side of pod veths: replies of host-network
+/// backends on this node.
+pub const TO_POD_PROGRAM: &str = "svc_to_pod";
+/// The programs of a pod veth, as the agent and the CNI plugin attach
+/// them (egress first, so a flow's replies are handled before its first
+/// packet can be translated).
+pub const POD_PROGRAMS: [(&str, Direction); 2] = [
+    (TO_POD_PROGRAM, Direction::Egress),
+    (FROM_POD_PROGRAM, Direction::Ingress),
+];
 /// tc ingress on node uplinks.
 pub const FROM_UPLINK_PROGRAM: &str = "svc_from_uplink";
 /// Never attached: run to read the programs' clock.
@@ -218,7 +228,12 @@ impl Datapath {
                 return Err(Error::MissingMap(name));
             }
         }
-        for name in [FROM_POD_PROGRAM, FROM_UPLINK_PROGRAM, CLOCK_PROGRAM] {
+        for name in [
+            FROM_POD_PROGRAM,
+            TO_POD_PROGRAM,
+            FROM_UPLINK_PROGRAM,
+            CLOCK_PROGRAM,
+        ] {
             let program = classifier_mut(&mut ebpf, name)?;
             retry_interrupted(|| program.load())
                 .map_err(|source| Error::Program { name, source })?;
@@ -288,23 +303,32 @@ impl Datapath {
         Ok(EbpfLogger::init(&mut self.ebpf)?)
     }
 
-    /// Attaches the pod program at ingress of a pod veth's host side, in
-    /// the caller's network namespace. The link lives as long as `self`.
+    /// Attaches the pod programs to a pod veth's host side (egress and
+    /// ingress), in the caller's network namespace. The links live as long
+    /// as `self`.
     pub fn attach_pod(&mut self, iface: &str) -> Result<()> {
-        self.attach_tc(FROM_POD_PROGRAM, iface)
+        for (program, direction) in POD_PROGRAMS {
+            self.attach_tc(program, direction, iface)?;
+        }
+        Ok(())
     }
 
     /// Attaches the uplink program at ingress of a node uplink.
     pub fn attach_uplink(&mut self, iface: &str) -> Result<()> {
-        self.attach_tc(FROM_UPLINK_PROGRAM, iface)
+        self.attach_tc(FROM_UPLINK_PROGRAM, Direction::Ingress, iface)
     }
 
-    fn attach_tc(&mut self, program: &'static str, iface: &str) -> Result<()> {
+    fn attach_tc(
+        &mut self,
+        program: &'static str,
+        direction: Direction,
+        iface: &str,
+    ) -> Result<()> {
         let index = super::ifaces::index_of(iface).ok_or_else(|| Error::Link {
             iface: iface.to_owned(),
             source: std::io::ErrorKind::NotFound.into(),
         })?;
-        if self.tc_links.has(index, iface) {
+        if self.tc_links.has(index, direction, iface) {
             return Ok(());
         }
         tc_links::prepare_iface(iface)?;
@@ -312,12 +336,15 @@ impl Datapath {
         let (pin, handle) = match &self.pin_dir {
             Some(dir) => {
                 let (path, handle) =
-                    tc_links::attach_pinned(classifier, program, dir, iface, index)?;
+                    tc_links::attach_pinned(classifier, program, dir, (iface, index), direction)?;
                 (Some(path), handle)
             }
-            None => (None, tc_links::attach_held(classifier, program, iface)?),
+            None => (
+                None,
+                tc_links::attach_held(classifier, program, direction, iface)?,
+            ),
         };
-        self.tc_links.insert(index, iface, pin, handle);
+        self.tc_links.insert((index, direction), iface, pin, handle);
         Ok(())
     }
 
@@ -327,26 +354,37 @@ impl Datapath {
     #[must_use]
     pub fn has_pod_link_pin(&self, index: u32, iface: &str) -> bool {
         self.pin_dir.as_deref().is_some_and(|dir| {
-            tc_links::pinned_link_program(&tc_links::pin_path(dir, iface, index)).as_deref()
+            tc_links::pinned_link_program(&tc_links::pin_path(
+                dir,
+                Direction::Ingress,
+                iface,
+                index,
+            ))
+            .as_deref()
                 == Some(FROM_POD_PROGRAM)
         })
     }
 
-    /// Pins the pod program where the CNI plugin finds it
-    /// (`<pin dir>/progs/`), replacing an earlier run's in one step: from
-    /// then on new pods get this datapath before their first packet.
+    /// Pins the pod programs where the CNI plugin finds them
+    /// (`<pin dir>/progs/`), replacing an earlier run's in one step each
+    /// (egress first, as the plugin attaches them): from then on new pods
+    /// get this datapath before their first packet.
     pub fn publish_pod_program(&mut self) -> Result<()> {
         let Some(dir) = self.pin_dir.clone() else {
             return Ok(());
         };
-        let classifier = classifier_mut(&mut self.ebpf, FROM_POD_PROGRAM)?;
-        tc_links::publish_program(classifier, &dir, FROM_POD_PROGRAM)
+        for (program, _) in POD_PROGRAMS {
+            let classifier = classifier_mut(&mut self.ebpf, program)?;
+            tc_links::publish_program(classifier, &dir, program)?;
+        }
+        Ok(())
     }
 
-    /// Whether interface `index` named `iface` is attached.
+    /// Whether interface `index` named `iface` is attached (at ingress,
+    /// which a pod veth gets last).
     #[must_use]
     pub fn is_attached(&self, index: u32, iface: &str) -> bool {
-        self.tc_links.has(index, iface)
+        self.tc_links.has(index, Direction::Ingress, iface)
     }
 
     /// Lets go of the attachments (and pins) of interfaces that are not in

@@ -26,7 +26,8 @@ pub use clock::{coarse_now_ns, tick_ns};
 pub use frontend::{BackendSpec, Frontend, Masquerade, Protocol, ServicePolicy};
 pub use loader::{
     BpfLogLevel, Capacities, DEFAULT_PIN_DIR, Datapath, EBPF_OBJECT, FROM_POD_PROGRAM,
-    FROM_UPLINK_PROGRAM, LoadOptions, SOCK_PROGRAMS, cgroup2_mount, current_netns_cookie,
+    FROM_UPLINK_PROGRAM, LoadOptions, POD_PROGRAMS, SOCK_PROGRAMS, TO_POD_PROGRAM, cgroup2_mount,
+    current_netns_cookie,
 };
 pub use maglev::{Block, SlotAllocator};
 pub use maps::Maps;

@@ -1,5 +1,6 @@
-//! The pod program's attachments as the CNI plugin makes them: from the
-//! program the agent pinned (`<pin dir>/progs/svc_from_pod`), pinned under
+//! The pod programs' attachments as the CNI plugin makes them: from the
+//! programs the agent pinned (`<pin dir>/progs/svc_from_pod` and
+//! `svc_to_pod`), pinned under
 //! the same names and the same lock as the agent's own, so the agent
 //! takes them over as if it had made them.
 
@@ -10,7 +11,10 @@ use aya::programs::{
     links::{FdLink, PinnedLink},
 };
 
-use super::{Error, FROM_POD_PROGRAM, ifaces, netlink, sys, tc_links};
+use super::{
+    Error, FROM_POD_PROGRAM, POD_PROGRAMS, ifaces, netlink, sys,
+    tc_links::{self, Direction},
+};
 
 /// Why a pod interface could not be attached, checked or let go.
 #[derive(Debug, thiserror::Error)]
@@ -26,18 +30,14 @@ pub enum PodLinkError {
     Datapath(#[from] Error),
 }
 
-/// The pinned pod program, if an agent published one under `dir`.
-fn pinned_program(dir: &Path) -> Result<SchedClassifier, PodLinkError> {
-    let path = tc_links::program_pin_path(dir, FROM_POD_PROGRAM);
+/// The pinned pod program `name`, if an agent published one under `dir`.
+fn pinned_program(dir: &Path, name: &'static str) -> Result<SchedClassifier, PodLinkError> {
+    let path = tc_links::program_pin_path(dir, name);
     if !path.exists() {
         return Err(PodLinkError::NotLoaded(path.display().to_string()));
     }
-    SchedClassifier::from_pin(&path).map_err(|source| {
-        PodLinkError::Datapath(Error::Program {
-            name: FROM_POD_PROGRAM,
-            source,
-        })
-    })
+    SchedClassifier::from_pin(&path)
+        .map_err(|source| PodLinkError::Datapath(Error::Program { name, source }))
 }
 
 /// Whether an agent published its pod program under `dir`.
@@ -61,28 +61,35 @@ pub fn is_pod_veth(iface: &str) -> Result<bool, PodLinkError> {
     })
 }
 
-/// Attaches the pinned pod program to `iface` and pins the link, or keeps
-/// the link already pinned there (pointed at the pinned program).
+/// Attaches the pinned pod programs to `iface` (egress, then ingress) and
+/// pins the links, or keeps the links already pinned there (pointed at the
+/// pinned programs).
 pub fn attach(dir: &Path, iface: &str) -> Result<(), PodLinkError> {
-    let mut program = pinned_program(dir)?;
+    let mut programs = Vec::with_capacity(POD_PROGRAMS.len());
+    for (name, direction) in POD_PROGRAMS {
+        programs.push((name, direction, pinned_program(dir, name)?));
+    }
     let index =
         ifaces::index_of(iface).ok_or_else(|| PodLinkError::NoInterface(iface.to_owned()))?;
     tc_links::prepare_iface(iface)?;
-    // The handle goes with this process; the pin keeps the link.
-    let _attached = tc_links::attach_pinned(&mut program, FROM_POD_PROGRAM, dir, iface, index)?;
+    for (name, direction, mut program) in programs {
+        // The handle goes with this process; the pin keeps the link.
+        let _attached =
+            tc_links::attach_pinned(&mut program, name, dir, (iface, index), direction)?;
+    }
     Ok(())
 }
 
-/// Checks that `iface` runs the pod program from a pinned link.
+/// Checks that `iface` runs the pod program from a pinned link at ingress.
 pub fn check(dir: &Path, iface: &str) -> Result<(), PodLinkError> {
-    let program = pinned_program(dir)?;
+    let program = pinned_program(dir, FROM_POD_PROGRAM)?;
     let index =
         ifaces::index_of(iface).ok_or_else(|| PodLinkError::NoInterface(iface.to_owned()))?;
     let not_attached = |reason: String| PodLinkError::NotAttached {
         iface: iface.to_owned(),
         reason,
     };
-    let pin = tc_links::pin_path(dir, iface, index);
+    let pin = tc_links::pin_path(dir, Direction::Ingress, iface, index);
     let link = PinnedLink::from_pin(&pin)
         .map_err(|err| not_attached(format!("no live link pinned at {}: {err}", pin.display())))?;
     let running = FdLink::from(link)
@@ -108,7 +115,7 @@ pub fn check(dir: &Path, iface: &str) -> Result<(), PodLinkError> {
     Ok(())
 }
 
-/// Detaches the pod program from `iface` and removes its pins, the pins
+/// Detaches the pod programs from `iface` and removes their pins, the pins
 /// of earlier interfaces of that name included. Nothing attached, or no
 /// such interface, is no error: a DEL may come twice, or after the pod's
 /// plugin removed the veth.

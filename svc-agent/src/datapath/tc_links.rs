@@ -1,10 +1,10 @@
-//! The tc attachments, one per interface, keyed by interface index: a
-//! pod's veth that goes away takes its attachment (and its pin) with it,
-//! and a new interface that takes an old one's name gets its own, never
-//! the old one's link.
+//! The tc attachments, one per interface and direction, keyed by interface
+//! index: a pod's veth that goes away takes its attachments (and their
+//! pins) with it, and a new interface that takes an old one's name gets
+//! its own, never the old one's links.
 //!
-//! Pinned links live under `<pin dir>/links/tc-ingress-<name>@<index>`,
-//! and the pod program the CNI plugin attaches under
+//! Pinned links live under `<pin dir>/links/tc-<direction>-<name>@<index>`,
+//! and the pod programs the CNI plugin attaches under
 //! `<pin dir>/progs/<program>`. The agent and the plugin both attach under
 //! [`LinksLock`], so an interface never carries the program twice.
 
@@ -24,13 +24,39 @@ use aya::programs::{
 
 use super::{Error, Result};
 
-/// Prefix of every tc link pin.
-const PIN_PREFIX: &str = "tc-ingress-";
+/// Which way through an interface a program sees packets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Direction {
+    /// Packets the interface receives (from a pod, from the wire).
+    Ingress,
+    /// Packets the interface sends (into a pod).
+    Egress,
+}
 
-/// Where the tc link of interface `iface` (index `index`) is pinned.
-pub fn pin_path(dir: &Path, iface: &str, index: u32) -> PathBuf {
+impl Direction {
+    const ALL: [Self; 2] = [Self::Ingress, Self::Egress];
+
+    /// Prefix of this direction's link pins.
+    const fn pin_prefix(self) -> &'static str {
+        match self {
+            Self::Ingress => "tc-ingress-",
+            Self::Egress => "tc-egress-",
+        }
+    }
+
+    const fn attach_type(self) -> TcAttachType {
+        match self {
+            Self::Ingress => TcAttachType::Ingress,
+            Self::Egress => TcAttachType::Egress,
+        }
+    }
+}
+
+/// Where the tc link of interface `iface` (index `index`) in `direction`
+/// is pinned.
+pub fn pin_path(dir: &Path, direction: Direction, iface: &str, index: u32) -> PathBuf {
     dir.join("links")
-        .join(format!("{PIN_PREFIX}{iface}@{index}"))
+        .join(format!("{}{iface}@{index}", direction.pin_prefix()))
 }
 
 /// What keeps a link: its pin (it outlives the agent), or the agent's own
@@ -42,7 +68,7 @@ pub enum Handle {
     Held(SchedClassifierLink),
 }
 
-/// One interface's attachment.
+/// One interface's attachment in one direction.
 struct Attachment {
     iface: String,
     pin: Option<PathBuf>,
@@ -52,24 +78,31 @@ struct Attachment {
 /// Every tc attachment this datapath made or adopted.
 #[derive(Default)]
 pub struct TcLinks {
-    by_index: HashMap<u32, Attachment>,
+    by_index: HashMap<(u32, Direction), Attachment>,
 }
 
 impl TcLinks {
-    /// Whether interface `index` has an attachment under `iface`.
-    pub fn has(&self, index: u32, iface: &str) -> bool {
+    /// Whether interface `index` has an attachment in `direction` under
+    /// `iface`.
+    pub fn has(&self, index: u32, direction: Direction, iface: &str) -> bool {
         self.by_index
-            .get(&index)
+            .get(&(index, direction))
             .is_some_and(|attachment| attachment.iface == iface)
     }
 
-    pub fn insert(&mut self, index: u32, iface: &str, pin: Option<PathBuf>, handle: Handle) {
+    pub fn insert(
+        &mut self,
+        (index, direction): (u32, Direction),
+        iface: &str,
+        pin: Option<PathBuf>,
+        handle: Handle,
+    ) {
         let attachment = Attachment {
             iface: iface.to_owned(),
             pin,
             _handle: handle,
         };
-        if let Some(old) = self.by_index.insert(index, attachment) {
+        if let Some(old) = self.by_index.insert((index, direction), attachment) {
             remove_pin(old.pin.as_deref());
         }
     }
@@ -78,7 +111,7 @@ impl TcLinks {
     /// ((index, name) pairs), and of their pins; returns their names.
     pub fn retain_present(&mut self, present: &[(u32, String)]) -> Vec<String> {
         let mut gone = Vec::new();
-        self.by_index.retain(|index, attachment| {
+        self.by_index.retain(|(index, _), attachment| {
             let here = present
                 .iter()
                 .any(|(i, name)| i == index && *name == attachment.iface);
@@ -88,6 +121,8 @@ impl TcLinks {
             }
             here
         });
+        gone.sort();
+        gone.dedup();
         gone
     }
 }
@@ -171,10 +206,12 @@ fn set_iface_sysctl(iface: &str, key: &str, value: &str) -> Result<()> {
     fs::write(&path, value).map_err(|source| Error::Sysctl { path, source })
 }
 
-/// Attaches `classifier` at ingress of `iface`, held by this process only.
+/// Attaches `classifier` to `iface` in `direction`, held by this process
+/// only.
 pub fn attach_held(
     classifier: &mut SchedClassifier,
     program: &'static str,
+    direction: Direction,
     iface: &str,
 ) -> Result<Handle> {
     let attach_error = |source| Error::Attach {
@@ -183,14 +220,14 @@ pub fn attach_held(
         source,
     };
     let id = classifier
-        .attach(iface, TcAttachType::Ingress)
+        .attach(iface, direction.attach_type())
         .map_err(attach_error)?;
     let link = classifier.take_link(id).map_err(attach_error)?;
     Ok(Handle::Held(link))
 }
 
-/// Attaches `classifier` at ingress of `iface` (index `index`) and pins
-/// the link under `dir`; where a live link is pinned for this very
+/// Attaches `classifier` to `iface` (index `index`) in `direction` and
+/// pins the link under `dir`; where a live link is pinned for this very
 /// interface already (an earlier run's, the CNI plugin's), swaps the
 /// program into it atomically instead, so not one packet goes
 /// untranslated. Returns the pin and the handle.
@@ -198,8 +235,8 @@ pub fn attach_pinned(
     classifier: &mut SchedClassifier,
     program: &'static str,
     dir: &Path,
-    iface: &str,
-    index: u32,
+    (iface, index): (&str, u32),
+    direction: Direction,
 ) -> Result<(PathBuf, Handle)> {
     let attach_error = |source| Error::Attach {
         program,
@@ -207,7 +244,7 @@ pub fn attach_pinned(
         source,
     };
     let _lock = LinksLock::take(dir)?;
-    let path = pin_path(dir, iface, index);
+    let path = pin_path(dir, direction, iface, index);
     if path.exists() {
         let taken = PinnedLink::from_pin(&path)
             .map(FdLink::from)
@@ -220,7 +257,7 @@ pub fn attach_pinned(
         let _ = fs::remove_file(&path);
     }
     let id = classifier
-        .attach(iface, TcAttachType::Ingress)
+        .attach(iface, direction.attach_type())
         .map_err(attach_error)?;
     let link = classifier.take_link(id).map_err(attach_error)?;
     let pinned = pin_link(link, &path)?;
@@ -287,8 +324,8 @@ fn remove_pin(pin: Option<&Path>) {
     }
 }
 
-/// The link pins of interface name `iface` under `dir`, with the index
-/// each names (none for the older layout).
+/// The link pins of interface name `iface` under `dir`, both directions,
+/// with the index each names (none for the older layout).
 pub fn pins_of(dir: &Path, iface: &str) -> Vec<(PathBuf, Option<u32>)> {
     let Ok(entries) = fs::read_dir(dir.join("links")) else {
         return Vec::new();
@@ -305,7 +342,9 @@ pub fn pins_of(dir: &Path, iface: &str) -> Vec<(PathBuf, Option<u32>)> {
 
 /// The interface name and index a link pin's file name names.
 fn parse_pin_name(file_name: &str) -> Option<(&str, Option<u32>)> {
-    let rest = file_name.strip_prefix(PIN_PREFIX)?;
+    let rest = Direction::ALL
+        .iter()
+        .find_map(|direction| file_name.strip_prefix(direction.pin_prefix()))?;
     Some(match rest.rsplit_once('@') {
         Some((iface, index)) => (iface, index.parse::<u32>().ok()),
         None => (rest, None),
@@ -350,7 +389,9 @@ mod tests {
         fs::create_dir_all(&links).expect("dir");
         for name in [
             "tc-ingress-p1@7",
+            "tc-egress-p1@7",
             "tc-ingress-p1@9",
+            "tc-egress-p1@9",
             "tc-ingress-p2",
             "tc-ingress-eth0@2",
             "cgroup-svc_connect4",
@@ -365,10 +406,17 @@ mod tests {
         .filter_map(|path| Some(path.file_name()?.to_str()?.to_owned()))
         .collect();
         removed.sort();
-        assert_eq!(removed, ["tc-ingress-p1@7", "tc-ingress-p2"]);
+        assert_eq!(
+            removed,
+            ["tc-egress-p1@7", "tc-ingress-p1@7", "tc-ingress-p2"]
+        );
+        assert!(
+            links.join("tc-egress-p1@9").exists(),
+            "a present egress pin"
+        );
         assert!(links.join("cgroup-svc_connect4").exists(), "not a tc pin");
         assert_eq!(
-            pin_path(&dir, "p1", 9),
+            pin_path(&dir, Direction::Ingress, "p1", 9),
             links.join("tc-ingress-p1@9"),
             "the name and index make the pin"
         );

@@ -361,8 +361,12 @@ pub fn uninstall_leaves_nothing_behind(h: &mut Harness) {
             svc_agent::datapath::ifaces::interfaces()
                 .into_iter()
                 .filter(|(_, name)| {
-                    SchedClassifier::query_tcx(name, TcAttachType::Ingress)
-                        .is_ok_and(|(_, programs)| !programs.is_empty())
+                    [TcAttachType::Ingress, TcAttachType::Egress]
+                        .into_iter()
+                        .any(|direction| {
+                            SchedClassifier::query_tcx(name, direction)
+                                .is_ok_and(|(_, programs)| !programs.is_empty())
+                        })
                 })
                 .map(|(_, name)| name)
                 .collect()

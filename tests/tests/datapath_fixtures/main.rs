@@ -14,7 +14,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use aya::programs::{TestRun as _, TestRunOptions};
 use svc_agent::datapath::{
     BackendSpec, Capacities, CidrSetKind, Datapath, FROM_POD_PROGRAM, FROM_UPLINK_PROGRAM,
-    Frontend, Ipv4Cidr, LoadOptions, Maps, Masquerade, ServicePolicy,
+    Frontend, Ipv4Cidr, LoadOptions, Maps, Masquerade, ServicePolicy, TO_POD_PROGRAM,
 };
 use svc_common::{
     config::DatapathConfig,
@@ -44,6 +44,8 @@ const SYN: TcpFlags = TcpFlags::Syn;
 const SYNACK: TcpFlags = TcpFlags::SynAck;
 const POD: &str = FROM_POD_PROGRAM;
 const UPLINK: &str = FROM_UPLINK_PROGRAM;
+/// Egress of a pod veth: packets into the pod.
+const TO_POD: &str = TO_POD_PROGRAM;
 const TC_ACT_SHOT: u32 = 2;
 const TC_ACT_REDIRECT: u32 = 7;
 
@@ -67,14 +69,18 @@ const SERVICE_CIDR: (Ipv4Addr, u8) = (Ipv4Addr::new(10, 96, 0, 0), 16);
 const UNALLOCATED: Ipv4Addr = Ipv4Addr::new(10, 96, 7, 7);
 /// The ClusterIP of a service another proxy serves.
 const FOREIGN_SVC: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 40);
+/// A service whose one endpoint is a host-network pod of this node.
+const HOST_SVC: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 50);
 const NAT_PORTS: std::ops::RangeInclusive<u16> = 61_000..=65_535;
 
-/// Backends by id: 1 and 2 on this node, 3 and 4 on another.
-const BACKENDS: [(BackendId, Ipv4Addr, u16, bool); 4] = [
+/// Backends by id: 1 and 2 on this node, 3 and 4 on another, 5 this
+/// node's own address (a host-network pod).
+const BACKENDS: [(BackendId, Ipv4Addr, u16, bool); 5] = [
     (backend(1), Ipv4Addr::new(10, 1, 0, 7), 8080, true),
     (backend(2), Ipv4Addr::new(10, 1, 0, 8), 8080, true),
     (backend(3), Ipv4Addr::new(10, 2, 0, 9), 8080, false),
     (backend(4), Ipv4Addr::new(10, 2, 0, 4), 9090, false),
+    (backend(5), NODE, 8081, true),
 ];
 
 fn backend_addr(id: BackendId) -> (Ipv4Addr, u16) {
@@ -120,7 +126,7 @@ fn more_fragments(mut frame: Vec<u8>) -> Vec<u8> {
 /// The services, written through the agent's map writer.
 fn install(maps: &mut Maps) {
     maps.set_node_addrs(&[NODE]).expect("node addresses");
-    let cluster_ips = [CLUSTER, EMPTY_SVC, SVC_C, SVC_D, AFFINITY_SVC]
+    let cluster_ips = [CLUSTER, EMPTY_SVC, SVC_C, SVC_D, AFFINITY_SVC, HOST_SVC]
         .into_iter()
         .map(|addr| (addr, true))
         .chain([(FOREIGN_SVC, false)])
@@ -172,7 +178,7 @@ fn install(maps: &mut Maps) {
         source_ranges: vec![Ipv4Cidr::new(Ipv4Addr::new(203, 0, 113, 0), 28).expect("a CIDR")],
         ..external.clone()
     };
-    let services: [(Frontend, &ServicePolicy, &[BackendId]); 13] = [
+    let services: [(Frontend, &ServicePolicy, &[BackendId]); 14] = [
         (
             Frontend::tcp(CLUSTER, 80),
             &cluster,
@@ -198,6 +204,7 @@ fn install(maps: &mut Maps) {
         (Frontend::tcp(LB_IP, 443), &external, &[backend(4)]),
         (Frontend::tcp(LB_IP_RANGED, 443), &ranged, &[backend(4)]),
         (Frontend::tcp(EXTERNAL_IP, 80), &local, &[backend(1)]),
+        (Frontend::tcp(HOST_SVC, 80), &cluster, &[backend(5)]),
     ];
     for (frontend, policy, backends) in services {
         maps.upsert_service(&frontend, policy, backends)

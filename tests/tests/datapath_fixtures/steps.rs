@@ -54,6 +54,7 @@ fn translation_steps() -> Vec<fn(&Maps) -> Step> {
     const C2: (Ipv4Addr, u16) = (Ipv4Addr::new(10, 1, 0, 6), 40_001);
     // Its own address, so no earlier flow shares its reply tuples.
     const C3: (Ipv4Addr, u16) = (Ipv4Addr::new(10, 1, 0, 9), 40_000);
+    const C4: (Ipv4Addr, u16) = (Ipv4Addr::new(10, 1, 0, 11), 40_000);
     vec![
         |maps| {
             let backend = predict(maps, Frontend::tcp(CLUSTER, 80), CLIENT, (CLUSTER, 80));
@@ -564,6 +565,47 @@ fn translation_steps() -> Vec<fn(&Maps) -> Step> {
                 packet.clone(),
                 packet,
                 &[Counter::Ipv4Tcp],
+            )
+        },
+        // A host-network endpoint on this node: the node's own stack
+        // answers, straight into the client pod's veth, where only the
+        // egress program sees the reply.
+        |_| {
+            step(
+                "pod SYN to a service whose endpoint is this node's address: DNAT to the node",
+                POD,
+                packet::tcp4(C4, (HOST_SVC, 80), SYN, &[]),
+                packet::tcp4(C4, (NODE, 8081), SYN, &[]),
+                NEW_TCP,
+            )
+        },
+        |_| {
+            step(
+                "the node's SYN-ACK into the pod: reverse-translated at the veth's egress",
+                TO_POD,
+                packet::tcp4((NODE, 8081), C4, SYNACK, &[]),
+                packet::tcp4((HOST_SVC, 80), C4, SYNACK, &[]),
+                &[Counter::LbReply],
+            )
+        },
+        |_| {
+            let packet = packet::tcp4((NODE, 22), C4, TcpFlags::Ack, b"ssh");
+            step(
+                "the node's own connection into the pod: untouched at egress",
+                TO_POD,
+                packet.clone(),
+                packet,
+                &[],
+            )
+        },
+        |_| {
+            let packet = packet::tcp4(SERVER, C4, TcpFlags::Ack, b"hi");
+            step(
+                "a packet from elsewhere into the pod: untouched at egress (translated where it entered)",
+                TO_POD,
+                packet.clone(),
+                packet,
+                &[],
             )
         },
     ]
