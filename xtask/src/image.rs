@@ -39,6 +39,8 @@ pub const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
 pub const AGENT_PATH: &str = "usr/local/bin/svc-agent";
 /// Where the CNI plugin lives in the image, beside the agent.
 pub const CNI_PLUGIN_PATH: &str = "usr/local/bin/svc-cni";
+/// Tells the agent's build script which checkout it builds (see `svc-agent/build.rs`).
+const SOURCE_ROOT_ENV: &str = "SVC_SOURCE_ROOT";
 
 /// A file of the layer.
 pub struct LayerFile {
@@ -192,9 +194,14 @@ fn build_static_binaries() -> Result<PathBuf> {
         MUSL_TARGET,
     ]);
     // ring's C parts need musl's compiler wrapper; symbols are stripped.
+    // The directory is shared by every checkout: naming this one makes the
+    // agent's build script rebuild the eBPF object from these sources when
+    // the last build was another checkout's (its change checks name that
+    // checkout's files).
     build
         .arg("--target-dir")
         .arg(&target_dir)
+        .env(SOURCE_ROOT_ENV, cmd::workspace_root())
         .env("CC_x86_64_unknown_linux_musl", "musl-gcc")
         .env(
             "CARGO_TARGET_X86_64_UNKNOWN_LINUX_MUSL_RUSTFLAGS",
