@@ -34,11 +34,12 @@ pub fn svc_from_pod(ctx: TcContext) -> i32 {
     }
 }
 
-/// tc egress on the host side of a pod's veth: replies from this node's
-/// own addresses (host-network backends), which no ingress hook sees.
+/// tc egress on pod veths (host side) and uplinks: replies from this
+/// node's own addresses (host-network endpoints), which no ingress hook
+/// sees.
 #[classifier]
-pub fn svc_to_pod(ctx: TcContext) -> i32 {
-    match tc::try_to_pod(&ctx) {
+pub fn svc_egress(ctx: TcContext) -> i32 {
+    match tc::try_egress(&ctx) {
         Ok(action) | Err(action) => action,
     }
 }

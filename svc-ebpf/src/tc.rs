@@ -1,7 +1,7 @@
 //! The per-packet path at tc ingress of pod veths and uplinks: translate
 //! packets of tracked flows, start new flows to services, pass the rest
-//! untouched; and at tc egress of pod veths, the replies of host-network
-//! backends on this node.
+//! untouched; and at tc egress of pod veths and uplinks, the replies of
+//! host-network endpoints on this node.
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
@@ -69,13 +69,15 @@ pub fn try_tc(ctx: &TcContext, hook: Hook) -> Result<i32, i32> {
     }
 }
 
-/// Packets into a pod, at tc egress of its veth's host side. Every flow was
-/// translated where its packets entered this node, except the replies of
-/// a host-network backend on this node: the node's own stack sends them
-/// straight to the client pod. Those, and ICMP errors from the node about
-/// translated flows, are reverse-translated here; everything else passes
-/// untouched and uncounted (it was counted where it entered).
-pub fn try_to_pod(ctx: &TcContext) -> Result<i32, i32> {
+/// Packets leaving through a pod veth (into the pod) or an uplink, at tc
+/// egress. Every flow was translated where its packets entered this node,
+/// except those given a host-network endpoint on this node: the node's own
+/// stack answers them, straight into the client pod's veth or out of the
+/// uplink towards an outside client. Those replies, and ICMP errors from
+/// the node about translated flows, are reverse-translated here;
+/// everything else passes untouched and uncounted (it was counted where it
+/// entered).
+pub fn try_egress(ctx: &TcContext) -> Result<i32, i32> {
     let Ok(L3::Ipv4(packet)) = parse::l3(ctx) else {
         return Ok(TC_ACT_OK);
     };
@@ -334,9 +336,14 @@ fn new_flow(ctx: &TcContext, config: &DatapathConfig, flow: &NewFlow<'_>) -> Res
     // source that is not local is masqueraded where the service says so
     // (ClusterIPs, external addresses with a Cluster policy), so the
     // backend's replies come back through this node, as kube-proxy does.
+    // An endpoint that is this node's own address (a host-network pod)
+    // is never masqueraded to: the packet does not leave the node, and
+    // kube-proxy's masquerade (in POSTROUTING) does not apply to it either.
+    // Its replies to a pod are reverse-translated at the pod's veth.
     let hairpin = choice.backend.addr == key.saddr;
-    let masquerade = service.flags & SVC_F_MASQ_ALWAYS != 0
-        || (service.flags & SVC_F_MASQ_NON_LOCAL != 0 && !flow.local);
+    let masquerade = (service.flags & SVC_F_MASQ_ALWAYS != 0
+        || (service.flags & SVC_F_MASQ_NON_LOCAL != 0 && !flow.local))
+        && !lb::is_node_addr(choice.backend.addr);
     let snat = hairpin || masquerade;
     if snat && config.masq_addr.is_unspecified() {
         return Err(drop(Counter::DropNoSnatAddr, len));

@@ -116,9 +116,11 @@ fn pods_reach_a_cluster_ip_over_tcp_and_udp_spread_over_local_and_remote_backend
 }
 
 /// A host-network endpoint (the node's own address): its node's stack
-/// answers a local client straight into the client's veth, so the reply
-/// is reverse-translated at the veth's egress; a remote client's reply
-/// comes back over the uplink as any remote backend's.
+/// answers a local client straight into the client's veth, and a client
+/// whose flow it translated at its uplink (a node port) out of that
+/// uplink, so those replies are reverse-translated at egress; a remote
+/// client's ClusterIP flow comes back over the uplink as any remote
+/// backend's. The endpoint is never masqueraded to, as with kube-proxy.
 #[test]
 fn a_host_network_endpoint_serves_pods_on_its_own_node_and_on_the_other() {
     let mut cluster = cluster(Options::default());
@@ -129,6 +131,28 @@ fn a_host_network_endpoint_serves_pods_on_its_own_node_and_on_the_other() {
         &ServicePolicy::default(),
         &[("node1", 8081)],
     );
+    cluster.apply(
+        &[Frontend::node_port_tcp(NODE_PORT)],
+        &masquerading(),
+        &[("node1", 8081)],
+    );
+    let node_port = addr(cluster.nodes[0].addr, NODE_PORT);
+    for i in 0..5 {
+        let answer = cluster.external.ask(node_port).unwrap_or_else(|err| {
+            panic!("outside: connection {i} to a node port with a host-network endpoint: {err}")
+        });
+        assert_eq!(answer.name, "node1", "the host-network server answers");
+        assert_eq!(
+            answer.peer_ip(),
+            cluster.external.addr,
+            "not masqueraded to the node itself"
+        );
+        let pod = cluster.pod("y");
+        let answer = pod
+            .ask(node_port)
+            .unwrap_or_else(|err| panic!("y: connection {i} to the other node's node port: {err}"));
+        assert_eq!(answer.name, "node1", "the host-network server answers");
+    }
     cluster.apply(
         &[Frontend::udp(CLUSTER_IP, 53)],
         &ServicePolicy::default(),

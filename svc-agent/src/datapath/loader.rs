@@ -37,14 +37,14 @@ pub static EBPF_OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 
 /// tc ingress on the host side of pod veths.
 pub const FROM_POD_PROGRAM: &str = "svc_from_pod";
-/// tc egress on the host side of pod veths: replies of host-network
-/// backends on this node.
-pub const TO_POD_PROGRAM: &str = "svc_to_pod";
+/// tc egress on the host side of pod veths and on uplinks: replies of
+/// host-network endpoints on this node.
+pub const EGRESS_PROGRAM: &str = "svc_egress";
 /// The programs of a pod veth, as the agent and the CNI plugin attach
 /// them (egress first, so a flow's replies are handled before its first
 /// packet can be translated).
 pub const POD_PROGRAMS: [(&str, Direction); 2] = [
-    (TO_POD_PROGRAM, Direction::Egress),
+    (EGRESS_PROGRAM, Direction::Egress),
     (FROM_POD_PROGRAM, Direction::Ingress),
 ];
 /// tc ingress on node uplinks.
@@ -230,7 +230,7 @@ impl Datapath {
         }
         for name in [
             FROM_POD_PROGRAM,
-            TO_POD_PROGRAM,
+            EGRESS_PROGRAM,
             FROM_UPLINK_PROGRAM,
             CLOCK_PROGRAM,
         ] {
@@ -313,8 +313,10 @@ impl Datapath {
         Ok(())
     }
 
-    /// Attaches the uplink program at ingress of a node uplink.
+    /// Attaches the uplink programs to a node uplink (egress, then
+    /// ingress).
     pub fn attach_uplink(&mut self, iface: &str) -> Result<()> {
+        self.attach_tc(EGRESS_PROGRAM, Direction::Egress, iface)?;
         self.attach_tc(FROM_UPLINK_PROGRAM, Direction::Ingress, iface)
     }
 

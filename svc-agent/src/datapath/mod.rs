@@ -25,8 +25,8 @@ pub use cidr::{CidrError, Ipv4Cidr};
 pub use clock::{coarse_now_ns, tick_ns};
 pub use frontend::{BackendSpec, Frontend, Masquerade, Protocol, ServicePolicy};
 pub use loader::{
-    BpfLogLevel, Capacities, DEFAULT_PIN_DIR, Datapath, EBPF_OBJECT, FROM_POD_PROGRAM,
-    FROM_UPLINK_PROGRAM, LoadOptions, POD_PROGRAMS, SOCK_PROGRAMS, TO_POD_PROGRAM, cgroup2_mount,
+    BpfLogLevel, Capacities, DEFAULT_PIN_DIR, Datapath, EBPF_OBJECT, EGRESS_PROGRAM,
+    FROM_POD_PROGRAM, FROM_UPLINK_PROGRAM, LoadOptions, POD_PROGRAMS, SOCK_PROGRAMS, cgroup2_mount,
     current_netns_cookie,
 };
 pub use maglev::{Block, SlotAllocator};

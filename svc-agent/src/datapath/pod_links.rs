@@ -1,6 +1,6 @@
 //! The pod programs' attachments as the CNI plugin makes them: from the
 //! programs the agent pinned (`<pin dir>/progs/svc_from_pod` and
-//! `svc_to_pod`), pinned under
+//! `svc_egress`), pinned under
 //! the same names and the same lock as the agent's own, so the agent
 //! takes them over as if it had made them.
 

@@ -13,8 +13,8 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 
 use aya::programs::{TestRun as _, TestRunOptions};
 use svc_agent::datapath::{
-    BackendSpec, Capacities, CidrSetKind, Datapath, FROM_POD_PROGRAM, FROM_UPLINK_PROGRAM,
-    Frontend, Ipv4Cidr, LoadOptions, Maps, Masquerade, ServicePolicy, TO_POD_PROGRAM,
+    BackendSpec, Capacities, CidrSetKind, Datapath, EGRESS_PROGRAM, FROM_POD_PROGRAM,
+    FROM_UPLINK_PROGRAM, Frontend, Ipv4Cidr, LoadOptions, Maps, Masquerade, ServicePolicy,
 };
 use svc_common::{
     config::DatapathConfig,
@@ -45,7 +45,7 @@ const SYNACK: TcpFlags = TcpFlags::SynAck;
 const POD: &str = FROM_POD_PROGRAM;
 const UPLINK: &str = FROM_UPLINK_PROGRAM;
 /// Egress of a pod veth: packets into the pod.
-const TO_POD: &str = TO_POD_PROGRAM;
+const EGRESS: &str = EGRESS_PROGRAM;
 const TC_ACT_SHOT: u32 = 2;
 const TC_ACT_REDIRECT: u32 = 7;
 
@@ -63,6 +63,8 @@ const OUTSIDE_RANGES: (Ipv4Addr, u16) = (Ipv4Addr::new(198, 18, 0, 9), 6000);
 const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
 const NODE_PORT: u16 = 30_080;
 const NODE_PORT_LOCAL: u16 = 30_081;
+/// A node port whose one endpoint is this node's address.
+const NODE_PORT_HOST: u16 = 30_082;
 /// The service CIDR.
 const SERVICE_CIDR: (Ipv4Addr, u8) = (Ipv4Addr::new(10, 96, 0, 0), 16);
 /// In the service CIDR, held by no service.
@@ -178,7 +180,7 @@ fn install(maps: &mut Maps) {
         source_ranges: vec![Ipv4Cidr::new(Ipv4Addr::new(203, 0, 113, 0), 28).expect("a CIDR")],
         ..external.clone()
     };
-    let services: [(Frontend, &ServicePolicy, &[BackendId]); 14] = [
+    let services: [(Frontend, &ServicePolicy, &[BackendId]); 15] = [
         (
             Frontend::tcp(CLUSTER, 80),
             &cluster,
@@ -205,6 +207,11 @@ fn install(maps: &mut Maps) {
         (Frontend::tcp(LB_IP_RANGED, 443), &ranged, &[backend(4)]),
         (Frontend::tcp(EXTERNAL_IP, 80), &local, &[backend(1)]),
         (Frontend::tcp(HOST_SVC, 80), &cluster, &[backend(5)]),
+        (
+            Frontend::node_port_tcp(NODE_PORT_HOST),
+            &external,
+            &[backend(5)],
+        ),
     ];
     for (frontend, policy, backends) in services {
         maps.upsert_service(&frontend, policy, backends)

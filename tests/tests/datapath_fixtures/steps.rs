@@ -582,9 +582,27 @@ fn translation_steps() -> Vec<fn(&Maps) -> Step> {
         |_| {
             step(
                 "the node's SYN-ACK into the pod: reverse-translated at the veth's egress",
-                TO_POD,
+                EGRESS,
                 packet::tcp4((NODE, 8081), C4, SYNACK, &[]),
                 packet::tcp4((HOST_SVC, 80), C4, SYNACK, &[]),
+                &[Counter::LbReply],
+            )
+        },
+        |_| {
+            step(
+                "SYN from outside to a node port whose endpoint is this node: DNAT only, never masqueraded to the node itself",
+                UPLINK,
+                packet::tcp4(EXTERNAL, (NODE, NODE_PORT_HOST), SYN, &[]),
+                packet::tcp4(EXTERNAL, (NODE, 8081), SYN, &[]),
+                NEW_TCP,
+            )
+        },
+        |_| {
+            step(
+                "the node's SYN-ACK out of the uplink: reverse-translated at egress",
+                EGRESS,
+                packet::tcp4((NODE, 8081), EXTERNAL, SYNACK, &[]),
+                packet::tcp4((NODE, NODE_PORT_HOST), EXTERNAL, SYNACK, &[]),
                 &[Counter::LbReply],
             )
         },
@@ -592,7 +610,7 @@ fn translation_steps() -> Vec<fn(&Maps) -> Step> {
             let packet = packet::tcp4((NODE, 22), C4, TcpFlags::Ack, b"ssh");
             step(
                 "the node's own connection into the pod: untouched at egress",
-                TO_POD,
+                EGRESS,
                 packet.clone(),
                 packet,
                 &[],
@@ -602,7 +620,7 @@ fn translation_steps() -> Vec<fn(&Maps) -> Step> {
             let packet = packet::tcp4(SERVER, C4, TcpFlags::Ack, b"hi");
             step(
                 "a packet from elsewhere into the pod: untouched at egress (translated where it entered)",
-                TO_POD,
+                EGRESS,
                 packet.clone(),
                 packet,
                 &[],
