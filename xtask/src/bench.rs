@@ -90,6 +90,95 @@ pub fn control_plane() -> Result<()> {
     Ok(())
 }
 
+#[derive(Deserialize)]
+struct MaglevFigure {
+    slots: u32,
+    backends: u32,
+    metric: String,
+    value: f64,
+}
+
+/// `cargo xtask bench maglev`: runs `bench-maglev` and renders, per table
+/// size M (rows) and backend count N (columns), the share of flows moved
+/// by removing one backend as a multiple of the ideal 1/N, and the build
+/// time.
+pub fn maglev() -> Result<()> {
+    let root = cmd::workspace_root();
+    let json = root.join("target/bench/maglev.json");
+    let markdown = root.join("target/bench/maglev.md");
+    cmd::run(
+        std::process::Command::new(build_bench_binary("bench-maglev")?)
+            .arg("--out")
+            .arg(&json),
+    )?;
+    let text = fs::read_to_string(&json).with_context(|| format!("reading {}", json.display()))?;
+    let figures: Vec<MaglevFigure> =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", json.display()))?;
+    let table = render_maglev(&figures);
+    fs::write(&markdown, &table).with_context(|| format!("writing {}", markdown.display()))?;
+    println!("{table}");
+    eprintln!("wrote {} and {}", json.display(), markdown.display());
+    Ok(())
+}
+
+fn render_maglev(figures: &[MaglevFigure]) -> String {
+    let value = |slots: u32, backends: u32, metric: &str| {
+        figures
+            .iter()
+            .find(|f| f.slots == slots && f.backends == backends && f.metric == metric)
+            .map(|f| f.value)
+    };
+    let mut sizes: Vec<u32> = figures.iter().map(|f| f.slots).collect();
+    sizes.sort_unstable();
+    sizes.dedup();
+    let mut counts: Vec<u32> = figures.iter().map(|f| f.backends).collect();
+    counts.sort_unstable();
+    counts.dedup();
+    let mut out = format!("Machine: {}; kernel {}.\n", cpu_model(), kernel());
+    for (title, cell) in [
+        (
+            "Flows moved when one of N backends is removed, as a multiple of the ideal 1/N",
+            &(|m, n| {
+                value(m, n, "moved_on_remove")
+                    .zip(value(m, n, "ideal_on_remove"))
+                    .map(|(moved, ideal)| format!("{:.2}", moved / ideal))
+            }) as &dyn Fn(u32, u32) -> Option<String>,
+        ),
+        (
+            "Flows moved when a backend is added to N, as a multiple of the ideal 1/(N+1)",
+            &|m, n| {
+                value(m, n, "moved_on_add")
+                    .zip(value(m, n, "ideal_on_add"))
+                    .map(|(moved, ideal)| format!("{:.2}", moved / ideal))
+            },
+        ),
+        ("Most slots of one backend over the mean M/N", &|m, n| {
+            value(m, n, "imbalance").map(|v| format!("{v:.3}"))
+        }),
+        ("Build time (ms, fastest of at least 5)", &|m, n| {
+            value(m, n, "build").map(|v| format!("{v:.3}"))
+        }),
+    ] {
+        let _ = write!(out, "\n{title}:\n\n| M (table bytes) |");
+        for n in &counts {
+            let _ = write!(out, " N = {n} |");
+        }
+        out.push_str("\n|---|");
+        for _ in &counts {
+            out.push_str("---:|");
+        }
+        out.push('\n');
+        for &m in &sizes {
+            let _ = write!(out, "| {m} ({} KiB) |", m * 4 / 1024);
+            for &n in &counts {
+                let _ = write!(out, " {} |", cell(m, n).unwrap_or_else(|| "-".to_owned()));
+            }
+            out.push('\n');
+        }
+    }
+    out
+}
+
 fn render(json: &Path) -> Result<String> {
     let text = fs::read_to_string(json).with_context(|| format!("reading {}", json.display()))?;
     let samples: Vec<Sample> =

@@ -20,8 +20,8 @@ use std::{
 
 use aya::programs::{TestRun as _, TestRunOptions};
 use svc_agent::datapath::{
-    BackendSpec, Capacities, Datapath, FROM_POD_PROGRAM, FROM_UPLINK_PROGRAM, Frontend,
-    LoadOptions, Maps, Masquerade, Protocol, ServicePolicy,
+    BackendSpec, Capacities, Datapath, EGRESS_PROGRAM, FROM_POD_PROGRAM, FROM_UPLINK_PROGRAM,
+    Frontend, LoadOptions, Maps, Masquerade, Protocol, ServicePolicy,
 };
 use svc_common::{
     config::DatapathConfig, hash::flow_hash, lb::BackendId, proto, stats::Counter, wire::WirePort,
@@ -278,6 +278,22 @@ fn cases(client_port: u16) -> Vec<Case> {
                 packet::tcp4(client, (HOT, 81), TcpFlags::Ack, b"x"),
             ],
             counter: Some(Counter::LbReply),
+            new_flows: false,
+        },
+        Case {
+            // A packet into a pod from another pod, at the veth's egress:
+            // the cost every packet into a pod pays for host-network
+            // endpoints' replies (one node-address lookup that misses).
+            name: "into_pod",
+            program: EGRESS_PROGRAM,
+            packet: packet::tcp4(
+                (Ipv4Addr::new(10, 244, 3, 3), 80),
+                client,
+                TcpFlags::Ack,
+                b"y",
+            ),
+            warmup: Vec::new(),
+            counter: None,
             new_flows: false,
         },
         Case {
