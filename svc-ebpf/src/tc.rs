@@ -104,14 +104,7 @@ pub fn try_egress(ctx: &TcContext) -> Result<i32, i32> {
     let Ok(l4) = parse::l4(ctx, &packet) else {
         return Ok(TC_ACT_OK);
     };
-    let key = CtKey {
-        saddr: packet.saddr,
-        daddr: packet.daddr,
-        sport: l4.sport,
-        dport: l4.dport,
-        protocol: packet.protocol,
-        _pad: [0; 3],
-    };
+    let key = flow_key(&packet, &l4);
     let Some(entry) = ct::lookup(&key) else {
         return Ok(TC_ACT_OK);
     };
@@ -132,6 +125,19 @@ pub fn try_egress(ctx: &TcContext) -> Result<i32, i32> {
     ct::update(&key, entry, l4.tcp_flags, now);
     // SAFETY: as above.
     tracked(ctx, &packet, &l4, &key, unsafe { &*entry }, len)
+}
+
+/// The packet's tuple, as connection tracking keys it.
+#[inline(always)]
+fn flow_key(packet: &Ipv4Packet, l4: &L4) -> CtKey {
+    CtKey {
+        saddr: packet.saddr,
+        daddr: packet.daddr,
+        sport: l4.sport,
+        dport: l4.dport,
+        protocol: packet.protocol,
+        _pad: [0; 3],
+    }
 }
 
 /// A refusal of the packet's flow (ICMP port unreachable to its sender).
@@ -197,14 +203,7 @@ fn translate(ctx: &TcContext, hook: Hook) -> Result<Verdict, i32> {
     })?;
     stats::count(class, len);
 
-    let key = CtKey {
-        saddr: packet.saddr,
-        daddr: packet.daddr,
-        sport: l4.sport,
-        dport: l4.dport,
-        protocol: packet.protocol,
-        _pad: [0; 3],
-    };
+    let key = flow_key(&packet, &l4);
     let config = config();
     let now = ct::now_ns(config);
     let mut replacing = false;
