@@ -66,18 +66,35 @@ const STALLED: Duration = Duration::from_secs(30);
 const MAX_REQUEST: usize = 4096;
 
 pub async fn serve(listener: TcpListener, page: Arc<Mutex<Page>>) {
+    serve_each(listener, page, "metrics", |stream, page| async move {
+        respond(stream, &page).await
+    })
+    .await;
+}
+
+/// Accepts connections forever and answers each on a task of its own
+/// with `respond`; failures are logged at debug (`what` names the server).
+pub async fn serve_each<F, Fut>(
+    listener: TcpListener,
+    page: Arc<Mutex<Page>>,
+    what: &'static str,
+    respond: F,
+) where
+    F: Fn(TcpStream, Arc<Mutex<Page>>) -> Fut,
+    Fut: Future<Output = std::io::Result<()>> + Send + 'static,
+{
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                let page = Arc::clone(&page);
+                let answer = respond(stream, Arc::clone(&page));
                 tokio::spawn(async move {
-                    if let Err(err) = respond(stream, &page).await {
-                        debug!(error = %err, "metrics request failed");
+                    if let Err(err) = answer.await {
+                        debug!(error = %err, server = what, "request failed");
                     }
                 });
             }
             Err(err) => {
-                debug!(error = %err, "accepting a metrics connection failed");
+                debug!(error = %err, server = what, "accepting a connection failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }

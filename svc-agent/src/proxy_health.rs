@@ -20,9 +20,8 @@ use tokio::{
     net::{TcpListener, TcpStream},
     time::Duration,
 };
-use tracing::debug;
 
-use crate::http::{Page, lock, read_path, write_response};
+use crate::http::{Page, lock, read_path, serve_each, write_response};
 
 /// How long a change may wait for the datapath before the node reports
 /// unhealthy: kube-proxy's twice its 30 s default sync period.
@@ -103,22 +102,10 @@ fn answer(path: &str, state: &ProxyState, now: (Instant, SystemTime)) -> Option<
 }
 
 pub async fn serve(listener: TcpListener, page: Arc<Mutex<Page>>) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                let page = Arc::clone(&page);
-                tokio::spawn(async move {
-                    if let Err(err) = respond(stream, &page).await {
-                        debug!(error = %err, "health request failed");
-                    }
-                });
-            }
-            Err(err) => {
-                debug!(error = %err, "accepting a health connection failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
+    serve_each(listener, page, "health", |stream, page| async move {
+        respond(stream, &page).await
+    })
+    .await;
 }
 
 async fn respond(mut stream: TcpStream, page: &Mutex<Page>) -> std::io::Result<()> {
