@@ -2,7 +2,7 @@
 //! build) and renders its JSON as the Markdown table `docs/benchmarks.md`
 //! quotes, with the machine and kernel it ran on.
 
-use std::{fmt::Write as _, fs, path::Path};
+use std::{fmt::Write as _, fs};
 
 use anyhow::{Context as _, Result};
 use serde::Deserialize;
@@ -23,6 +23,34 @@ fn build_bench_binary(name: &str) -> Result<std::path::PathBuf> {
     Ok(cmd::workspace_root().join("target/release").join(name))
 }
 
+/// Runs benchmark binary `name` with `--out target/bench/<stem>.json` and
+/// `args`, reads the figures it wrote back, and writes `render`'s Markdown
+/// of them beside the JSON (and prints it).
+fn run_and_render<T: serde::de::DeserializeOwned>(
+    name: &str,
+    stem: &str,
+    args: &[String],
+    render: impl FnOnce(&[T]) -> String,
+) -> Result<()> {
+    let root = cmd::workspace_root();
+    let json = root.join(format!("target/bench/{stem}.json"));
+    let markdown = root.join(format!("target/bench/{stem}.md"));
+    cmd::run(
+        std::process::Command::new(build_bench_binary(name)?)
+            .arg("--out")
+            .arg(&json)
+            .args(args),
+    )?;
+    let text = fs::read_to_string(&json).with_context(|| format!("reading {}", json.display()))?;
+    let figures: Vec<T> =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", json.display()))?;
+    let table = render(&figures);
+    fs::write(&markdown, &table).with_context(|| format!("writing {}", markdown.display()))?;
+    println!("{table}");
+    eprintln!("wrote {} and {}", json.display(), markdown.display());
+    Ok(())
+}
+
 #[derive(Deserialize)]
 struct Sample {
     case: String,
@@ -31,24 +59,11 @@ struct Sample {
 }
 
 pub fn datapath(repeat: u32, services: &[u32]) -> Result<()> {
-    let root = cmd::workspace_root();
-    let json = root.join("target/bench/datapath.json");
-    let markdown = root.join("target/bench/datapath.md");
-    let mut bench = std::process::Command::new(build_bench_binary("bench-datapath")?);
-    bench
-        .arg("--out")
-        .arg(&json)
-        .arg("--repeat")
-        .arg(repeat.to_string());
+    let mut args = vec!["--repeat".to_owned(), repeat.to_string()];
     for count in services {
-        bench.arg("--services").arg(count.to_string());
+        args.extend(["--services".to_owned(), count.to_string()]);
     }
-    cmd::run(&mut bench)?;
-    let table = render(&json)?;
-    fs::write(&markdown, &table).with_context(|| format!("writing {}", markdown.display()))?;
-    println!("{table}");
-    eprintln!("wrote {} and {}", json.display(), markdown.display());
-    Ok(())
+    run_and_render("bench-datapath", "datapath", &args, render)
 }
 
 #[derive(Deserialize)]
@@ -61,33 +76,26 @@ struct ControlPlaneSample {
 
 /// `cargo xtask bench control-plane`.
 pub fn control_plane() -> Result<()> {
-    let root = cmd::workspace_root();
-    let json = root.join("target/bench/control-plane.json");
-    let markdown = root.join("target/bench/control-plane.md");
-    cmd::run(
-        std::process::Command::new(build_bench_binary("bench-control-plane")?)
-            .arg("--out")
-            .arg(&json),
-    )?;
-    let text = fs::read_to_string(&json).with_context(|| format!("reading {}", json.display()))?;
-    let samples: Vec<ControlPlaneSample> =
-        serde_json::from_str(&text).with_context(|| format!("parsing {}", json.display()))?;
-    let mut table = format!(
-        "Machine: {}; kernel {}.\n\n| case | services | value |\n|---|---:|---:|\n",
-        cpu_model(),
-        kernel()
-    );
-    for sample in samples {
-        let _ = writeln!(
-            table,
-            "| {} | {} | {:.3} {} |",
-            sample.case, sample.services, sample.value, sample.unit
-        );
-    }
-    fs::write(&markdown, &table).with_context(|| format!("writing {}", markdown.display()))?;
-    println!("{table}");
-    eprintln!("wrote {} and {}", json.display(), markdown.display());
-    Ok(())
+    run_and_render(
+        "bench-control-plane",
+        "control-plane",
+        &[],
+        |samples: &[ControlPlaneSample]| {
+            let mut table = format!(
+                "Machine: {}; kernel {}.\n\n| case | services | value |\n|---|---:|---:|\n",
+                cpu_model(),
+                kernel()
+            );
+            for sample in samples {
+                let _ = writeln!(
+                    table,
+                    "| {} | {} | {:.3} {} |",
+                    sample.case, sample.services, sample.value, sample.unit
+                );
+            }
+            table
+        },
+    )
 }
 
 #[derive(Deserialize)]
@@ -103,22 +111,7 @@ struct MaglevFigure {
 /// by removing one backend as a multiple of the ideal 1/N, and the build
 /// time.
 pub fn maglev() -> Result<()> {
-    let root = cmd::workspace_root();
-    let json = root.join("target/bench/maglev.json");
-    let markdown = root.join("target/bench/maglev.md");
-    cmd::run(
-        std::process::Command::new(build_bench_binary("bench-maglev")?)
-            .arg("--out")
-            .arg(&json),
-    )?;
-    let text = fs::read_to_string(&json).with_context(|| format!("reading {}", json.display()))?;
-    let figures: Vec<MaglevFigure> =
-        serde_json::from_str(&text).with_context(|| format!("parsing {}", json.display()))?;
-    let table = render_maglev(&figures);
-    fs::write(&markdown, &table).with_context(|| format!("writing {}", markdown.display()))?;
-    println!("{table}");
-    eprintln!("wrote {} and {}", json.display(), markdown.display());
-    Ok(())
+    run_and_render("bench-maglev", "maglev", &[], render_maglev)
 }
 
 fn render_maglev(figures: &[MaglevFigure]) -> String {
@@ -179,15 +172,12 @@ fn render_maglev(figures: &[MaglevFigure]) -> String {
     out
 }
 
-fn render(json: &Path) -> Result<String> {
-    let text = fs::read_to_string(json).with_context(|| format!("reading {}", json.display()))?;
-    let samples: Vec<Sample> =
-        serde_json::from_str(&text).with_context(|| format!("parsing {}", json.display()))?;
+fn render(samples: &[Sample]) -> String {
     let mut counts: Vec<u32> = samples.iter().map(|s| s.services).collect();
     counts.sort_unstable();
     counts.dedup();
     let mut cases: Vec<&str> = Vec::new();
-    for sample in &samples {
+    for sample in samples {
         if !cases.contains(&sample.case.as_str()) {
             cases.push(&sample.case);
         }
@@ -221,7 +211,7 @@ fn render(json: &Path) -> Result<String> {
         let last = figures.last().copied().unwrap_or(f64::NAN);
         let _ = writeln!(out, " {:.2} |", last / first);
     }
-    Ok(out)
+    out
 }
 
 fn cpu_model() -> String {
