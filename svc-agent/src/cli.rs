@@ -10,7 +10,7 @@ use svc_agent::{
 use svc_common::{
     ct::DEFAULT_CT_ENTRIES,
     lb::{DEFAULT_MAGLEV_SLOTS, DEFAULT_MAX_AFFINITY},
-    maglev::MAX_TABLE_SIZE,
+    maglev::{DEFAULT_SLOTS_PER_BACKEND, MAX_TABLE_SIZE},
 };
 
 #[derive(Parser)]
@@ -250,6 +250,12 @@ pub struct RunArgs {
     /// Slots of the shared Maglev array (at least one largest table).
     #[arg(long, default_value_t = DEFAULT_MAGLEV_SLOTS, value_parser = clap::value_parser!(u32).range(i64::from(MAX_TABLE_SIZE)..=(1 << 28)))]
     pub maglev_slots: u32,
+    /// Least Maglev slots per backend of a service's table (the table is
+    /// the next prime size up, at most 65,537): more slots move fewer
+    /// flows when a backend comes or goes, at 8 bytes of kernel memory
+    /// each.
+    #[arg(long, default_value_t = DEFAULT_SLOTS_PER_BACKEND, value_parser = clap::value_parser!(u32).range(1..=65_537))]
+    pub maglev_slots_per_backend: u32,
     /// bpffs directory for the maps and links, so the datapath outlives the
     /// agent and a restart adopts it (connections survive).
     #[arg(long, default_value = DEFAULT_PIN_DIR)]

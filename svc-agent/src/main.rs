@@ -154,8 +154,8 @@ fn load_datapath(args: &RunArgs) -> Result<Datapath> {
             maglev_slots: args.maglev_slots,
             ..Capacities::default()
         },
+        maglev_slots_per_backend: args.maglev_slots_per_backend,
         pin_dir: (!args.no_pin).then(|| args.pin_dir.clone()),
-        ..LoadOptions::default()
     };
     Datapath::load(&options).context("loading the datapath")
 }

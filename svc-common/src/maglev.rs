@@ -20,8 +20,12 @@ pub const TABLE_SIZES: &[u32] = &[251, 509, 1_021, 2_039, 4_093, 8_191, 16_381, 
 pub const MIN_TABLE_SIZE: u32 = 251;
 /// Largest table.
 pub const MAX_TABLE_SIZE: u32 = 65_537;
-/// Default minimum number of slots per backend: balance within 1%.
-pub const DEFAULT_SLOTS_PER_BACKEND: u32 = 100;
+/// Default minimum number of slots per backend. 100 balances within 1%;
+/// 200 also keeps the flows that move when one of N backends goes within
+/// 1.5 times the ideal 1/N up to about 30 backends (`cargo xtask bench
+/// maglev`, docs/benchmarks.md), at 16 KiB of kernel memory per frontend
+/// of 10 backends. `svc-agent run --maglev-slots-per-backend` changes it.
+pub const DEFAULT_SLOTS_PER_BACKEND: u32 = 200;
 
 /// Marks an unfilled slot while populating.
 const EMPTY: u32 = u32::MAX;

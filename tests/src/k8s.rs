@@ -242,6 +242,12 @@ impl Process {
         Self { name, child }
     }
 
+    /// Its process id.
+    #[must_use]
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Stops it: SIGTERM, then SIGKILL after ten seconds.
     pub fn stop(&mut self) {
         // SAFETY: kill(2) on our own child; the result does not matter.

@@ -18,12 +18,23 @@ use std::{
 pub mod agents;
 pub mod cluster;
 pub mod conformance;
+pub mod figures;
 pub mod k8s;
+pub mod loadgen;
 pub mod netns;
 pub mod packet;
+pub mod proxies;
 pub mod scenarios;
 pub mod servers;
 pub mod topology;
+
+/// A count as a float for rates and ratios (exact below 2^53, which every
+/// count of these tests is).
+#[must_use]
+#[expect(clippy::cast_precision_loss, reason = "counts far below 2^53")]
+pub const fn as_f64(count: u64) -> f64 {
+    count as f64
+}
 
 /// Fails the test unless it runs as root. These tests load eBPF programs and
 /// create network namespaces; they never skip silently.

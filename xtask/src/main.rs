@@ -98,32 +98,31 @@ enum Command {
         #[arg(long, conflicts_with = "out")]
         check: bool,
     },
-    /// Benchmarks; results under target/bench/.
+    /// Benchmarks: every part by default (a few minutes with --quick,
+    /// an hour or more without). Figures under target/bench/, tables in
+    /// the generated sections of docs/benchmarks.md, plots in docs/img/.
     Bench {
-        #[command(subcommand)]
-        bench: Bench,
-    },
-}
-
-#[derive(Subcommand)]
-enum Bench {
-    /// Nanoseconds per packet of the tc programs (BPF_PROG_TEST_RUN) with
-    /// 1 to 100,000 services installed.
-    Datapath {
-        /// Iterations per BPF_PROG_TEST_RUN call.
-        #[arg(long, default_value_t = 1_000_000)]
-        repeat: u32,
-        /// Service counts to measure (repeatable; default 1, 1000, 10000,
-        /// 100000).
+        /// Parts to run (default: all).
+        #[arg(value_enum)]
+        parts: Vec<bench::Part>,
+        /// Fewer service counts, shorter runs: a few minutes.
+        #[arg(long)]
+        quick: bool,
+        /// Service counts of the datapath and side-by-side parts
+        /// (repeatable; defaults per part).
         #[arg(long = "services")]
         services: Vec<u32>,
+        /// Proxies of the side-by-side part (repeatable: svc-proxy,
+        /// kube-proxy-iptables, kube-proxy-nftables; default all).
+        #[arg(long = "proxy")]
+        proxies: Vec<String>,
+        /// Iterations per BPF_PROG_TEST_RUN call of the datapath part.
+        #[arg(long)]
+        repeat: Option<u32>,
+        /// Run nothing: render the docs and plots from target/bench/.
+        #[arg(long)]
+        render_only: bool,
     },
-    /// The agent's pipeline (watch, translate, apply): programming 1,000 to
-    /// 50,000 services from cold, one change with 10,000 installed, memory.
-    ControlPlane,
-    /// Maglev table quality for every table size and 3 to 3,000 backends:
-    /// build time, imbalance, flows moved by a removal or an addition.
-    Maglev,
 }
 
 fn main() -> Result<()> {
@@ -165,14 +164,20 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Bench {
-            bench: Bench::Datapath { repeat, services },
-        } => bench::datapath(repeat, &services),
-        Command::Bench {
-            bench: Bench::ControlPlane,
-        } => bench::control_plane(),
-        Command::Bench {
-            bench: Bench::Maglev,
-        } => bench::maglev(),
+            parts,
+            quick,
+            services,
+            proxies,
+            repeat,
+            render_only,
+        } => bench::run(&bench::Options {
+            parts,
+            quick,
+            services,
+            proxies,
+            repeat,
+            render_only,
+        }),
     }
 }
 

@@ -27,8 +27,10 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[("ip", "iproute2"), ("curl", "curl")]
 /// the pod network's CNI plugins (ptp, host-local, loopback), libseccomp
 /// with pkg-config for runc's cgo build, mmdebstrap for the root file
 /// system of the e2e suite's images, nft for kube-proxy's nftables mode
-/// (the conformance control run) and iptables for the portmap plugin
-/// (hostPort).
+/// (the conformance control run, the benchmark's peer), iptables for the
+/// portmap plugin (hostPort) and kube-proxy's iptables mode, conntrack for
+/// kube-proxy's stale-flow cleanup and the benchmark's flush between
+/// proxies.
 const CLUSTER_PACKAGES: &[(&str, &str)] = &[
     ("/usr/lib/cni/ptp", "containernetworking-plugins"),
     ("pkg-config", "pkg-config"),
@@ -37,7 +39,16 @@ const CLUSTER_PACKAGES: &[(&str, &str)] = &[
     ("nft", "nftables"),
     // The portmap CNI plugin's.
     ("iptables", "iptables"),
+    ("conntrack", "conntrack"),
 ];
+
+/// The font `cargo xtask bench` draws its plots' text with.
+pub const PLOT_FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
+
+/// What `cargo xtask bench` needs besides the cluster's packages.
+pub fn ensure_bench_packages() -> Result<()> {
+    ensure_debian_packages(&[(PLOT_FONT, "fonts-dejavu-core")])
+}
 
 pub fn ensure() -> Result<()> {
     ensure_rust_src()?;

@@ -6,7 +6,7 @@
 //! memory, and, with connection tracking full (the default 524,288
 //! entries, flows made by the pod program through `BPF_PROG_TEST_RUN`),
 //! removing 1,000 backends, sweeping, and an edit while the sweep runs.
-//! Writes `{"case", "services", "value", "unit"}` objects to the JSON file
+//! Writes `{"bench", "proxy", "services", "metric", "value", "unit"}` objects to the JSON file
 //! given with `--out`.
 
 use std::{
@@ -25,6 +25,7 @@ use svc_agent::{
     sync::Applier,
 };
 use svc_common::ct::DEFAULT_CT_ENTRIES;
+use tests::figures::{self, Figure};
 
 const COLD_COUNTS: [u32; 3] = [1_000, 10_000, 50_000];
 const CHANGE_SERVICES: u32 = 10_000;
@@ -99,7 +100,12 @@ fn load_with_ct(services: u32, ct_entries: u32) -> Datapath {
             ct_entries,
             services: (services * 2).next_power_of_two(),
             backends: services * ENDPOINTS + 1_024,
-            maglev_slots: services * 1_021 + 4_096,
+            maglev_slots: services
+                * svc_common::maglev::table_size(
+                    ENDPOINTS,
+                    svc_common::maglev::DEFAULT_SLOTS_PER_BACKEND,
+                )
+                + 4_096,
             ..Capacities::default()
         },
         ..LoadOptions::default()
@@ -293,17 +299,20 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 fn main() {
     tests::require_root();
     let mut out = String::from("target/bench/control-plane.json");
+    let mut counts = COLD_COUNTS.to_vec();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--out" => out = args.next().expect("--out takes a path"),
-            other => panic!("unknown argument {other}; use --out PATH"),
+            // Up to the 10,000 services of the change and memory cases.
+            "--quick" => counts.retain(|&count| count <= CHANGE_SERVICES),
+            other => panic!("unknown argument {other}; use --out PATH [--quick]"),
         }
     }
     let dir = std::env::temp_dir().join(format!("svc-bench-cp-{}", std::process::id()));
     let mut samples: Vec<(String, u32, f64, &str)> = Vec::new();
 
-    for services in COLD_COUNTS {
+    for services in counts {
         write_manifests(&dir, services);
         let mut datapath = load(services);
         let mut agent = Agent::new(&dir);
@@ -349,19 +358,11 @@ fn main() {
     }
     full_table(&dir, &mut samples);
     let _ = fs::remove_dir_all(&dir);
-    let mut json = String::from("[\n");
-    for (i, (case, services, value, unit)) in samples.iter().enumerate() {
-        let comma = if i + 1 < samples.len() { "," } else { "" };
-        let _ = writeln!(
-            json,
-            r#"  {{"case": "{case}", "services": {services}, "value": {value:.3}, "unit": "{unit}"}}{comma}"#
-        );
-    }
-    json.push_str("]\n");
-    let out = PathBuf::from(out);
-    if let Some(parent) = out.parent() {
-        fs::create_dir_all(parent).expect("output directory");
-    }
-    fs::write(&out, json).expect("write results");
-    eprintln!("wrote {}", out.display());
+    let figures: Vec<Figure> = samples
+        .into_iter()
+        .map(|(case, services, value, unit)| {
+            Figure::ours("control-plane", services, case, value, unit)
+        })
+        .collect();
+    figures::write(&PathBuf::from(out), &figures);
 }

@@ -1,7 +1,7 @@
 //! `cargo xtask bench datapath`: nanoseconds per packet of the tc programs,
 //! measured with `BPF_PROG_TEST_RUN` (`repeat` ≥ 1,000,000) with 1 to
 //! 100,000 services installed. Writes a JSON list of
-//! `{"case", "services", "ns_per_pkt"}` to the path given with `--out`.
+//! `{"bench", "proxy", "services", "metric", "value", "unit"}` figures to the path given with `--out`.
 //!
 //! `BPF_PROG_TEST_RUN` runs the program again and again on the *same*
 //! buffer, so a translating program would see its own output from the
@@ -13,7 +13,6 @@
 //! is measured three times and the fastest run reported.
 
 use std::{
-    fmt::Write as _,
     net::{Ipv4Addr, SocketAddrV4},
     time::Instant,
 };
@@ -24,9 +23,13 @@ use svc_agent::datapath::{
     Frontend, LoadOptions, Maps, Masquerade, Protocol, ServicePolicy,
 };
 use svc_common::{
-    config::DatapathConfig, hash::flow_hash, lb::BackendId, proto, stats::Counter, wire::WirePort,
+    config::DatapathConfig, hash::flow_hash, lb::BackendId, maglev, proto, stats::Counter,
+    wire::WirePort,
 };
-use tests::packet::{self, TcpFlags};
+use tests::{
+    figures::{self, Figure},
+    packet::{self, TcpFlags},
+};
 
 const SERVICE_COUNTS: &[u32] = &[1, 1_000, 10_000, 100_000];
 
@@ -102,7 +105,9 @@ fn install(services: u32, config: DatapathConfig) -> Datapath {
             ct_entries: 1 << 20,
             services: frontends.next_power_of_two(),
             backends: BACKEND_POOL + 64,
-            maglev_slots: frontends * 1021 + 4096,
+            maglev_slots: frontends
+                * maglev::table_size(BACKENDS_PER_SERVICE, maglev::DEFAULT_SLOTS_PER_BACKEND)
+                + 4096,
             ..Capacities::default()
         },
         ..LoadOptions::default()
@@ -357,8 +362,7 @@ fn main() {
     tests::require_root();
     let args = args();
     assert!(args.repeat >= 1, "--repeat must be positive");
-    let mut json = String::from("[\n");
-    let mut first = true;
+    let mut figures = Vec::new();
     for &services in &args.services {
         let started = Instant::now();
         let established = install(services, DatapathConfig::DEFAULT);
@@ -386,21 +390,8 @@ fn main() {
                 "{:<28} {services:>7} services {ns:>7.1} ns/packet",
                 case.name
             );
-            if !first {
-                json.push_str(",\n");
-            }
-            first = false;
-            let _ = write!(
-                json,
-                r#"  {{"case": "{}", "services": {services}, "ns_per_pkt": {ns:.1}}}"#,
-                case.name
-            );
+            figures.push(Figure::ours("datapath", services, case.name, ns, "ns"));
         }
     }
-    json.push_str("\n]\n");
-    if let Some(dir) = std::path::Path::new(&args.out).parent() {
-        std::fs::create_dir_all(dir).expect("create the output directory");
-    }
-    std::fs::write(&args.out, json).unwrap_or_else(|err| panic!("writing {}: {err}", args.out));
-    eprintln!("wrote {}", args.out);
+    figures::write(std::path::Path::new(&args.out), &figures);
 }

@@ -18,11 +18,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use serde::Serialize;
 use svc_common::{
     maglev::{TABLE_SIZES, backend_key, populate},
     wire::{WireAddr, WirePort},
 };
+use tests::figures::{self, Figure};
 
 const BACKENDS: [u32; 7] = [3, 10, 30, 100, 300, 1_000, 3_000];
 /// How many backends are removed (one at a time) or added per case.
@@ -30,17 +30,6 @@ const TRIALS: u32 = 20;
 /// A build is timed this often, or for at least [`MIN_TIMING`].
 const MIN_BUILDS: u32 = 5;
 const MIN_TIMING: Duration = Duration::from_millis(200);
-
-#[derive(Serialize)]
-struct Figure {
-    bench: &'static str,
-    proxy: &'static str,
-    slots: u32,
-    backends: u32,
-    metric: &'static str,
-    value: f64,
-    unit: &'static str,
-}
 
 /// Backend `i`'s Maglev key: pod addresses spread over a /16, port 8080.
 fn key(i: u32) -> u64 {
@@ -92,15 +81,11 @@ fn build_seconds(keys: &[u64], size: u32) -> f64 {
 }
 
 fn case(size: u32, n: u32, figures: &mut Vec<Figure>) {
-    let mut push = |metric, value, unit| {
+    let mut push = |metric: &str, value, unit| {
         figures.push(Figure {
-            bench: "maglev",
-            proxy: "svc-proxy",
-            slots: size,
-            backends: n,
-            metric,
-            value,
-            unit,
+            slots: Some(size),
+            backends: Some(n),
+            ..Figure::ours("maglev", 1, metric, value, unit)
         });
     };
     let keys = sorted_keys(0..n);
@@ -165,10 +150,5 @@ fn main() {
             eprintln!("maglev: M = {size}, N = {n} done");
         }
     }
-    if let Some(dir) = out.parent() {
-        std::fs::create_dir_all(dir).unwrap_or_else(|err| panic!("{}: {err}", dir.display()));
-    }
-    let text = serde_json::to_string_pretty(&figures).expect("figures serialise");
-    std::fs::write(&out, text).unwrap_or_else(|err| panic!("{}: {err}", out.display()));
-    eprintln!("wrote {}", out.display());
+    figures::write(&out, &figures);
 }

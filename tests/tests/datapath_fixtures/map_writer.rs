@@ -62,7 +62,7 @@ fn the_table_depends_on_the_endpoints_not_on_node_local_ids() {
         backend(32),
         backend(39),
     ]);
-    assert_eq!(first.len(), 1_021);
+    assert_eq!(first.len(), 2_039);
     assert_eq!(first, second, "the same endpoints, slot for slot");
 }
 
