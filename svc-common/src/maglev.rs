@@ -67,40 +67,54 @@ pub fn permutation(key: u64, size: u32) -> (u32, u32) {
     (h1 % size, h2 % (size - 1) + 1)
 }
 
+/// Where a backend is in its permutation while a table fills: the next
+/// slot it prefers and the step to the one after.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Preference {
+    next: u32,
+    skip: u32,
+}
+
 /// Fills `table` with indexes into `keys`.
 ///
 /// `table.len()` must be a prime from [`TABLE_SIZES`]; `keys` are the
 /// backends' [`backend_key`]s, sorted and without duplicates so that every
-/// node builds the same table; `next` is scratch space of `keys.len()`.
+/// node builds the same table; `scratch` holds one [`Preference`] per key.
 /// With no keys the table is left empty (every slot `u32::MAX`).
 ///
 /// # Panics
 ///
-/// If `next` is shorter than `keys`, or the table is shorter than 2 slots.
-pub fn populate(keys: &[u64], table: &mut [u32], next: &mut [u32]) {
+/// If `scratch` is shorter than `keys`, or the table is shorter than 2
+/// slots.
+pub fn populate(keys: &[u64], table: &mut [u32], scratch: &mut [Preference]) {
     table.fill(EMPTY);
     if keys.is_empty() {
         return;
     }
     assert!(
-        next.len() >= keys.len(),
+        scratch.len() >= keys.len(),
         "scratch shorter than the backends"
     );
     let size = u32::try_from(table.len()).unwrap_or(u32::MAX);
     assert!(size >= 2, "table too small");
-    let next = &mut next[..keys.len()];
-    next.fill(0);
+    let preferences = &mut scratch[..keys.len()];
+    // Each backend's permutation is (offset + j * skip) mod M: walked by
+    // adding the skip and wrapping once (both below M), not by hashing
+    // and dividing at every step.
+    for (preference, &key) in preferences.iter_mut().zip(keys) {
+        let (offset, skip) = permutation(key, size);
+        *preference = Preference { next: offset, skip };
+    }
     let mut filled = 0u32;
     loop {
-        for (index, (&key, next)) in keys.iter().zip(next.iter_mut()).enumerate() {
-            let (offset, skip) = permutation(key, size);
+        for (index, preference) in preferences.iter_mut().enumerate() {
             let slot = loop {
-                let slot =
-                    (u64::from(offset) + u64::from(*next) * u64::from(skip)) % u64::from(size);
-                *next += 1;
-                // `slot < size`, which fits a usize.
-                #[expect(clippy::cast_possible_truncation, reason = "slot < table.len()")]
-                let slot = slot as usize;
+                let slot = preference.next as usize;
+                // Below 2M, which fits: M is at most 65,537.
+                preference.next += preference.skip;
+                if preference.next >= size {
+                    preference.next -= size;
+                }
                 if table[slot] == EMPTY {
                     break slot;
                 }
@@ -144,8 +158,8 @@ mod tests {
 
     fn table(keys: &[u64], size: u32) -> Vec<u32> {
         let mut table = vec![0; size as usize];
-        let mut next = vec![0; keys.len()];
-        populate(keys, &mut table, &mut next);
+        let mut scratch = vec![Preference::default(); keys.len()];
+        populate(keys, &mut table, &mut scratch);
         table
     }
 

@@ -122,6 +122,14 @@ enum Command {
         /// Run nothing: render the docs and plots from target/bench/.
         #[arg(long)]
         render_only: bool,
+        /// Side-by-side part: keep the figures of target/bench/proxies.json
+        /// this run does not measure (other counts or proxies).
+        #[arg(long)]
+        merge: bool,
+        /// Side-by-side part: give a proxy up when it has not programmed
+        /// the services after this long (default 15).
+        #[arg(long)]
+        limit_minutes: Option<u32>,
     },
 }
 
@@ -170,6 +178,8 @@ fn main() -> Result<()> {
             proxies,
             repeat,
             render_only,
+            merge,
+            limit_minutes,
         } => bench::run(&bench::Options {
             parts,
             quick,
@@ -177,6 +187,8 @@ fn main() -> Result<()> {
             proxies,
             repeat,
             render_only,
+            merge,
+            limit_minutes,
         }),
     }
 }

@@ -760,8 +760,8 @@ impl Maps {
         })?;
         let keys: Vec<u64> = members.iter().map(|&(key, _)| key).collect();
         let mut table = vec![0u32; size as usize];
-        let mut next = vec![0u32; keys.len()];
-        maglev::populate(&keys, &mut table, &mut next);
+        let mut scratch = vec![maglev::Preference::default(); keys.len()];
+        maglev::populate(&keys, &mut table, &mut scratch);
         for slot in &mut table {
             *slot = members[*slot as usize].1.get();
         }

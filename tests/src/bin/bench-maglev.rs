@@ -19,7 +19,7 @@ use std::{
 };
 
 use svc_common::{
-    maglev::{TABLE_SIZES, backend_key, populate},
+    maglev::{Preference, TABLE_SIZES, backend_key, populate},
     wire::{WireAddr, WirePort},
 };
 use tests::figures::{self, Figure};
@@ -43,8 +43,8 @@ fn key(i: u32) -> u64 {
 /// The table for `keys` (sorted, as the agent sorts them), as keys.
 fn table(keys: &[u64], size: u32) -> Vec<u64> {
     let mut slots = vec![0; size as usize];
-    let mut next = vec![0; keys.len()];
-    populate(keys, &mut slots, &mut next);
+    let mut scratch = vec![Preference::default(); keys.len()];
+    populate(keys, &mut slots, &mut scratch);
     slots.iter().map(|&index| keys[index as usize]).collect()
 }
 
@@ -66,13 +66,13 @@ fn ratio(part: usize, whole: usize) -> f64 {
 
 fn build_seconds(keys: &[u64], size: u32) -> f64 {
     let mut slots = vec![0; size as usize];
-    let mut next = vec![0; keys.len()];
+    let mut scratch = vec![Preference::default(); keys.len()];
     let started = Instant::now();
     let mut best = Duration::MAX;
     let mut builds = 0;
     while builds < MIN_BUILDS || started.elapsed() < MIN_TIMING {
         let one = Instant::now();
-        populate(keys, &mut slots, &mut next);
+        populate(keys, &mut slots, &mut scratch);
         best = best.min(one.elapsed());
         builds += 1;
     }

@@ -66,7 +66,7 @@ const SERVERS: u8 = 10;
 const IN_FLIGHT: usize = 32;
 /// Clients of the saturating runs.
 const CLIENTS: usize = 4;
-/// Bound of every wait for programming.
+/// Default bound of every wait for programming (`--limit-minutes`).
 const PROGRAMMING_LIMIT: Duration = Duration::from_mins(15);
 const MANAGED_BY: &str = "bench.svc-proxy.dev";
 
@@ -100,6 +100,10 @@ const QUICK: Plan = Plan {
 
 struct Args {
     out: PathBuf,
+    /// Keep the figures already in `out` of (proxy, count) pairs this run
+    /// does not measure.
+    merge: bool,
+    limit: Duration,
     services: Vec<u32>,
     proxies: Vec<Proxy>,
     plan: Plan,
@@ -108,6 +112,8 @@ struct Args {
 fn parse_args() -> Args {
     let mut args = Args {
         out: PathBuf::from("target/bench/proxies.json"),
+        merge: false,
+        limit: PROGRAMMING_LIMIT,
         services: Vec::new(),
         proxies: Vec::new(),
         plan: FULL,
@@ -132,6 +138,14 @@ fn parse_args() -> Args {
                     .unwrap_or_else(|err| panic!("--proxy: {err}")),
             ),
             "--quick" => args.plan = QUICK,
+            "--merge" => args.merge = true,
+            "--limit-minutes" => {
+                args.limit = Duration::from_mins(
+                    value()
+                        .parse()
+                        .unwrap_or_else(|err| panic!("--limit-minutes: {err}")),
+                );
+            }
             other => panic!("unknown argument {other}"),
         }
     }
@@ -285,10 +299,15 @@ fn cluster_ip(service: &Service) -> Ipv4Addr {
 /// Probes every address from `ns` (four threads) until each has answered
 /// once; returns the time since `since` when the last one did, or `None`
 /// at the limit.
-fn all_answer(ns: &NetNs, addrs: &[SocketAddrV4], since: Instant) -> Option<Duration> {
+fn all_answer(
+    ns: &NetNs,
+    addrs: &[SocketAddrV4],
+    since: Instant,
+    limit: Duration,
+) -> Option<Duration> {
     let mut pending: Vec<SocketAddrV4> = addrs.to_vec();
     while !pending.is_empty() {
-        if since.elapsed() > PROGRAMMING_LIMIT {
+        if since.elapsed() > limit {
             return None;
         }
         let chunk = pending.len().div_ceil(CLIENTS);
@@ -297,8 +316,10 @@ fn all_answer(ns: &NetNs, addrs: &[SocketAddrV4], since: Instant) -> Option<Dura
             .into_iter()
             .map(|part| {
                 ns.spawn(move || {
+                    // A sweep whose probes time out (a proxy half-way
+                    // through programming) stops at the limit too.
                     part.into_iter()
-                        .filter(|addr| loadgen::exchange(*addr).is_err())
+                        .filter(|addr| since.elapsed() > limit || loadgen::exchange(*addr).is_err())
                         .collect::<Vec<_>>()
                 })
             })
@@ -327,6 +348,8 @@ type Target = Arc<dyn Fn(u64) -> SocketAddrV4 + Send + Sync>;
 
 struct Recorder {
     figures: Vec<Figure>,
+    /// Figures of an earlier run kept with `--merge`.
+    kept: Vec<serde_json::Value>,
     out: PathBuf,
 }
 
@@ -363,7 +386,21 @@ impl Recorder {
     }
 
     fn write(&self) {
-        figures::write(&self.out, &self.figures);
+        if self.kept.is_empty() {
+            figures::write(&self.out, &self.figures);
+            return;
+        }
+        let mut all = self.kept.clone();
+        all.extend(
+            self.figures
+                .iter()
+                .map(|figure| serde_json::to_value(figure).expect("a figure as JSON")),
+        );
+        std::fs::write(
+            &self.out,
+            serde_json::to_string_pretty(&all).expect("figures as JSON"),
+        )
+        .unwrap_or_else(|err| panic!("writing {}: {err}", self.out.display()));
     }
 }
 
@@ -377,13 +414,19 @@ struct Bench {
     edge_ip: Ipv4Addr,
     edge_node_port: u16,
     plan: Plan,
+    limit: Duration,
 }
 
 fn main() {
     let args = parse_args();
-    let mut bench = Bench::start(args.plan);
+    let mut bench = Bench::start(args.plan, args.limit);
     let mut recorder = Recorder {
         figures: Vec::new(),
+        kept: if args.merge {
+            kept_figures(&args)
+        } else {
+            Vec::new()
+        },
         out: args.out.clone(),
     };
     // The release agent cargo built beside this binary.
@@ -398,21 +441,70 @@ fn main() {
     let bin = PathBuf::from(
         std::env::var_os(k8s::BIN_DIR_ENV).expect("the upstream binaries' directory"),
     );
+    // A proxy that did not program N services within the limit is not
+    // run with more.
+    let mut gave_up: Vec<Proxy> = Vec::new();
     for &services in &args.services {
+        let had = bench.cluster_ips.len();
         let started = Instant::now();
         bench.grow_to(services);
         let created = started.elapsed();
         eprintln!("{services} services in the API server ({created:.1?} to add them)");
+        recorder.figures.push(Figure {
+            proxy: "api-server".to_owned(),
+            ..Figure::ours(
+                "proxies",
+                services,
+                "api_create",
+                created.as_secs_f64(),
+                "s",
+            )
+        });
+        recorder.figures.push(Figure {
+            proxy: "api-server".to_owned(),
+            ..Figure::ours(
+                "proxies",
+                services,
+                "api_created",
+                as_f64((bench.cluster_ips.len() - had) as u64),
+                "services",
+            )
+        });
         for &proxy in &args.proxies {
-            bench.measure(proxy, services, &bin, &agent, &mut recorder);
+            if gave_up.contains(&proxy) {
+                eprintln!("{proxy}: not run with {services} services (gave up at fewer)");
+                continue;
+            }
+            if !bench.measure(proxy, services, &bin, &agent, &mut recorder) {
+                gave_up.push(proxy);
+            }
             recorder.write();
         }
     }
     eprintln!("wrote {}", args.out.display());
 }
 
+/// The figures of `args.out` whose proxy and count this run does not
+/// measure.
+fn kept_figures(args: &Args) -> Vec<serde_json::Value> {
+    let Ok(text) = std::fs::read_to_string(&args.out) else {
+        return Vec::new();
+    };
+    let all: Vec<serde_json::Value> =
+        serde_json::from_str(&text).unwrap_or_else(|err| panic!("{}: {err}", args.out.display()));
+    all.into_iter()
+        .filter(|figure| {
+            let services = figure["services"].as_u64().unwrap_or_default();
+            let proxy = figure["proxy"].as_str().unwrap_or_default();
+            let measured = args.services.iter().any(|&n| u64::from(n) == services)
+                && (proxy == "api-server" || args.proxies.iter().any(|p| p.name() == proxy));
+            !measured
+        })
+        .collect()
+}
+
 impl Bench {
-    fn start(plan: Plan) -> Self {
+    fn start(plan: Plan, limit: Duration) -> Self {
         let plane = ControlPlane::start();
         let mut cluster = Cluster::new(Options {
             agent_binary: true,
@@ -490,6 +582,7 @@ impl Bench {
             edge_ip,
             edge_node_port,
             plan,
+            limit,
         }
     }
 
@@ -528,7 +621,7 @@ impl Bench {
         bin: &std::path::Path,
         agent: &std::path::Path,
         recorder: &mut Recorder,
-    ) {
+    ) -> bool {
         eprintln!("{proxy} with {services} services");
         let count = services as usize;
         let client_ns = &self.cluster.pod("client").ns;
@@ -557,10 +650,22 @@ impl Bench {
         let started = Instant::now();
         let mut running =
             RunningProxy::start(proxy, &self.node_specs(), &setup, &services.to_string());
-        let cold = all_answer(client_ns, &targets, started).unwrap_or_else(|| {
+        let Some(cold) = all_answer(client_ns, &targets, started, self.limit) else {
             running.assert_running();
-            panic!("{proxy}: not every one of {services} services answered within {PROGRAMMING_LIMIT:?}")
-        });
+            eprintln!(
+                "{proxy}: not every one of {services} services answered within {:?}; giving up",
+                self.limit
+            );
+            recorder.push(
+                proxy,
+                services,
+                "cold_not_done_after",
+                self.limit.as_secs_f64(),
+                "s",
+            );
+            running.stop(bin);
+            return false;
+        };
         recorder.push(
             proxy,
             services,
@@ -594,6 +699,7 @@ impl Bench {
         }
         running.assert_running();
         running.stop(bin);
+        true
     }
 
     fn resources(&self, running: &RunningProxy, services: u32, recorder: &mut Recorder) {
@@ -766,7 +872,7 @@ impl Bench {
             ));
             let (reached, probes) = client_ns.run(|| {
                 let mut probes = 0u64;
-                while started.elapsed() < PROGRAMMING_LIMIT {
+                while started.elapsed() < self.limit {
                     probes += 1;
                     if loadgen::exchange(last).is_ok_and(|(_, who)| &who == added) {
                         return (Some(started.elapsed()), probes);

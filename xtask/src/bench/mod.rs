@@ -69,6 +69,8 @@ pub struct Options {
     pub proxies: Vec<String>,
     pub repeat: Option<u32>,
     pub render_only: bool,
+    pub merge: bool,
+    pub limit_minutes: Option<u32>,
 }
 
 /// One figure, as every benchmark binary writes it.
@@ -161,6 +163,12 @@ fn run_part(part: Part, options: &Options) -> Result<()> {
             }
             for proxy in &options.proxies {
                 args.extend(["--proxy".to_owned(), proxy.clone()]);
+            }
+            if options.merge {
+                args.push("--merge".to_owned());
+            }
+            if let Some(minutes) = options.limit_minutes {
+                args.extend(["--limit-minutes".to_owned(), minutes.to_string()]);
             }
             command = Command::new(build_bench_binary(part.binary())?);
             command.env(upstream::BIN_DIR_ENV, &bin);

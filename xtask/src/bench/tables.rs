@@ -231,120 +231,164 @@ fn targets(figures: &[Figure]) -> Vec<Target> {
     };
     let [iptables, nftables] = PEERS;
     let n = count(at);
-    let mut out = Vec::new();
-    let mut check = |what: String, measured: Option<(String, bool)>| {
-        out.push(match measured {
-            Some((measured, met)) => Target {
-                what,
-                measured,
-                met: Some(met),
-            },
-            None => Target {
-                what,
+    // Ours and each peer at `at`; a peer without the figure reads as
+    // "not measured" and leaves the target undecided.
+    let compare = |metric: &str, unit: &str, met: &dyn Fn(f64, f64, f64) -> bool| {
+        let Some(ours) = get(OURS, at, metric) else {
+            return Target {
+                what: String::new(),
                 measured: "not measured".to_owned(),
                 met: None,
-            },
-        });
+            };
+        };
+        let (ipt, nft) = (get(iptables, at, metric), get(nftables, at, metric));
+        let peer = |name: &str, value: Option<f64>| match value {
+            Some(value) => format!("{name} {} {unit} ({:.2}×)", number(value), ours / value),
+            None => format!(
+                "{name} {}",
+                missing(figures, &format!("kube-proxy-{name}"), at, metric)
+            ),
+        };
+        Target {
+            what: String::new(),
+            measured: format!(
+                "{} {unit}; {}; {}",
+                number(ours),
+                peer("iptables", ipt),
+                peer("nftables", nft)
+            ),
+            met: ipt.zip(nft).map(|(ipt, nft)| met(ours, ipt, nft)),
+        }
     };
-    let trio = |metric: &str| {
-        Some((
-            get(OURS, at, metric)?,
-            get(iptables, at, metric)?,
-            get(nftables, at, metric)?,
-        ))
-    };
-    check(
+    let mut out = Vec::new();
+    let mut push = |what: String, target: Target| out.push(Target { what, ..target });
+    push(
         format!(
             "New-connection (connect) p99 to the last service at {n} services: at most 1/5 of iptables mode, no worse than nftables mode"
         ),
-        trio("connect_p99_last").map(|(ours, ipt, nft)| {
-            (
-                format!(
-                    "{} µs; iptables {} µs ({:.2}×); nftables {} µs ({:.2}×)",
-                    number(ours),
-                    number(ipt),
-                    ours / ipt,
-                    number(nft),
-                    ours / nft
-                ),
-                ours * 5.0 <= ipt && ours <= nft,
-            )
+        compare("connect_p99_last", "µs", &|ours, ipt, nft| {
+            ours * 5.0 <= ipt && ours <= nft
         }),
     );
-    let smallest = counts[0];
-    if largest > smallest {
-        check(
+    if largest > counts[0] {
+        let (high, low) = (
+            get(OURS, largest, "connect_p99_last"),
+            get(OURS, counts[0], "connect_p99_last"),
+        );
+        push(
             format!(
                 "Ours flat: connect p99 at {} services within 10% of {}",
                 count(largest),
-                count(smallest)
+                count(counts[0])
             ),
-            get(OURS, largest, "connect_p99_last")
-                .zip(get(OURS, smallest, "connect_p99_last"))
-                .map(|(high, low)| {
-                    (
+            Target {
+                what: String::new(),
+                measured: high.zip(low).map_or_else(
+                    || "not measured".to_owned(),
+                    |(high, low)| {
                         format!(
                             "{} µs against {} µs ({:.2}×)",
                             number(high),
                             number(low),
                             high / low
-                        ),
-                        high <= low * 1.1,
-                    )
-                }),
+                        )
+                    },
+                ),
+                met: high.zip(low).map(|(high, low)| high <= low * 1.1),
+            },
         );
     }
-    check(
+    push(
         format!("Machine CPU per connection at {n} services: below both peers"),
-        trio("cpu_per_conn_last").map(|(ours, ipt, nft)| {
-            (
-                format!(
-                    "{} µs; iptables {} µs; nftables {} µs",
-                    number(ours),
-                    number(ipt),
-                    number(nft)
-                ),
-                ours < ipt && ours < nft,
-            )
+        compare("cpu_per_conn_last", "µs", &|ours, ipt, nft| {
+            ours < ipt && ours < nft
         }),
     );
-    check(
+    push(
         format!(
             "One slice change to traffic on the new pod at {n} services: p99 under 50 ms, at least 10× faster than iptables mode, faster than nftables mode"
         ),
-        trio("change_to_traffic_p99").map(|(ours, ipt, nft)| {
-            (
-                format!(
-                    "{} ms; iptables {} ms ({:.1}× faster); nftables {} ms ({:.1}× faster)",
-                    number(ours),
-                    number(ipt),
-                    ipt / ours,
-                    number(nft),
-                    nft / ours
-                ),
-                ours < 50.0 && ours * 10.0 <= ipt && ours < nft,
-            )
+        compare("change_to_traffic_p99", "ms", &|ours, ipt, nft| {
+            ours < 50.0 && ours * 10.0 <= ipt && ours < nft
         }),
     );
-    check(
-        format!("{n} services until all answer: at least 20× faster than nftables mode"),
-        trio("cold_to_all_answering").map(|(ours, _, nft)| {
-            (
-                format!(
-                    "{} s; nftables {} s ({:.1}× faster)",
-                    number(ours),
-                    number(nft),
-                    nft / ours
-                ),
-                ours * 20.0 <= nft,
-            )
-        }),
+    let ours = get(OURS, at, "cold_to_all_answering");
+    let nft = get(nftables, at, "cold_to_all_answering");
+    push(
+        format!(
+            "{n} services until all answer (cold start): at least 20× faster than nftables mode"
+        ),
+        Target {
+            what: String::new(),
+            measured: ours.map_or_else(
+                || "not measured".to_owned(),
+                |ours| {
+                    let peer = nft.map_or_else(
+                        || missing(figures, nftables, at, "cold_to_all_answering"),
+                        |nft| format!("{} s ({:.1}× faster)", number(nft), nft / ours),
+                    );
+                    format!("{} s; nftables {peer}", number(ours))
+                },
+            ),
+            met: ours.zip(nft).map(|(ours, nft)| ours * 20.0 <= nft),
+        },
     );
-    check(
+    let rss = get(OURS, at, "rss");
+    push(
         format!("Agent resident memory at {n} services under 100 MiB"),
-        get(OURS, at, "rss").map(|rss| (format!("{} MiB", number(rss)), rss < 100.0)),
+        Target {
+            what: String::new(),
+            measured: rss.map_or_else(
+                || "not measured".to_owned(),
+                |rss| format!("{} MiB", number(rss)),
+            ),
+            met: rss.map(|rss| rss < 100.0),
+        },
     );
     out
+}
+
+/// A peer's cell without a figure: a cold start given up on says so.
+fn missing(figures: &[Figure], peer: &str, services: u32, metric: &str) -> String {
+    let gave_up = |n| find(figures, peer, n, "cold_not_done_after");
+    if let Some(limit) = gave_up(services)
+        && metric == "cold_to_all_answering"
+    {
+        return format!("> {} (not done)", number(limit.value));
+    }
+    if gave_up(services).is_some()
+        || figures
+            .iter()
+            .any(|f| f.proxy == peer && f.services < services && f.metric == "cold_not_done_after")
+    {
+        return "not run".to_owned();
+    }
+    "-".to_owned()
+}
+
+/// How long creating the services through the API server took.
+fn creation(figures: &[Figure]) -> String {
+    let mut out = String::new();
+    for created in figures
+        .iter()
+        .filter(|f| f.proxy == "api-server" && f.metric == "api_create")
+    {
+        let added =
+            find(figures, "api-server", created.services, "api_created").map_or(0.0, |f| f.value);
+        let _ = write!(
+            out,
+            "{}{} services added in {} s",
+            if out.is_empty() { "" } else { "; " },
+            number(added),
+            number(created.value)
+        );
+    }
+    if out.is_empty() {
+        return out;
+    }
+    format!(
+        "Creating the services and their slices through the API server (32 in flight, no proxy running): {out}.\n\n"
+    )
 }
 
 /// `cargo xtask bench proxies`: the targets, then a table per service
@@ -368,6 +412,8 @@ pub fn proxies(figures: &[Figure]) -> String {
         };
         let _ = writeln!(out, "| {} | {} | {met} |", target.what, target.measured);
     }
+    out.push('\n');
+    out.push_str(&creation(figures));
     let counts = distinct(figures, |f| Some(f.services));
     for services in counts {
         let _ = write!(
@@ -385,8 +431,9 @@ pub fn proxies(figures: &[Figure]) -> String {
                 .map(|peer| find(figures, peer, services, metric).map(|f| f.value))
                 .collect();
             let _ = write!(out, "| {metric} | {} | {} |", ours.unit, number(ours.value));
-            for peer in &peers {
-                let _ = write!(out, " {} |", peer.map_or_else(|| "-".to_owned(), number));
+            for (peer, value) in PEERS.iter().zip(&peers) {
+                let cell = value.map_or_else(|| missing(figures, peer, services, metric), number);
+                let _ = write!(out, " {cell} |");
             }
             for peer in &peers {
                 match peer {
