@@ -333,7 +333,8 @@ pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
     }
-    let rank = (p / 100.0 * crate::as_f64(sorted.len() as u64)).ceil();
+    // Less a hair: 99.9 / 100 * 1000 is 999.000...1 in floating point.
+    let rank = (p / 100.0 * crate::as_f64(sorted.len() as u64) - 1e-9).ceil();
     // Clamped into the slice: the cast cannot truncate meaningfully.
     #[expect(
         clippy::cast_possible_truncation,
