@@ -59,13 +59,15 @@ fn frontend(last: u8) -> Frontend {
 fn failed_writes_are_typed_errors_and_the_rest_is_applied() {
     require_root();
     // Backend ids 1..=3 (0 means none), and room for two Maglev tables of
-    // 251 slots (two endpoints each) but not three.
+    // 251 slots (two endpoints each, at 100 slots per backend) but not
+    // three.
     let mut datapath = Datapath::load(&LoadOptions {
         capacities: Capacities {
             backends: 4,
             maglev_slots: 600,
             ..Capacities::default()
         },
+        maglev_slots_per_backend: 100,
         ..LoadOptions::default()
     })
     .expect("the datapath must load");

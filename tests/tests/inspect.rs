@@ -3,6 +3,7 @@
 //! what `svc-agent services | backends | conntrack | maglev` would print.
 
 use std::{net::Ipv4Addr, path::PathBuf};
+use svc_common::maglev::{DEFAULT_SLOTS_PER_BACKEND, table_size};
 
 use aya::programs::{TestRun as _, TestRunOptions};
 use svc_agent::{
@@ -131,7 +132,7 @@ fn pinned_maps_read_back_as_the_agent_wrote_them() {
 
     let frontend = parse_frontend("10.96.0.10:80/TCP").expect("label");
     let table = maps.maglev(&frontend).expect("maglev").expect("installed");
-    assert_eq!(table.size, 251);
+    assert_eq!(table.size, table_size(2, DEFAULT_SLOTS_PER_BACKEND));
     assert_eq!(
         table.slots.iter().map(|(_, slots)| slots).sum::<u32>(),
         table.size
