@@ -101,36 +101,7 @@ enum Command {
     /// Benchmarks: every part by default (a few minutes with --quick,
     /// an hour or more without). Figures under target/bench/, tables in
     /// the generated sections of docs/benchmarks.md, plots in docs/img/.
-    Bench {
-        /// Parts to run (default: all).
-        #[arg(value_enum)]
-        parts: Vec<bench::Part>,
-        /// Fewer service counts, shorter runs: a few minutes.
-        #[arg(long)]
-        quick: bool,
-        /// Service counts of the datapath and side-by-side parts
-        /// (repeatable; defaults per part).
-        #[arg(long = "services")]
-        services: Vec<u32>,
-        /// Proxies of the side-by-side part (repeatable: svc-proxy,
-        /// kube-proxy-iptables, kube-proxy-nftables; default all).
-        #[arg(long = "proxy")]
-        proxies: Vec<String>,
-        /// Iterations per BPF_PROG_TEST_RUN call of the datapath part.
-        #[arg(long)]
-        repeat: Option<u32>,
-        /// Run nothing: render the docs and plots from target/bench/.
-        #[arg(long)]
-        render_only: bool,
-        /// Side-by-side part: keep the figures of target/bench/proxies.json
-        /// this run does not measure (other counts or proxies).
-        #[arg(long)]
-        merge: bool,
-        /// Side-by-side part: give a proxy up when it has not programmed
-        /// the services after this long (default 15).
-        #[arg(long)]
-        limit_minutes: Option<u32>,
-    },
+    Bench(bench::Options),
 }
 
 fn main() -> Result<()> {
@@ -171,25 +142,7 @@ fn main() -> Result<()> {
             println!("{} {}", built.archive.display(), built.digest);
             Ok(())
         }
-        Command::Bench {
-            parts,
-            quick,
-            services,
-            proxies,
-            repeat,
-            render_only,
-            merge,
-            limit_minutes,
-        } => bench::run(&bench::Options {
-            parts,
-            quick,
-            services,
-            proxies,
-            repeat,
-            render_only,
-            merge,
-            limit_minutes,
-        }),
+        Command::Bench(options) => bench::run(&options),
     }
 }
 

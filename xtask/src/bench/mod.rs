@@ -61,15 +61,35 @@ impl Part {
 }
 
 /// What `cargo xtask bench` was asked.
+#[derive(clap::Args)]
 pub struct Options {
+    /// Parts to run (default: all).
+    #[arg(value_enum)]
     pub parts: Vec<Part>,
+    /// Fewer service counts, shorter runs: a few minutes.
+    #[arg(long)]
     pub quick: bool,
-    /// Service counts of the datapath and side-by-side parts.
+    /// Service counts of the datapath and side-by-side parts
+    /// (repeatable; defaults per part).
+    #[arg(long = "services")]
     pub services: Vec<u32>,
+    /// Proxies of the side-by-side part (repeatable: svc-proxy,
+    /// kube-proxy-iptables, kube-proxy-nftables; default all).
+    #[arg(long = "proxy")]
     pub proxies: Vec<String>,
+    /// Iterations per `BPF_PROG_TEST_RUN` call of the datapath part.
+    #[arg(long)]
     pub repeat: Option<u32>,
+    /// Run nothing: render the docs and plots from target/bench/.
+    #[arg(long)]
     pub render_only: bool,
+    /// Side-by-side part: keep the figures of target/bench/proxies.json
+    /// this run does not measure (other counts or proxies).
+    #[arg(long)]
     pub merge: bool,
+    /// Side-by-side part: give a proxy up when it has not programmed the
+    /// services after this long (default 15).
+    #[arg(long)]
     pub limit_minutes: Option<u32>,
 }
 
